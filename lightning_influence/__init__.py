@@ -1,0 +1,63 @@
+"""lightning-influence: EK-FAC influence functions as PyTorch Lightning callbacks.
+
+Sign convention: a positive score means the training example is a *proponent* (helpful):
+up-weighting it lowers the query's loss. Negative scores are opponents.
+"""
+
+from lightning_influence.api import (
+    PairwiseResult,
+    SelfResult,
+    compute_pairwise_scores,
+    compute_self_scores,
+    fit_covariances,
+    fit_factors,
+    ordered_loader,
+    query_gradients,
+)
+from lightning_influence.callbacks import (
+    EigenCorrection,
+    InfluenceScores,
+    InfluenceStatistics,
+    influence_callbacks,
+)
+from lightning_influence.factors import STRATEGIES, FactorMismatchError, Factors, LayerFactors
+from lightning_influence.ranking import StreamingTopK, detection_report, flag_top_fraction
+from lightning_influence.task import (
+    CausalLMTask,
+    ClassificationTask,
+    RegressionTask,
+    Task,
+    resolve_task,
+)
+from lightning_influence.tracking import SUPPORTED_MODULES, LayerTracker
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "STRATEGIES",
+    "SUPPORTED_MODULES",
+    "CausalLMTask",
+    "EigenCorrection",
+    "InfluenceScores",
+    "InfluenceStatistics",
+    "influence_callbacks",
+    "ClassificationTask",
+    "FactorMismatchError",
+    "Factors",
+    "LayerFactors",
+    "LayerTracker",
+    "PairwiseResult",
+    "RegressionTask",
+    "SelfResult",
+    "StreamingTopK",
+    "Task",
+    "compute_pairwise_scores",
+    "compute_self_scores",
+    "detection_report",
+    "fit_covariances",
+    "fit_factors",
+    "flag_top_fraction",
+    "ordered_loader",
+    "query_gradients",
+    "resolve_task",
+]

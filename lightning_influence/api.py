@@ -1,0 +1,562 @@
+"""Lightning-free entry points: fit curvature factors, then score queries against training data.
+
+Index letters: Q queries, N training examples, L tracked layers, O = d_out, I = d_in (+1 bias).
+
+Typical use::
+
+    factors = fit_factors(model, train_loader, "classification", strategy="ekfac")
+    result = compute_pairwise_scores(model, factors, query_loader, train_loader,
+                                     "classification", top_k=10)
+    self_scores = compute_self_scores(model, factors, train_loader, "classification").scores
+
+Training loaders must iterate in a fixed order (no shuffling): result indices are positions in
+that order. Every pass runs the model in eval mode and restores its mode afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, RandomSampler
+from tqdm.auto import tqdm
+
+from lightning_influence.factors import (
+    FactorMismatchError,
+    Factors,
+    LayerFactors,
+    check_strategy,
+    eigendecompose,
+    model_fingerprint,
+    resolve_damping,
+)
+from lightning_influence.ranking import StreamingTopK, TopKResult
+from lightning_influence.scores import (
+    pairwise_layer_scores,
+    per_example_gradients,
+    self_layer_scores,
+)
+from lightning_influence.statistics import CovarianceStatistic, EigenvalueStatistic, check_finite
+from lightning_influence.task import Task, finite_or_raise, resolve_task
+from lightning_influence.tracking import LayerTracker
+
+__all__ = [
+    "fit_covariances",
+    "update_covariances",
+    "fit_factors",
+    "factors_from_statistics",
+    "query_gradients",
+    "compute_pairwise_scores",
+    "compute_self_scores",
+    "PairwiseResult",
+    "SelfResult",
+]
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------- helpers
+def move_to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor of a (nested) batch to ``device``."""
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return type(batch)({k: move_to_device(v, device) for k, v in batch.items()})
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(move_to_device(v, device) for v in batch))
+    if isinstance(batch, list | tuple):
+        return type(batch)(move_to_device(v, device) for v in batch)
+    return batch
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+@contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[None]:
+    """Run in eval mode (no dropout, frozen batch-norm statistics), then restore the mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def check_loader(loader: Any, what: str, ordered: bool = False) -> None:
+    """Clear errors for empty or (when order matters) shuffled dataloaders."""
+    try:
+        length = len(loader)
+    except TypeError:
+        length = None
+    if length == 0:
+        raise ValueError(
+            f"The {what} dataloader is empty (0 batches): influence needs data. Check the dataset "
+            "size, the batch size with drop_last=True, and any filtering."
+        )
+    if ordered and isinstance(getattr(loader, "sampler", None), RandomSampler):
+        raise ValueError(
+            f"The {what} dataloader shuffles (RandomSampler): result indices would not name "
+            "examples. Pass a loader with shuffle=False (see lightning_influence.ordered_loader)."
+        )
+
+
+def ordered_loader(loader: DataLoader, batch_size: int | None = None) -> DataLoader:
+    """A non-shuffling copy of ``loader`` over the same dataset (same collate_fn, workers)."""
+    return DataLoader(
+        loader.dataset,
+        batch_size=batch_size or loader.batch_size or 1,
+        shuffle=False,
+        collate_fn=loader.collate_fn,
+        num_workers=loader.num_workers,
+        pin_memory=loader.pin_memory,
+    )
+
+
+def _progress(iterable: Any, desc: str, enabled: bool, total: int | None = None):
+    if total is None:
+        try:
+            total = len(iterable)
+        except TypeError:
+            total = None
+    return tqdm(iterable, desc=desc, total=total, disable=not enabled, leave=False,
+                dynamic_ncols=True)
+
+
+def _tracker(model: nn.Module, tracker: LayerTracker | None, layers, exclude) -> LayerTracker:
+    if tracker is not None:
+        return tracker
+    return LayerTracker(model, layers=layers, exclude=exclude)
+
+
+def factor_tracker(model: nn.Module, factors: Factors,
+                   tracker: LayerTracker | None = None) -> LayerTracker:
+    """A tracker over the layers the factors were fitted for; a mismatch is a clear error."""
+    if tracker is None:
+        try:
+            tracker = LayerTracker(model, layers=list(factors.shapes))
+        except ValueError as err:
+            raise FactorMismatchError(
+                f"These factors were fitted for another model or layer set: {err} Fit factors "
+                "for this model (delete the files or pass overwrite=True)."
+            ) from err
+    return tracker
+
+
+def batch_rows(model: nn.Module, batch: Any, task: Task, tracker: LayerTracker, mode: str,
+               generator: torch.Generator | None = None, batch_index: int | None = None,
+               ) -> tuple[dict[str, tuple[Tensor, Tensor]], Tensor]:
+    """One forward + backward: per-layer rows ``(a, g)`` and the per-example losses ``[N]``.
+
+    ``mode`` chooses the loss whose gradient is taken: ``"sampled"`` (labels sampled from the
+    model: the true-Fisher pseudo-gradient), ``"loss"`` (the training loss) or ``"measurement"``
+    (the query measurement).
+    """
+    batch = move_to_device(batch, model_device(model))
+    with tracker.capture() as cap:
+        outputs = task.forward(model, batch)
+        if mode == "sampled":
+            losses = task.sampled_loss(outputs, batch, generator)
+        elif mode == "loss":
+            losses = task.loss(outputs, batch)
+        elif mode == "measurement":
+            losses = task.measurement(outputs, batch)
+        else:  # pragma: no cover - internal
+            raise ValueError(mode)
+        if losses.dim() != 1:
+            raise ValueError(
+                f"{type(task).__name__} returned losses of shape {tuple(losses.shape)}; a task "
+                "must return one summed loss per example, shape [N]."
+            )
+        where = f"batch {batch_index}" if batch_index is not None else "a batch"
+        detail = ""
+        if not torch.isfinite(losses.detach()).all():
+            # Name the first tracked layer whose inputs are already non-finite, if any.
+            bad = [name for name, acts in cap.activations.items()
+                   if any(not torch.isfinite(a).all() for a in acts)]
+            if bad:
+                detail = f"; the first non-finite activations enter layer {bad[0]!r}"
+        finite_or_raise(losses.detach(), f"{where} ({mode} loss)", detail)
+        rows = tracker.rows(cap, losses)
+    for name, (a, g) in rows.items():
+        check_finite(a, "activations", name, batch_index)
+        check_finite(g, "output gradients", name, batch_index)
+    return rows, losses.detach()
+
+
+def iterate_rows(model: nn.Module, loader: Any, task: Task, tracker: LayerTracker, mode: str, *,
+                 desc: str, progress: bool = True, seed: int = 0, max_batches: int | None = None,
+                 ) -> Iterator[tuple[int, Any, dict[str, tuple[Tensor, Tensor]], Tensor]]:
+    """Yield ``(batch_index, batch, rows, losses)`` over a loader, with checks and progress."""
+    generator = torch.Generator().manual_seed(seed)
+    seen: set[str] = set()
+    count = 0
+    total = None
+    try:
+        total = len(loader) if max_batches is None else min(len(loader), max_batches)
+    except TypeError:
+        total = max_batches
+    with evaluation_mode(model):
+        for i, batch in enumerate(_progress(loader, desc, progress, total)):
+            if max_batches is not None and i >= max_batches:
+                break
+            rows, losses = batch_rows(model, batch, task, tracker, mode, generator, i)
+            seen.update(rows)
+            count += 1
+            yield i, batch, rows, losses
+    if count == 0:
+        raise ValueError(f"The dataloader for {desc!r} yielded no batch: influence needs data.")
+    tracker.warn_unused(seen, desc)
+
+
+# ----------------------------------------------------------------------------------- factors
+def new_covariances(tracker: LayerTracker, device: torch.device | None = None,
+                    ) -> dict[str, CovarianceStatistic]:
+    """Fresh, empty covariance statistics for every tracked layer."""
+    return {layer.name: CovarianceStatistic(layer.d_in, layer.d_out).to(device or "cpu")
+            for layer in tracker}
+
+
+def update_covariances(model: nn.Module, batch: Any, task: Task, tracker: LayerTracker,
+                       covariances: dict[str, CovarianceStatistic],
+                       generator: torch.Generator | None = None,
+                       batch_index: int | None = None) -> None:
+    """Add one batch to the covariances (one forward and one backward with sampled labels)."""
+    with evaluation_mode(model):
+        rows, _ = batch_rows(model, batch, task, tracker, "sampled", generator, batch_index)
+    mask = task.row_mask(move_to_device(batch, model_device(model)))
+    for name, (a, g) in rows.items():
+        covariances[name].update(a, g, mask)
+
+
+def fit_covariances(model: nn.Module, loader: Any, task: Task | str | None = None, *,
+                    tracker: LayerTracker | None = None, layers: Sequence[str] | None = None,
+                    exclude: Sequence[str] | None = None, seed: int = 0,
+                    max_batches: int | None = None, progress: bool = True,
+                    covariances: dict[str, CovarianceStatistic] | None = None,
+                    ) -> dict[str, CovarianceStatistic]:
+    """Accumulate the K-FAC covariances ``A`` and ``S`` over a dataloader.
+
+    Returns per layer a :class:`CovarianceStatistic` (sums; ``compute()`` divides and, under
+    ``torch.distributed``, sums across processes first).
+    """
+    task = resolve_task(task, model)
+    tracker = _tracker(model, tracker, layers, exclude)
+    check_loader(loader, "covariance")
+    covs = covariances if covariances is not None else new_covariances(tracker)
+    for _, batch, rows, _ in iterate_rows(model, loader, task, tracker, "sampled",
+                                          desc="influence: covariances", progress=progress,
+                                          seed=seed, max_batches=max_batches):
+        mask = task.row_mask(move_to_device(batch, model_device(model)))
+        for name, (a, g) in rows.items():
+            covs[name].update(a, g, mask)
+    return covs
+
+
+def eigenbases(covariances: dict[str, CovarianceStatistic]) -> dict[str, dict[str, Tensor]]:
+    """Eigendecompose every layer's ``A`` and ``S`` (float64) -> eigenvalues and eigenvectors."""
+    out = {}
+    for name, stat in covariances.items():
+        cov = stat.compute()
+        if float(cov["rows"]) == 0:
+            raise ValueError(f"Layer {name!r} has no covariance rows: the statistics pass never "
+                             "ran it. Exclude it or check the data.")
+        l_a, q_a = eigendecompose(cov["A"], "activation", name)
+        l_s, q_s = eigendecompose(cov["S"], "pseudo-gradient", name)
+        out[name] = {"l_a": l_a, "q_a": q_a, "l_s": l_s, "q_s": q_s,
+                     "rows_per_example": float(cov["rows"] / cov["examples"].clamp_min(1)),
+                     "examples": float(cov["examples"])}
+    return out
+
+
+def fit_eigenvalues(model: nn.Module, loader: Any, task: Task, tracker: LayerTracker,
+                    bases: dict[str, dict[str, Tensor]] | None, *, seed: int = 0,
+                    max_batches: int | None = None, progress: bool = True,
+                    ) -> dict[str, EigenvalueStatistic]:
+    """The eigenvalue-correction pass: Lambda = mean over examples of (Q_S^T G_n Q_A)^2.
+
+    With ``bases=None`` the bases are the identity: the result is the diagonal Fisher.
+    """
+    stats = {layer.name: EigenvalueStatistic(layer.d_in, layer.d_out) for layer in tracker}
+    for _, _, rows, _ in iterate_rows(model, loader, task, tracker, "sampled",
+                                      desc="influence: eigenvalue correction", progress=progress,
+                                      seed=seed + 1, max_batches=max_batches):
+        for name, (a, g) in rows.items():
+            if bases is not None:
+                a = a @ bases[name]["q_a"].to(a.dtype)
+                g = g @ bases[name]["q_s"].to(g.dtype)
+            stats[name].update(a, g)
+    return stats
+
+
+def factors_from_statistics(tracker: LayerTracker, strategy: str,
+                            bases: dict[str, dict[str, Tensor]] | None,
+                            eigenvalues: dict[str, EigenvalueStatistic] | None, *,
+                            damping: float | str | None = None, damping_factor: float = 0.1,
+                            weight_decay: float | None = None) -> Factors:
+    """Assemble :class:`Factors` from eigenbases and (corrected) eigenvalues."""
+    check_strategy(strategy)
+    layers: dict[str, LayerFactors] = {}
+    num_examples = 0
+    for layer in tracker:
+        name = layer.name
+        lam = q_a = q_s = None
+        if strategy in ("kfac", "ekfac"):
+            assert bases is not None
+            q_a, q_s = bases[name]["q_a"], bases[name]["q_s"]
+            num_examples = int(bases[name]["examples"])
+        if strategy == "kfac":
+            b = bases[name]
+            lam = torch.outer(b["l_s"], b["l_a"]) * b["rows_per_example"]
+        elif strategy in ("ekfac", "diagonal"):
+            assert eigenvalues is not None
+            computed = eigenvalues[name].compute()
+            lam = computed["eigenvalues"].double()
+            num_examples = int(computed["examples"])
+            if not torch.isfinite(lam).all():
+                raise FloatingPointError(f"Non-finite eigenvalues for layer {name!r}.")
+        layers[name] = LayerFactors(lam, q_a, q_s, resolve_damping(damping, lam, damping_factor,
+                                                                   weight_decay))
+    return Factors(strategy, layers, tracker.describe(), model_fingerprint(tracker), num_examples,
+                   {"damping_rule": damping if damping is not None else "heuristic",
+                    "damping_factor": damping_factor})
+
+
+def fit_factors(model: nn.Module, loader: Any, task: Task | str | None = None, *,
+                strategy: str = "ekfac", layers: Sequence[str] | None = None,
+                exclude: Sequence[str] | None = None, tracker: LayerTracker | None = None,
+                damping: float | str | None = None, damping_factor: float = 0.1,
+                weight_decay: float | None = None,
+                covariances: dict[str, CovarianceStatistic] | None = None,
+                output_dir: str | Path | None = None, overwrite: bool = False, seed: int = 0,
+                max_batches: int | None = None, progress: bool = True,
+                write: bool = True) -> Factors:
+    """Fit the curvature factors of a model on a dataloader.
+
+    Args:
+        model: the trained model (any ``nn.Module``; a LightningModule works).
+        loader: training data, batches as the task expects them.
+        task: a :class:`~lightning_influence.task.Task` or a built-in name.
+        strategy: ``"identity"``, ``"diagonal"``, ``"kfac"`` or ``"ekfac"``.
+        layers, exclude: name patterns of the layers to track (default: every Linear/Conv2d).
+        damping: a number, ``None``/``"heuristic"`` (``damping_factor`` x mean eigenvalue per
+            layer) or ``"weight_decay"`` (with ``weight_decay``).
+        covariances: covariance statistics accumulated already (e.g. during training); the
+            covariance pass is then skipped.
+        output_dir: when given, factors are saved there (atomically) and reused on a rerun if
+            they match the model, its layers and the strategy.
+        overwrite: refit even when matching factors exist.
+        write: write fitted factors to ``output_dir`` (False on non-zero ranks: they only read).
+        seed: seed of the label sampling.
+        max_batches: cap on the batches of each pass.
+        progress: show progress bars.
+
+    Raises:
+        FactorMismatchError: stored factors belong to another model, layer set or strategy.
+        ValueError: empty dataloader, unsupported layers, bad arguments.
+        FloatingPointError: NaN/Inf in losses, activations, gradients or covariances.
+    """
+    check_strategy(strategy)
+    task = resolve_task(task, model)
+    tracker = _tracker(model, tracker, layers, exclude)
+    if output_dir is not None and not overwrite and Factors.exists(output_dir):
+        stored = Factors.load(output_dir)
+        stored.check_matches(tracker, strategy, source=f"The factors in {output_dir}")
+        log.info("Reusing the factors in %s", output_dir)
+        if damping is not None or damping_factor != stored.extra.get("damping_factor", 0.1):
+            stored = stored.with_damping(damping, damping_factor, weight_decay)
+        return stored
+    check_loader(loader, "training")
+    bases = None
+    if strategy in ("kfac", "ekfac"):
+        covs = covariances
+        if covs is None:
+            covs = fit_covariances(model, loader, task, tracker=tracker, seed=seed,
+                                   max_batches=max_batches, progress=progress)
+        bases = eigenbases(covs)
+    eigenvalues = None
+    if strategy in ("ekfac", "diagonal"):
+        eigenvalues = fit_eigenvalues(model, loader, task, tracker, bases, seed=seed,
+                                      max_batches=max_batches, progress=progress)
+    factors = factors_from_statistics(tracker, strategy, bases, eigenvalues, damping=damping,
+                                      damping_factor=damping_factor, weight_decay=weight_decay)
+    if strategy == "identity":
+        factors.num_examples = _count_examples(loader)
+    if output_dir is not None and write:
+        factors.save(output_dir)
+    return factors
+
+
+def _count_examples(loader: Any) -> int:
+    try:
+        return len(loader.dataset)
+    except (AttributeError, TypeError):
+        return 0
+
+
+# ----------------------------------------------------------------------------------- scores
+def query_gradients(model: nn.Module, loader: Any, task: Task | str | None, factors: Factors, *,
+                    tracker: LayerTracker | None = None, precondition: bool = True,
+                    progress: bool = True) -> dict[str, Tensor]:
+    """Per-query gradients of the measurement, ``{layer: [Q, O, I]}``, preconditioned by default.
+
+    Preconditioning runs in at least float32 (float64 when the model is float64).
+    """
+    task = resolve_task(task, model)
+    tracker = factor_tracker(model, factors, tracker)
+    factors.check_matches(tracker, check_weights=False)
+    check_loader(loader, "query")
+    chunks: dict[str, list[Tensor]] = {name: [] for name in factors.shapes}
+    for _, _, rows, _ in iterate_rows(model, loader, task, tracker, "measurement",
+                                      desc="influence: query gradients", progress=progress):
+        for name, (a, g) in rows.items():
+            grad = per_example_gradients(a, g)
+            if grad.dtype not in (torch.float32, torch.float64):
+                grad = grad.float()
+            if precondition:
+                grad = factors.layers[name].precondition(grad)
+            chunks[name].append(grad)
+    return {name: torch.cat(parts) for name, parts in chunks.items() if parts}
+
+
+@dataclass
+class PairwiseResult:
+    """Pairwise influence of training examples on queries.
+
+    Attributes:
+        top: top-k proponents (largest scores) and opponents (smallest) per query.
+        scores: the full ``[Q, N]`` matrix, when asked for (``keep_scores=True``).
+        layer_scores: ``[L, Q, N]`` per-layer scores when asked for (sums to ``scores``).
+        layer_names: the order of the L axis.
+        query_losses: ``[Q]`` the measurement of each query.
+        num_train: N.
+        normalized: True when scores were divided by the number of training examples.
+    """
+
+    top: TopKResult
+    layer_names: list[str]
+    query_losses: Tensor
+    num_train: int
+    scores: Tensor | None = None
+    layer_scores: Tensor | None = None
+    normalized: bool = False
+    train_losses: Tensor | None = field(default=None, repr=False)
+
+
+def compute_pairwise_scores(model: nn.Module, factors: Factors, query_loader: Any,
+                            train_loader: Any, task: Task | str | None = None, *,
+                            top_k: int = 10, keep_scores: bool = True, per_layer: bool = False,
+                            normalize: bool = False, tracker: LayerTracker | None = None,
+                            query_grads: dict[str, Tensor] | None = None,
+                            progress: bool = True) -> PairwiseResult:
+    """Score every query against every training example in one streaming pass.
+
+    ``score[q, n] = sum_layers <P(grad L(z_q)), grad L(z_n)>``; positive = proponent (helpful).
+    Top-k lists are kept while streaming, so memory does not grow with the training set unless
+    ``keep_scores=True`` (the whole ``[Q, N]`` matrix) is asked for.
+
+    Args:
+        normalize: divide scores by the number of training examples (the factors'), giving the
+            first-order change of the query loss when the example is removed.
+    """
+    task = resolve_task(task, model)
+    tracker = factor_tracker(model, factors, tracker)
+    factors.check_matches(tracker)
+    check_loader(train_loader, "training", ordered=True)
+    with evaluation_mode(model):
+        query_losses = _measurements(model, query_loader, task)
+    if query_grads is None:
+        query_grads = query_gradients(model, query_loader, task, factors, tracker=tracker,
+                                      progress=progress)
+    names = list(query_grads)
+    num_queries = next(iter(query_grads.values())).shape[0]
+    topk = StreamingTopK(num_queries, top_k, len(names) if per_layer else 0)
+    score_parts: list[Tensor] = []
+    layer_parts: list[Tensor] = []
+    loss_parts: list[Tensor] = []
+    offset = 0
+    scale = 1.0 / factors.num_examples if normalize and factors.num_examples else 1.0
+    for _, _, rows, losses in iterate_rows(model, train_loader, task, tracker, "loss",
+                                           desc="influence: pairwise scores", progress=progress):
+        n = losses.shape[0]
+        per = torch.stack([pairwise_layer_scores(query_grads[name], *rows[name])
+                           if name in rows else losses.new_zeros(num_queries, n)
+                           for name in names]).double() * scale  # [L, Q, N]
+        total = per.sum(0)
+        idx = torch.arange(offset, offset + n)
+        topk.update(total, idx, per if per_layer else None)
+        if keep_scores:
+            score_parts.append(total.cpu())
+            if per_layer:
+                layer_parts.append(per.cpu())
+        loss_parts.append(losses.cpu())
+        offset += n
+    return PairwiseResult(
+        top=topk.result(), layer_names=names, query_losses=query_losses, num_train=offset,
+        scores=torch.cat(score_parts, dim=1) if keep_scores else None,
+        layer_scores=torch.cat(layer_parts, dim=2) if layer_parts else None,
+        normalized=scale != 1.0, train_losses=torch.cat(loss_parts),
+    )
+
+
+def _measurements(model: nn.Module, loader: Any, task: Task) -> Tensor:
+    out = []
+    with torch.no_grad():
+        for batch in loader:
+            batch = move_to_device(batch, model_device(model))
+            out.append(task.measurement(task.forward(model, batch), batch).double().cpu())
+    if not out:
+        raise ValueError("The query dataloader yielded no batch: influence needs queries.")
+    return torch.cat(out)
+
+
+@dataclass
+class SelfResult:
+    """Self-influence ``score(z_n, z_n)`` of every training example.
+
+    Attributes:
+        scores: ``[N]``; large values flag surprising, hard-to-fit examples (mislabeled,
+            conflicting duplicates, out-of-distribution).
+        layer_scores: ``[L, N]`` per-layer terms (sum to ``scores``).
+        losses: ``[N]`` the training loss of each example (the plain baseline ranking).
+    """
+
+    scores: Tensor
+    layer_scores: Tensor
+    layer_names: list[str]
+    losses: Tensor
+    normalized: bool = False
+
+
+def compute_self_scores(model: nn.Module, factors: Factors, train_loader: Any,
+                        task: Task | str | None = None, *, normalize: bool = False,
+                        tracker: LayerTracker | None = None,
+                        progress: bool = True) -> SelfResult:
+    """Self-influence of every training example, in one pass over the training data."""
+    task = resolve_task(task, model)
+    tracker = factor_tracker(model, factors, tracker)
+    factors.check_matches(tracker)
+    check_loader(train_loader, "training", ordered=True)
+    names = list(factors.shapes)
+    scale = 1.0 / factors.num_examples if normalize and factors.num_examples else 1.0
+    parts, losses_all = [], []
+    for _, _, rows, losses in iterate_rows(model, train_loader, task, tracker, "loss",
+                                           desc="influence: self-influence", progress=progress):
+        n = losses.shape[0]
+        parts.append(torch.stack([
+            self_layer_scores(factors.layers[name], *rows[name]).double()
+            if name in rows else losses.new_zeros(n, dtype=torch.float64) for name in names
+        ]).cpu() * scale)
+        losses_all.append(losses.cpu())
+    layer_scores = torch.cat(parts, dim=1)
+    return SelfResult(layer_scores.sum(0), layer_scores, names, torch.cat(losses_all),
+                      normalized=scale != 1.0)

@@ -1,0 +1,79 @@
+"""Small helpers the callbacks share: finding loaders, the output folder, rank zero.
+
+Only the public Trainer API is used. No tensor math lives here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import DataLoader, Subset
+
+from lightning_influence.api import ordered_loader
+
+__all__ = ["training_loader", "query_loader", "output_dir", "find_callback", "single_loader"]
+
+
+def single_loader(loaders: Any, what: str) -> DataLoader | None:
+    """The one DataLoader inside what the Trainer holds (a loader, or a list/dict of one)."""
+    if loaders is None:
+        return None
+    if isinstance(loaders, DataLoader):
+        return loaders
+    values = list(loaders.values()) if isinstance(loaders, dict) else list(loaders)
+    if len(values) == 1 and isinstance(values[0], DataLoader):
+        return values[0]
+    raise ValueError(
+        f"The Trainer has {len(values)} {what} dataloaders; influence needs one. Pass the loader "
+        "to use explicitly to the callback."
+    )
+
+
+def training_loader(trainer: Any, pl_module: Any, batch_size: int | None = None) -> DataLoader:
+    """A non-shuffled loader over the training dataset the Trainer fitted on."""
+    loader = single_loader(trainer.train_dataloader, "training")
+    if loader is None:
+        datamodule = getattr(trainer, "datamodule", None)
+        source = datamodule if datamodule is not None else pl_module
+        loader = single_loader(source.train_dataloader(), "training")
+    return ordered_loader(loader, batch_size)
+
+
+def query_loader(trainer: Any, pl_module: Any, queries: DataLoader | None,
+                 num_queries: int | None, batch_size: int | None = None) -> DataLoader:
+    """The query loader: the one given, else the validation loader; first ``num_queries``."""
+    loader = queries
+    if loader is None:
+        loader = single_loader(trainer.val_dataloaders, "validation")
+    if loader is None:
+        datamodule = getattr(trainer, "datamodule", None)
+        source = datamodule if datamodule is not None else pl_module
+        try:
+            loader = single_loader(source.val_dataloader(), "validation")
+        except Exception as err:  # noqa: BLE001 - a module without val data
+            raise ValueError(
+                "No queries: the Trainer has no validation dataloader. Pass queries=<DataLoader> "
+                "to InfluenceScores."
+            ) from err
+    loader = ordered_loader(loader, batch_size)
+    if num_queries is not None and num_queries < len(loader.dataset):
+        subset = Subset(loader.dataset, range(num_queries))
+        loader = DataLoader(subset, batch_size=loader.batch_size, shuffle=False,
+                            collate_fn=loader.collate_fn)
+    return loader
+
+
+def output_dir(trainer: Any, configured: str | Path | None) -> Path:
+    """The folder for factor and score files: the one configured, else <root>/influence."""
+    if configured is not None:
+        return Path(configured)
+    return Path(trainer.default_root_dir) / "influence"
+
+
+def find_callback(trainer: Any, cls: type) -> Any | None:
+    """The first callback of class ``cls`` (by name, so both Lightning namespaces work)."""
+    for cb in trainer.callbacks:
+        if isinstance(cb, cls) or type(cb).__name__ == cls.__name__:
+            return cb
+    return None

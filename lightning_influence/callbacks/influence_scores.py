@@ -1,0 +1,145 @@
+"""InfluenceScores: score queries against the training data and log what it finds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pytorch_lightning import Callback
+from pytorch_lightning.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+
+from lightning_influence.api import (
+    PairwiseResult,
+    SelfResult,
+    compute_pairwise_scores,
+    compute_self_scores,
+)
+from lightning_influence.callbacks._common import (
+    find_callback,
+    output_dir,
+    query_loader,
+    training_loader,
+)
+from lightning_influence.callbacks.eigen_correction import EigenCorrection
+from lightning_influence.callbacks.influence_statistics import InfluenceStatistics
+from lightning_influence.reporting import ExampleLookup, log_results, write_results
+from lightning_influence.task import resolve_task
+from lightning_influence.tracking import LayerTracker
+
+
+class InfluenceScores(Callback):
+    """Logs the top influential training examples of each query and the data-debugging flags.
+
+    When fit ends (after :class:`EigenCorrection` has its factors), it
+
+    - scores every query (the validation set's first ``num_queries`` examples by default, or
+      the ``queries`` loader) against every training example in one streaming pass, keeping the
+      ``top_k`` proponents (positive: helpful) and opponents (negative: harmful) per query;
+    - computes the self-influence of every training example and flags the top
+      ``flag_fraction`` (likely mislabeled, conflicting or out-of-distribution examples);
+    - writes ``scores.safetensors``, ``top_influential.csv``, ``self_influence_flags.csv``,
+      ``layer_influence.csv`` and ``summary.json`` to the output folder, and logs tables (with
+      images or text of the examples), histograms and a layer-wise bar chart to W&B.
+
+    Args:
+        queries: the query loader (default: the Trainer's validation loader).
+        num_queries: how many queries to take from the start of that loader (None: all).
+        top_k: proponents and opponents kept per query.
+        flag_fraction: the fraction of training examples flagged by self-influence.
+        pairwise: compute the query x training scores.
+        self_influence: compute self-influence and the flags.
+        per_layer: keep the per-layer breakdown (layer-wise influence).
+        keep_scores: keep the full ``[Q, N]`` score matrix (written to scores.safetensors).
+        normalize: divide scores by the number of training examples.
+        render: render examples (images/text) in the W&B tables.
+        output_dir: where files go (default: the EigenCorrection's, ``<root>/influence``).
+        batch_size: batch size of the scoring passes (default: the training loader's).
+        progress: show progress bars.
+    """
+
+    def __init__(self, queries: DataLoader | None = None, num_queries: int | None = 8,
+                 top_k: int = 10, flag_fraction: float = 0.1, pairwise: bool = True,
+                 self_influence: bool = True, per_layer: bool = True, keep_scores: bool = False,
+                 normalize: bool = False, render: bool = True,
+                 output_dir: str | Path | None = None, batch_size: int | None = None,
+                 progress: bool = True) -> None:
+        super().__init__()
+        if top_k < 1:
+            raise ValueError(f"InfluenceScores: top_k must be >= 1, got {top_k}.")
+        if not 0 < flag_fraction <= 1:
+            raise ValueError(f"InfluenceScores: flag_fraction must be in (0, 1], got "
+                             f"{flag_fraction}.")
+        if num_queries is not None and num_queries < 1:
+            raise ValueError(f"InfluenceScores: num_queries must be >= 1 or None, got "
+                             f"{num_queries}.")
+        if not (pairwise or self_influence):
+            raise ValueError("InfluenceScores: pairwise and self_influence are both False; "
+                             "nothing to compute.")
+        self.queries = queries
+        self.num_queries = num_queries
+        self.top_k = top_k
+        self.flag_fraction = flag_fraction
+        self.pairwise = pairwise
+        self.self_influence = self_influence
+        self.per_layer = per_layer
+        self.keep_scores = keep_scores
+        self.normalize = normalize
+        self.render = render
+        self.output_dir = output_dir
+        self.batch_size = batch_size
+        self.progress = progress
+        self.pairwise_result: PairwiseResult | None = None
+        self.self_result: SelfResult | None = None
+        self.files: dict[str, str] = {}
+        self.logged_keys: list[str] = []
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        self.run(trainer, pl_module)
+
+    def run(self, trainer: Any, pl_module: Any) -> None:
+        """Compute, write and log. Called when fit ends; callable by hand after ``fit``."""
+        eigen = find_callback(trainer, EigenCorrection)
+        if eigen is None:
+            raise RuntimeError("InfluenceScores needs an EigenCorrection callback in the "
+                               "Trainer's callbacks (it provides the curvature factors).")
+        factors = eigen.ensure_factors(trainer, pl_module)
+        stats = find_callback(trainer, InfluenceStatistics)
+        task = stats.task if stats is not None else resolve_task(eigen.task_spec, pl_module)
+        tracker = LayerTracker(pl_module, layers=list(factors.shapes))
+        train = training_loader(trainer, pl_module, self.batch_size)
+        show = self.progress and trainer.is_global_zero
+        queries = None
+        if self.pairwise:
+            queries = query_loader(trainer, pl_module, self.queries, self.num_queries,
+                                   self.batch_size)
+            rank_zero_info(f"lightning-influence: scoring {len(queries.dataset)} queries against "
+                           f"{len(train.dataset)} training examples")
+            self.pairwise_result = compute_pairwise_scores(
+                pl_module, factors, queries, train, task, top_k=self.top_k,
+                keep_scores=self.keep_scores, per_layer=self.per_layer,
+                normalize=self.normalize, tracker=tracker, progress=show)
+        if self.self_influence:
+            self.self_result = compute_self_scores(pl_module, factors, train, task,
+                                                   normalize=self.normalize, tracker=tracker,
+                                                   progress=show)
+        if not trainer.is_global_zero:
+            return
+        folder = output_dir(trainer, self.output_dir or eigen.factors_path)
+        train_lookup = ExampleLookup(train, task)
+        query_lookup = ExampleLookup(queries, task) if queries is not None else None
+        paths = write_results(folder, self.pairwise_result, self.self_result, query_lookup,
+                              train_lookup, self.flag_fraction,
+                              extra={"strategy": factors.strategy, "damping": factors.damping})
+        self.files = {k: str(v) for k, v in paths.items()}
+        self.logged_keys = log_results(trainer.loggers, self.pairwise_result, self.self_result,
+                                       query_lookup, train_lookup, self.flag_fraction,
+                                       render=self.render)
+        rank_zero_info(f"lightning-influence: results written to {folder}")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"files": self.files}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.files = dict(state_dict.get("files", {}))
+

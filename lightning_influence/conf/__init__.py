@@ -1,0 +1,1 @@
+"""Hydra configs shipped with lightning-influence (``pkg://lightning_influence.conf``)."""

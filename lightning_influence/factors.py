@@ -1,0 +1,294 @@
+"""Curvature factors: eigenbases, eigenvalues, damping, preconditioning, files.
+
+Index letters: Q queries (or any leading batch of matrices), O = d_out, I = d_in (+1 bias).
+
+Per tracked layer the damped curvature block is ``Q_S diag(Lambda + damping) Q_S^T`` in the
+Kronecker eigenbasis, and its inverse applied to a gradient-shaped ``V [..., O, I]`` is
+
+    P(V) = Q_S [ (Q_S^T V Q_A) / (Lambda + damping) ] Q_A^T.
+
+Strategies differ only in what they store:
+
+========== ===================== ===============================================================
+strategy   bases Q_A, Q_S        Lambda [O, I]
+========== ===================== ===============================================================
+identity   none                  none: P(V) = V (gradient dot product, TracIn at one checkpoint)
+diagonal   identity              mean over examples of G_n ** 2 (the diagonal Fisher)
+kfac       eigh(A), eigh(S)      outer(l_S, l_A) * rows-per-example (per-example scale)
+ekfac      eigh(A), eigh(S)      mean over examples of (Q_S^T G_n Q_A) ** 2
+========== ===================== ===============================================================
+
+K-FAC's ``A`` and ``S`` are means over rows (tokens); an example with T rows contributes
+``sum_t g_t a_t^T``, so ``l_S l_A^T`` is multiplied by the mean number of rows per example to sit
+on the same per-example scale as EK-FAC's Lambda (this is the tokens-vs-examples mismatch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor
+
+from lightning_influence.io import atomic_save_json, atomic_save_safetensors
+from lightning_influence.tracking import LayerTracker
+
+__all__ = [
+    "STRATEGIES",
+    "LayerFactors",
+    "Factors",
+    "FactorMismatchError",
+    "eigendecompose",
+    "model_fingerprint",
+    "resolve_damping",
+]
+
+STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
+FORMAT_VERSION = 1
+
+
+class FactorMismatchError(ValueError):
+    """Factors on disk (or in memory) were fitted for another model, layer set or strategy."""
+
+
+def check_strategy(strategy: str) -> str:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"Unknown strategy {strategy!r}; choose one of {list(STRATEGIES)}.")
+    return strategy
+
+
+def eigendecompose(matrix: Tensor, what: str, layer: str) -> tuple[Tensor, Tensor]:
+    """Symmetrise and ``eigh`` in float64; returns ``(eigenvalues [D], eigenvectors [D, D])``."""
+    m = matrix.to(torch.float64)
+    if not torch.isfinite(m).all():
+        raise FloatingPointError(
+            f"The {what} covariance of layer {layer!r} holds NaN/Inf; the statistics pass saw "
+            "non-finite activations or gradients. Check the data and the model."
+        )
+    m = 0.5 * (m + m.T)
+    values, vectors = torch.linalg.eigh(m)
+    return values.clamp_min(0.0), vectors
+
+
+def resolve_damping(damping: float | str | None, eigenvalues: Tensor | None,
+                    damping_factor: float = 0.1, weight_decay: float | None = None) -> float:
+    """The damping of one layer.
+
+    Args:
+        damping: a number (used as is), ``None`` or ``"heuristic"`` (``damping_factor`` x the mean
+            eigenvalue of the layer; the paper's default) or ``"weight_decay"`` (the optimizer's
+            weight decay: the curvature of the objective actually trained).
+        eigenvalues: the layer's Lambda (for the heuristic).
+        damping_factor: the heuristic's factor.
+        weight_decay: the optimizer's weight decay, for ``"weight_decay"``.
+    """
+    if damping is None or damping == "heuristic":
+        if eigenvalues is None:
+            return 0.0
+        return float(damping_factor * eigenvalues.double().mean().item())
+    if damping == "weight_decay":
+        if weight_decay is None or weight_decay <= 0:
+            raise ValueError(
+                "damping='weight_decay' needs a positive weight decay; the optimizer has "
+                f"weight_decay={weight_decay}. Pass a number or damping='heuristic'."
+            )
+        return float(weight_decay)
+    if isinstance(damping, str):
+        raise ValueError(f"damping={damping!r} is not a number nor one of 'heuristic', "
+                         "'weight_decay'.")
+    if damping < 0:
+        raise ValueError(f"damping must be >= 0, got {damping}.")
+    return float(damping)
+
+
+@dataclass
+class LayerFactors:
+    """The preconditioner of one layer (see the module docstring for each strategy's content)."""
+
+    eigenvalues: Tensor | None = None  # Lambda [O, I]
+    basis_in: Tensor | None = None  # Q_A [I, I]
+    basis_out: Tensor | None = None  # Q_S [O, O]
+    damping: float = 0.0
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def _get(self, name: str, like: Tensor) -> Tensor | None:
+        value = getattr(self, name)
+        if value is None:
+            return None
+        key = (name, like.dtype, like.device)
+        if key not in self._cache:
+            if name == "eigenvalues":
+                # The reciprocal is taken in float64, then cast.
+                value = (1.0 / (value.double() + self.damping))
+            self._cache[key] = value.to(device=like.device, dtype=like.dtype)
+        return self._cache[key]
+
+    def inverse_eigenvalues(self, like: Tensor) -> Tensor | None:
+        """``1 / (Lambda + damping)`` ``[O, I]`` in ``like``'s dtype and device."""
+        return self._get("eigenvalues", like)
+
+    def rotate(self, v: Tensor) -> Tensor:
+        """``Q_S^T V Q_A`` for ``V [..., O, I]``."""
+        q_out, q_in = self._get("basis_out", v), self._get("basis_in", v)
+        if q_out is not None:
+            v = q_out.T @ v
+        if q_in is not None:
+            v = v @ q_in
+        return v
+
+    def unrotate(self, v: Tensor) -> Tensor:
+        """``Q_S V Q_A^T`` for ``V [..., O, I]``."""
+        q_out, q_in = self._get("basis_out", v), self._get("basis_in", v)
+        if q_out is not None:
+            v = q_out @ v
+        if q_in is not None:
+            v = v @ q_in.T
+        return v
+
+    def precondition(self, v: Tensor) -> Tensor:
+        """``P(V) = Q_S [(Q_S^T V Q_A) / (Lambda + damping)] Q_A^T`` for ``V [..., O, I]``."""
+        inv = self.inverse_eigenvalues(v)
+        if inv is None:
+            return v
+        return self.unrotate(self.rotate(v) * inv)
+
+    def tensors(self, prefix: str) -> dict[str, Tensor]:
+        out = {}
+        for key in ("eigenvalues", "basis_in", "basis_out"):
+            value = getattr(self, key)
+            if value is not None:
+                out[f"{prefix}.{key}"] = value.detach().cpu().contiguous()
+        return out
+
+
+def model_fingerprint(tracker: LayerTracker) -> dict[str, str]:
+    """Digests that tie factors to a model: its tracked layers and their parameter values."""
+    arch = hashlib.sha256(json.dumps(tracker.describe(), sort_keys=True).encode()).hexdigest()[:16]
+    weights = hashlib.sha256()
+    for layer in tracker:
+        for p in layer.parameters():
+            weights.update(p.detach().to("cpu", torch.float64).numpy().tobytes())
+    return {"architecture": arch, "weights": weights.hexdigest()[:16]}
+
+
+@dataclass
+class Factors:
+    """Curvature factors of every tracked layer, plus the metadata that ties them to a model."""
+
+    strategy: str
+    layers: dict[str, LayerFactors]
+    shapes: dict[str, list[int]]
+    fingerprint: dict[str, str]
+    num_examples: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    FILE_STEM = "factors"
+
+    @property
+    def damping(self) -> dict[str, float]:
+        return {name: lf.damping for name, lf in self.layers.items()}
+
+    def with_damping(self, damping: float | str | None, damping_factor: float = 0.1,
+                     weight_decay: float | None = None) -> Factors:
+        """Copy with the damping of every layer set anew (factors stay shared)."""
+        layers = {
+            name: LayerFactors(lf.eigenvalues, lf.basis_in, lf.basis_out,
+                               resolve_damping(damping, lf.eigenvalues, damping_factor,
+                                               weight_decay))
+            for name, lf in self.layers.items()
+        }
+        return Factors(self.strategy, layers, self.shapes, self.fingerprint, self.num_examples,
+                       dict(self.extra))
+
+    def precondition(self, gradients: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Apply every layer's ``P`` to a dict of ``[..., O, I]`` gradients."""
+        return {name: self.layers[name].precondition(v) for name, v in gradients.items()}
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "strategy": self.strategy,
+            "layers": self.shapes,
+            "damping": self.damping,
+            "fingerprint": self.fingerprint,
+            "num_examples": self.num_examples,
+            "extra": self.extra,
+        }
+
+    def check_matches(self, tracker: LayerTracker, strategy: str | None = None,
+                      check_weights: bool = True, source: str = "these factors") -> None:
+        """Raise :class:`FactorMismatchError` when the factors do not belong to this model."""
+        if strategy is not None and strategy != self.strategy:
+            raise FactorMismatchError(
+                f"{source} use strategy {self.strategy!r} but {strategy!r} was asked for. Fit "
+                "again (delete the files or pass overwrite=True) or ask for the stored strategy."
+            )
+        if self.shapes != tracker.describe():
+            theirs, ours = set(self.shapes), set(tracker.describe())
+            detail = []
+            if theirs - ours:
+                detail.append(f"layers not in this model: {sorted(theirs - ours)[:5]}")
+            if ours - theirs:
+                detail.append(f"layers missing from the factors: {sorted(ours - theirs)[:5]}")
+            shape_diff = [n for n in theirs & ours if self.shapes[n] != tracker.describe()[n]]
+            if shape_diff:
+                detail.append(f"layers whose shapes differ: {shape_diff[:5]}")
+            raise FactorMismatchError(
+                f"{source} were fitted for another model or layer set ({'; '.join(detail)}). "
+                "Fit factors for this model (delete the files or pass overwrite=True)."
+            )
+        if check_weights:
+            ours = model_fingerprint(tracker)
+            if ours["weights"] != self.fingerprint.get("weights"):
+                raise FactorMismatchError(
+                    f"{source} were fitted for the same architecture with different weights "
+                    "(the model was retrained or changed since). Fit again for these weights "
+                    "(delete the files or pass overwrite=True)."
+                )
+
+    def save(self, directory: str | Path, stem: str | None = None) -> Path:
+        """Write ``<stem>.safetensors`` and ``<stem>.json`` atomically; returns the tensor path."""
+        directory = Path(directory)
+        stem = stem or self.FILE_STEM
+        tensors: dict[str, Tensor] = {}
+        for name, lf in self.layers.items():
+            tensors.update(lf.tensors(name))
+        path = directory / f"{stem}.safetensors"
+        atomic_save_safetensors(tensors, path)
+        atomic_save_json(self.metadata(), directory / f"{stem}.json")
+        return path
+
+    @classmethod
+    def exists(cls, directory: str | Path, stem: str | None = None) -> bool:
+        stem = stem or cls.FILE_STEM
+        d = Path(directory)
+        return (d / f"{stem}.json").is_file() and (d / f"{stem}.safetensors").is_file()
+
+    @classmethod
+    def load(cls, directory: str | Path, stem: str | None = None) -> Factors:
+        """Read factors written by :meth:`save`."""
+        directory = Path(directory)
+        stem = stem or cls.FILE_STEM
+        meta_path = directory / f"{stem}.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"No factors at {meta_path}; fit them first.")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise FactorMismatchError(f"{meta_path} has format version "
+                                      f"{meta.get('format_version')}, expected {FORMAT_VERSION}.")
+        tensors = load_file(str(directory / f"{stem}.safetensors"))
+        layers = {}
+        for name in meta["layers"]:
+            layers[name] = LayerFactors(
+                eigenvalues=tensors.get(f"{name}.eigenvalues"),
+                basis_in=tensors.get(f"{name}.basis_in"),
+                basis_out=tensors.get(f"{name}.basis_out"),
+                damping=float(meta["damping"][name]),
+            )
+        return cls(meta["strategy"], layers, meta["layers"], meta["fingerprint"],
+                   int(meta["num_examples"]), meta.get("extra", {}))

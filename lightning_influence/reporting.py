@@ -1,0 +1,192 @@
+"""Results to people: files on disk (safetensors, CSV, JSON) and W&B tables and plots.
+
+Sign convention, repeated in every table: a positive score marks a proponent (helpful) training
+example: up-weighting it lowers the query loss; a negative score an opponent.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_influence.api import PairwiseResult, SelfResult
+from lightning_influence.io import atomic_save_csv, atomic_save_json, atomic_save_safetensors
+from lightning_influence.ranking import flag_top_fraction
+from lightning_influence.task import Task
+
+__all__ = ["ExampleLookup", "write_results", "log_results", "SCORE_COLUMN"]
+
+log = logging.getLogger(__name__)
+
+SCORE_COLUMN = "score (+ = proponent/helpful, - = opponent)"
+SELF_COLUMN = "self_influence (high = suspicious)"
+
+
+class ExampleLookup:
+    """Describe and render dataset examples by index, through the loader's collate_fn."""
+
+    def __init__(self, loader: Any, task: Task) -> None:
+        self.dataset = loader.dataset
+        self.collate = loader.collate_fn
+        self.task = task
+
+    def batch(self, index: int) -> Any:
+        return self.collate([self.dataset[int(index)]])
+
+    def label(self, index: int) -> Any:
+        info = self.task.describe(self.batch(index), 0)
+        return info.get("label", info.get("tokens"))
+
+    def render(self, index: int) -> Any:
+        return self.task.render(self.batch(index), 0)
+
+
+def _top_rows(result: PairwiseResult, queries: ExampleLookup, train: ExampleLookup,
+              ) -> list[dict[str, Any]]:
+    rows = []
+    top = result.top
+    for q in range(top.proponent_indices.shape[0]):
+        q_label = queries.label(q)
+        for kind, idx, val in (("proponent", top.proponent_indices, top.proponent_scores),
+                               ("opponent", top.opponent_indices, top.opponent_scores)):
+            for rank in range(idx.shape[1]):
+                n = int(idx[q, rank])
+                rows.append({"query_index": q, "query_label": q_label,
+                             "query_loss": float(result.query_losses[q]), "kind": kind,
+                             "rank": rank + 1, "train_index": n, "train_label": train.label(n),
+                             SCORE_COLUMN: float(val[q, rank])})
+    return rows
+
+
+def _flag_rows(result: SelfResult, train: ExampleLookup, fraction: float) -> list[dict[str, Any]]:
+    flagged = flag_top_fraction(result.scores, fraction)
+    return [{"rank": r + 1, "train_index": int(n), "label": train.label(int(n)),
+             SELF_COLUMN: float(result.scores[n]), "train_loss": float(result.losses[n])}
+            for r, n in enumerate(flagged.tolist())]
+
+
+def write_results(folder: str | Path, pairwise: PairwiseResult | None, self_result: SelfResult | None,
+                  queries: ExampleLookup | None, train: ExampleLookup,
+                  flag_fraction: float = 0.1, extra: dict[str, Any] | None = None,
+                  ) -> dict[str, Path]:
+    """Write ``scores.safetensors``, ``top_influential.csv``, ``self_influence_flags.csv``,
+    ``layer_influence.csv`` and ``summary.json`` to ``folder`` (atomically). Returns the paths."""
+    folder = Path(folder)
+    tensors: dict[str, Tensor] = {}
+    paths: dict[str, Path] = {}
+    summary: dict[str, Any] = {"sign": "positive = proponent (helpful), negative = opponent",
+                               **(extra or {})}
+    if pairwise is not None:
+        top = pairwise.top
+        tensors.update({"proponent_indices": top.proponent_indices,
+                        "proponent_scores": top.proponent_scores,
+                        "opponent_indices": top.opponent_indices,
+                        "opponent_scores": top.opponent_scores,
+                        "query_losses": pairwise.query_losses})
+        if pairwise.scores is not None:
+            tensors["pairwise_scores"] = pairwise.scores
+        rows = _top_rows(pairwise, queries, train)
+        paths["top_influential"] = atomic_save_csv(
+            rows, folder / "top_influential.csv", list(rows[0]) if rows else ["query_index"])
+        summary.update(num_queries=int(top.proponent_indices.shape[0]),
+                       num_train=pairwise.num_train, normalized=pairwise.normalized)
+        if pairwise.layer_scores is not None:
+            shares = layer_shares(pairwise.layer_scores)
+            layer_rows = [{"layer": name, "mean_abs_share": float(shares[i])}
+                          for i, name in enumerate(pairwise.layer_names)]
+            paths["layer_influence"] = atomic_save_csv(layer_rows, folder / "layer_influence.csv",
+                                                       ["layer", "mean_abs_share"])
+    if self_result is not None:
+        tensors["self_influence"] = self_result.scores
+        tensors["self_influence_per_layer"] = self_result.layer_scores
+        tensors["train_losses"] = self_result.losses
+        rows = _flag_rows(self_result, train, flag_fraction)
+        paths["self_influence_flags"] = atomic_save_csv(rows, folder / "self_influence_flags.csv",
+                                                        list(rows[0]))
+        summary.update(flag_fraction=flag_fraction, num_flagged=len(rows))
+    paths["scores"] = atomic_save_safetensors(tensors, folder / "scores.safetensors")
+    paths["summary"] = atomic_save_json(summary, folder / "summary.json")
+    return paths
+
+
+def layer_shares(layer_scores: Tensor) -> Tensor:
+    """Mean over queries and examples of each layer's share of the absolute score ``[L]``."""
+    mag = layer_scores.abs().flatten(1).sum(1)
+    return mag / mag.sum().clamp_min(1e-300)
+
+
+def _wandb_media(obj: Any) -> Any:
+    import wandb
+
+    if obj is None:
+        return None
+    if isinstance(obj, str):
+        return obj
+    side = min(obj.shape[0], obj.shape[1])
+    if side < 64:  # tiny images (8x8 digits) are upscaled, nearest-neighbour, to be seen
+        factor = -(-64 // side)
+        obj = obj.repeat(factor, axis=0).repeat(factor, axis=1)
+    return wandb.Image(obj)
+
+
+def log_results(loggers: list[Any], pairwise: PairwiseResult | None,
+                self_result: SelfResult | None, queries: ExampleLookup | None,
+                train: ExampleLookup, flag_fraction: float = 0.1, prefix: str = "influence",
+                render: bool = True, metrics: dict[str, float] | None = None) -> list[str]:
+    """Log tables and histograms to every W&B logger, scalar metrics to every logger.
+
+    Returns the keys logged to W&B (empty when no W&B logger is attached).
+    """
+    scalars = dict(metrics or {})
+    if self_result is not None:
+        scalars[f"{prefix}/self_influence_mean"] = float(self_result.scores.mean())
+    keys: list[str] = []
+    for logger in loggers:
+        if scalars:
+            logger.log_metrics(scalars)
+        if type(logger).__name__ != "WandbLogger":
+            continue
+        import wandb
+
+        run = logger.experiment
+        payload: dict[str, Any] = {}
+        if pairwise is not None:
+            columns = ["query_index", "query", "query_label", "kind", "rank", "train_index",
+                       "train_example", "train_label", SCORE_COLUMN]
+            table = wandb.Table(columns=columns)
+            for row in _top_rows(pairwise, queries, train):
+                table.add_data(row["query_index"],
+                               _wandb_media(queries.render(row["query_index"])) if render else None,
+                               str(row["query_label"]), row["kind"], row["rank"],
+                               row["train_index"],
+                               _wandb_media(train.render(row["train_index"])) if render else None,
+                               str(row["train_label"]), row[SCORE_COLUMN])
+            payload[f"{prefix}/top_influential"] = table
+            values = pairwise.scores if pairwise.scores is not None else torch.cat(
+                [pairwise.top.proponent_scores, pairwise.top.opponent_scores], dim=1)
+            payload[f"{prefix}/pairwise_score_histogram"] = wandb.Histogram(
+                values.flatten().double().numpy(), num_bins=64)
+            if pairwise.layer_scores is not None:
+                shares = layer_shares(pairwise.layer_scores)
+                layer_table = wandb.Table(columns=["layer", "mean_abs_share"],
+                                          data=[[n, float(shares[i])]
+                                                for i, n in enumerate(pairwise.layer_names)])
+                payload[f"{prefix}/layer_influence"] = wandb.plot.bar(
+                    layer_table, "layer", "mean_abs_share", title="Layer-wise share of influence")
+        if self_result is not None:
+            columns = ["rank", "train_index", "example", "label", SELF_COLUMN, "train_loss"]
+            table = wandb.Table(columns=columns)
+            for row in _flag_rows(self_result, train, flag_fraction):
+                table.add_data(row["rank"], row["train_index"],
+                               _wandb_media(train.render(row["train_index"])) if render else None,
+                               str(row["label"]), row[SELF_COLUMN], row["train_loss"])
+            payload[f"{prefix}/self_influence_flags"] = table
+            payload[f"{prefix}/self_influence_histogram"] = wandb.Histogram(
+                self_result.scores.double().numpy(), num_bins=64)
+        run.log(payload)
+        keys.extend(payload)
+    return keys

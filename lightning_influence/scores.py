@@ -1,0 +1,69 @@
+"""Score contractions between preconditioned query gradients and training examples.
+
+Index letters: Q queries, N training examples of a batch, T rows per example, O = d_out,
+I = d_in (+1 bias), L tracked layers.
+
+The score of a training example n on a query q is the sum over layers of
+
+    <P_q, G_n> = sum_t g_nt^T P_q a_nt,
+
+with ``P_q [O, I]`` the query's preconditioned gradient and ``G_n = sum_t g_nt a_nt^T``. It is
+contracted directly from ``(g, P, a)``: for single-row layers no per-example gradient is ever
+built, and for sequence layers ``torch.einsum`` (with opt_einsum's path search) picks the cheaper
+order.
+
+Sign: positive = proponent (helpful): up-weighting the training example lowers the query loss.
+Scale: removing the example from a mean-loss objective over N examples changes the query loss by
+about ``+score / N`` (pass ``normalize=True`` to the score functions to get that unit).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lightning_influence.factors import LayerFactors
+
+__all__ = ["per_example_gradients", "pairwise_layer_scores", "self_layer_scores"]
+
+
+def per_example_gradients(a: Tensor, g: Tensor) -> Tensor:
+    """``G_n = sum_t g_nt a_nt^T``: ``a [N, T, I]``, ``g [N, T, O]`` -> ``[N, O, I]``."""
+    return torch.einsum("nto,nti->noi", g, a)
+
+
+def pairwise_layer_scores(preconditioned: Tensor, a: Tensor, g: Tensor) -> Tensor:
+    """One layer's scores ``[Q, N]`` from ``P [Q, O, I]``, ``a [N, T, I]`` and ``g [N, T, O]``."""
+    p = preconditioned.to(a.dtype)
+    if a.shape[1] == 1:
+        a1, g1 = a[:, 0], g[:, 0]
+        # contract the larger of O and I first so the intermediate is [Q, N, min(O, I)].
+        if p.shape[1] >= p.shape[2]:
+            return torch.einsum("qni,ni->qn", torch.einsum("qoi,no->qni", p, g1), a1)
+        return torch.einsum("qno,no->qn", torch.einsum("qoi,ni->qno", p, a1), g1)
+    return torch.einsum("nto,qoi,nti->qn", g, p, a)
+
+
+def self_layer_scores(factors: LayerFactors, a: Tensor, g: Tensor,
+                      chunk_elements: int = 2**25) -> Tensor:
+    """One layer's self-influence ``<P(G_n), G_n>`` ``[N]`` from rows ``a``, ``g``.
+
+    In the eigenbasis, ``<P(G), G> = sum (Q_S^T G Q_A)^2 / (Lambda + damping)``; for single-row
+    layers ``(Q_S^T G_n Q_A)^2 = (g'_n)^2 (a'_n^2)^T``, so no per-example matrix is built.
+    """
+    inv = factors.inverse_eigenvalues(a)
+    a_rot = a @ factors._get("basis_in", a) if factors.basis_in is not None else a
+    g_rot = g @ factors._get("basis_out", g) if factors.basis_out is not None else g
+    n, t, i = a.shape
+    o = g.shape[-1]
+    if t == 1:
+        sq_a, sq_g = a_rot[:, 0].square(), g_rot[:, 0].square()
+        if inv is None:
+            return sq_g.sum(-1) * sq_a.sum(-1)
+        return torch.einsum("no,oi,ni->n", sq_g, inv, sq_a)
+    out = a.new_empty(n)
+    step = max(1, chunk_elements // (o * i))
+    for s in range(0, n, step):
+        rot = per_example_gradients(a_rot[s:s + step], g_rot[s:s + step]).square()
+        out[s:s + step] = rot.flatten(1).sum(-1) if inv is None else (rot * inv).flatten(1).sum(-1)
+    return out

@@ -1,0 +1,124 @@
+"""Covariance and eigenvalue sums, distributed-safe.
+
+Index letters: N examples, T rows per example, I = d_in (+1 bias), O = d_out.
+
+Every statistic is a torchmetrics state reduced with ``sum`` across processes; division by the
+row or example count happens only in :meth:`compute`, so uneven per-rank counts stay exact.
+Sums are kept in ``dtype`` (float64 by default) whatever the model's precision.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+__all__ = ["CovarianceStatistic", "EigenvalueStatistic", "check_finite"]
+
+
+def check_finite(tensor: Tensor, what: str, layer: str, batch_index: int | None = None) -> None:
+    """Raise a ``FloatingPointError`` naming the layer (and batch) when ``tensor`` has NaN/Inf."""
+    if not torch.isfinite(tensor).all():
+        where = f" in batch {batch_index}" if batch_index is not None else ""
+        raise FloatingPointError(
+            f"Non-finite {what} for layer {layer!r}{where}. Influence cannot be computed from NaN "
+            "or Inf values: check the data and the model (a diverged training run, a bad input)."
+        )
+
+
+class CovarianceStatistic(Metric):
+    """Sums of ``a a^T`` and ``g g^T`` over activation / pseudo-gradient rows of one layer.
+
+    ``compute()`` returns ``A = sum a a^T / rows`` ``[I, I]`` and ``S = sum g g^T / rows``
+    ``[O, O]``; ``rows`` and ``examples`` are also kept so that K-FAC can put its
+    eigenvalues on the per-example scale of the EK-FAC correction.
+    """
+
+    full_state_update = False
+    higher_is_better = None
+
+    def __init__(self, d_in: int, d_out: int, dtype: torch.dtype = torch.float64) -> None:
+        super().__init__()
+        self.add_state("activation_sum", torch.zeros(d_in, d_in, dtype=dtype),
+                       dist_reduce_fx="sum")
+        self.add_state("gradient_sum", torch.zeros(d_out, d_out, dtype=dtype),
+                       dist_reduce_fx="sum")
+        self.add_state("rows", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("examples", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, a: Tensor, g: Tensor, mask: Tensor | None = None) -> None:  # type: ignore[override]
+        """Add a batch: ``a [N, T, I]``, ``g [N, T, O]``, optional row mask ``[N, T]``."""
+        if mask is not None and mask.shape == a.shape[:2]:
+            m = mask.to(a.dtype).unsqueeze(-1)
+            a = a * m
+            g = g * m
+            rows = mask.sum()
+        else:
+            rows = a.shape[0] * a.shape[1]
+        a2 = a.reshape(-1, a.shape[-1])
+        g2 = g.reshape(-1, g.shape[-1])
+        self.activation_sum += (a2.T @ a2).to(self.activation_sum.dtype)
+        self.gradient_sum += (g2.T @ g2).to(self.gradient_sum.dtype)
+        self.rows += float(rows)
+        self.examples += float(a.shape[0])
+
+    def sums(self) -> dict[str, Tensor]:
+        """The local (unsynced) sums, for checkpoints."""
+        return {k: v.detach().cpu().clone() for k, v in self.metric_state.items()}
+
+    def load_sums(self, sums: dict[str, Tensor]) -> None:
+        """Restore sums saved by :meth:`sums` (counts as one update)."""
+        for key, value in sums.items():
+            current = getattr(self, key)
+            if current.shape != value.shape:
+                raise ValueError(f"Saved covariance state {key!r} has shape {tuple(value.shape)}, "
+                                 f"this layer needs {tuple(current.shape)}.")
+            setattr(self, key, value.to(current.device, current.dtype))
+        self._update_count += 1
+
+    def compute(self) -> dict[str, Tensor]:
+        """``{"A": [I, I], "S": [O, O], "rows": [], "examples": []}`` (summed over processes)."""
+        rows = self.rows.clamp_min(1)
+        return {"A": self.activation_sum / rows, "S": self.gradient_sum / rows,
+                "rows": self.rows.clone(), "examples": self.examples.clone()}
+
+
+class EigenvalueStatistic(Metric):
+    """Sum over examples of the squared per-example gradient in a Kronecker eigenbasis.
+
+    For each example, ``G_n = sum_t g_nt a_nt^T`` ``[O, I]``; this sums
+    ``(Q_S^T G_n Q_A) ** 2`` and ``compute()`` returns the mean over examples: the EK-FAC
+    eigenvalues Lambda ``[O, I]``. With identity bases it is the diagonal Fisher.
+    """
+
+    full_state_update = False
+    higher_is_better = None
+
+    def __init__(self, d_in: int, d_out: int, dtype: torch.dtype = torch.float64,
+                 chunk_elements: int = 2**25) -> None:
+        super().__init__()
+        self.chunk_elements = chunk_elements
+        self.add_state("eigenvalue_sum", torch.zeros(d_out, d_in, dtype=dtype),
+                       dist_reduce_fx="sum")
+        self.add_state("examples", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, a_rot: Tensor, g_rot: Tensor) -> None:  # type: ignore[override]
+        """Add rotated rows ``a_rot = a Q_A [N, T, I]`` and ``g_rot = g Q_S [N, T, O]``."""
+        n, t, i = a_rot.shape
+        o = g_rot.shape[-1]
+        if t == 1:
+            # (g'_n a'_n^T)^2 = g'^2_n (a'^2_n)^T: no per-example matrix needed.
+            total = g_rot[:, 0].square().T @ a_rot[:, 0].square()
+        else:
+            step = max(1, self.chunk_elements // (o * i))
+            total = a_rot.new_zeros(o, i)
+            for s in range(0, n, step):
+                per_example = torch.einsum("nto,nti->noi", g_rot[s:s + step], a_rot[s:s + step])
+                total += per_example.square().sum(dim=0)
+        self.eigenvalue_sum += total.to(self.eigenvalue_sum.dtype)
+        self.examples += float(n)
+
+    def compute(self) -> dict[str, Tensor]:
+        """``{"eigenvalues": [O, I], "examples": []}`` (summed over processes)."""
+        return {"eigenvalues": self.eigenvalue_sum / self.examples.clamp_min(1),
+                "examples": self.examples.clone()}

@@ -1,0 +1,338 @@
+"""Tasks: what a batch means to the influence machinery.
+
+A task turns a batch into model outputs, per-example losses (summed over an example's tokens or
+positions), per-example losses with labels *sampled from the model's own predictive distribution*
+(true-Fisher pseudo-gradients), and the query measurement. Three built-ins cover the common cases;
+subclass :class:`Task` (or point a Hydra ``_target_`` at your own class) for anything else.
+
+Index letters used in shapes: N examples in the batch, T tokens/positions, C classes or vocabulary,
+D regression outputs.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "Task",
+    "ClassificationTask",
+    "RegressionTask",
+    "CausalLMTask",
+    "resolve_task",
+]
+
+
+class Task(ABC):
+    """How a batch becomes per-example losses, sampled pseudo-losses and query measurements.
+
+    Every loss a task returns is per example, shape ``[N]``, and SUMMED over the example's tokens
+    or positions (never averaged): that is the convention the curvature and the scores assume.
+    """
+
+    def forward(self, model: nn.Module, batch: Any) -> Tensor:
+        """Run the model on a batch. The default calls ``model(batch[0])``."""
+        return model(self.inputs(batch))
+
+    def inputs(self, batch: Any) -> Any:
+        """What the model is called with. Default: the first element of a tuple/list batch."""
+        if isinstance(batch, dict):
+            for key in ("input_ids", "x", "inputs", "input"):
+                if key in batch:
+                    return batch[key]
+            raise ValueError(
+                f"{type(self).__name__} cannot find the model inputs in a dict batch with keys "
+                f"{sorted(batch)}; use keys 'input_ids' or 'x', or override Task.inputs()."
+            )
+        if isinstance(batch, Sequence) and not isinstance(batch, str | bytes):
+            if len(batch) == 0:
+                raise ValueError("Got an empty batch: the dataloader yielded ().")
+            return batch[0]
+        return batch
+
+    def targets(self, batch: Any) -> Tensor:
+        """The labels of a batch. Default: the second element of a tuple/list batch."""
+        if isinstance(batch, dict):
+            for key in ("labels", "y", "targets", "target"):
+                if key in batch:
+                    return batch[key]
+            raise ValueError(
+                f"{type(self).__name__} needs labels, but the dict batch has keys {sorted(batch)}; "
+                "use key 'labels' or 'y', or override Task.targets()."
+            )
+        if isinstance(batch, Sequence) and not isinstance(batch, str | bytes) and len(batch) >= 2:
+            return batch[1]
+        raise ValueError(
+            f"{type(self).__name__} needs labels, but the batch is a {type(batch).__name__} "
+            "without a second element; yield (inputs, labels) or override Task.targets()."
+        )
+
+    @abstractmethod
+    def loss(self, outputs: Tensor, batch: Any) -> Tensor:
+        """Per-example training loss ``[N]``, summed over tokens/positions."""
+
+    @abstractmethod
+    def sampled_loss(self, outputs: Tensor, batch: Any, generator: torch.Generator | None) -> Tensor:
+        """Per-example loss ``[N]`` against labels sampled from the model's predictive distribution.
+
+        Its gradient is the pseudo-gradient of the true Fisher. Sampling happens without autograd.
+        """
+
+    def measurement(self, outputs: Tensor, batch: Any) -> Tensor:
+        """Per-example query measurement ``[N]``; the default is the training loss."""
+        return self.loss(outputs, batch)
+
+    def row_mask(self, batch: Any) -> Tensor | None:
+        """Optional ``[N, T]`` mask of token rows that count in the covariances (padding = 0)."""
+        return None
+
+    def describe(self, batch: Any, index: int) -> dict[str, Any]:
+        """A JSON-friendly description of example ``index`` of a batch (for logged tables)."""
+        try:
+            target = self.targets(batch)[index]
+        except ValueError:
+            return {}
+        return {"label": target.tolist() if isinstance(target, Tensor) else target}
+
+    def render(self, batch: Any, index: int) -> Any:
+        """Example ``index`` of a batch as something a person can look at.
+
+        Returns a float array ``[H, W]`` or ``[H, W, C]`` in [0, 1] (logged as an image), a string
+        (logged as text) or ``None``. The default shows square inputs as images.
+        """
+        x = self.inputs(batch)
+        if not isinstance(x, Tensor):
+            return None
+        x = x[index].detach().float().cpu()
+        if x.dim() == 1:
+            side = int(round(x.numel() ** 0.5))
+            if side * side != x.numel():
+                return None
+            x = x.reshape(side, side)
+        return _to_image(x)
+
+    @staticmethod
+    def _check_rank(outputs: Tensor, expected: int, what: str) -> None:
+        if outputs.dim() != expected:
+            raise ValueError(f"{what}: expected model outputs of {expected} dimensions, got shape "
+                             f"{tuple(outputs.shape)}.")
+
+
+class ClassificationTask(Task):
+    """Cross-entropy classification: outputs ``[N, C]`` logits, targets ``[N]`` class indices.
+
+    Args:
+        image_shape: optional ``(H, W)`` or ``(C, H, W)`` to render inputs as images in W&B.
+    """
+
+    def __init__(self, image_shape: Sequence[int] | None = None) -> None:
+        self.image_shape = tuple(image_shape) if image_shape is not None else None
+
+    def render(self, batch: Any, index: int) -> Any:
+        if self.image_shape is None:
+            return super().render(batch, index)
+        x = self.inputs(batch)[index].detach().float().cpu()
+        return _to_image(x.reshape(self.image_shape))
+
+    def loss(self, outputs: Tensor, batch: Any) -> Tensor:
+        self._check_rank(outputs, 2, "ClassificationTask.loss")
+        targets = self.targets(batch).to(outputs.device)
+        if targets.dim() != 1 or targets.shape[0] != outputs.shape[0]:
+            raise ValueError(
+                f"ClassificationTask: targets of shape {tuple(targets.shape)} do not fit logits of "
+                f"shape {tuple(outputs.shape)}; expected class indices of shape [{outputs.shape[0]}]."
+            )
+        if targets.numel() and (int(targets.max()) >= outputs.shape[1] or int(targets.min()) < 0):
+            raise ValueError(
+                f"ClassificationTask: a label is outside [0, {outputs.shape[1]}) for logits with "
+                f"{outputs.shape[1]} classes (labels span {int(targets.min())}..{int(targets.max())})."
+            )
+        return F.cross_entropy(outputs, targets.long(), reduction="none")
+
+    def sampled_loss(self, outputs: Tensor, batch: Any, generator: torch.Generator | None) -> Tensor:
+        self._check_rank(outputs, 2, "ClassificationTask.sampled_loss")
+        with torch.no_grad():
+            probs = _sampling_probs(outputs)
+            sampled = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        return F.cross_entropy(outputs, sampled, reduction="none")
+
+
+class RegressionTask(Task):
+    """Squared error ``0.5 * ||y - f(x)||^2`` (summed over output dims), Gaussian sampling.
+
+    With unit noise the Fisher of this loss equals the Gauss-Newton matrix; labels are sampled as
+    ``f(x) + noise`` with standard normal noise.
+    """
+
+    def _targets_like(self, outputs: Tensor, batch: Any) -> Tensor:
+        targets = self.targets(batch).to(outputs.device, outputs.dtype)
+        if targets.shape != outputs.shape:
+            if targets.numel() == outputs.numel():
+                targets = targets.reshape(outputs.shape)
+            else:
+                raise ValueError(
+                    f"RegressionTask: targets of shape {tuple(targets.shape)} do not fit outputs of "
+                    f"shape {tuple(outputs.shape)}."
+                )
+        return targets
+
+    def loss(self, outputs: Tensor, batch: Any) -> Tensor:
+        diff = outputs - self._targets_like(outputs, batch)
+        return 0.5 * diff.pow(2).reshape(diff.shape[0], -1).sum(dim=1)
+
+    def sampled_loss(self, outputs: Tensor, batch: Any, generator: torch.Generator | None) -> Tensor:
+        with torch.no_grad():
+            noise = torch.randn(outputs.shape, generator=generator, dtype=outputs.dtype,
+                                device="cpu").to(outputs.device)
+            sampled = outputs.detach() + noise
+        diff = outputs - sampled
+        return 0.5 * diff.pow(2).reshape(diff.shape[0], -1).sum(dim=1)
+
+
+class CausalLMTask(Task):
+    """Next-token cross-entropy over a padded batch: outputs ``[N, T, C]``, tokens ``[N, T]``.
+
+    The loss of an example is summed over its predicted tokens. Padding (``attention_mask == 0``
+    or ``pad_token_id``) contributes nothing, neither to losses nor to covariance rows. For
+    queries, ``labels`` equal to ``ignore_index`` (e.g. prompt tokens) are excluded from the
+    measurement, so the measurement is the completion's negative log-likelihood.
+
+    Batches are dicts with ``input_ids`` and optionally ``attention_mask`` and ``labels`` (default:
+    the input ids), or tuples ``(input_ids, attention_mask)``.
+    """
+
+    def __init__(self, pad_token_id: int | None = None, ignore_index: int = -100) -> None:
+        self.pad_token_id = pad_token_id
+        self.ignore_index = ignore_index
+
+    def inputs(self, batch: Any) -> Tensor:
+        if isinstance(batch, dict):
+            return batch["input_ids"]
+        return super().inputs(batch)
+
+    def attention_mask(self, batch: Any) -> Tensor:
+        ids = self.inputs(batch)
+        if isinstance(batch, dict) and "attention_mask" in batch:
+            return batch["attention_mask"].to(ids.device).bool()
+        if isinstance(batch, Sequence) and len(batch) >= 2 and isinstance(batch[1], Tensor) \
+                and batch[1].shape == ids.shape:
+            return batch[1].to(ids.device).bool()
+        if self.pad_token_id is not None:
+            return ids != self.pad_token_id
+        return torch.ones_like(ids, dtype=torch.bool)
+
+    def row_mask(self, batch: Any) -> Tensor:
+        return self.attention_mask(batch)
+
+    def _shifted_labels(self, outputs: Tensor, batch: Any) -> Tensor:
+        ids = self.inputs(batch).to(outputs.device)
+        labels = batch.get("labels", ids) if isinstance(batch, dict) else ids
+        labels = labels.to(outputs.device).clone()
+        labels[~self.attention_mask(batch)] = self.ignore_index
+        shifted = torch.full_like(labels, self.ignore_index)
+        shifted[:, :-1] = labels[:, 1:]
+        return shifted
+
+    def loss(self, outputs: Tensor, batch: Any) -> Tensor:
+        self._check_rank(outputs, 3, "CausalLMTask.loss")
+        labels = self._shifted_labels(outputs, batch)
+        if labels.shape != outputs.shape[:2]:
+            raise ValueError(f"CausalLMTask: tokens of shape {tuple(labels.shape)} do not fit "
+                             f"logits of shape {tuple(outputs.shape)}.")
+        losses = F.cross_entropy(outputs.transpose(1, 2), labels, reduction="none",
+                                 ignore_index=self.ignore_index)
+        return losses.sum(dim=1)
+
+    def sampled_loss(self, outputs: Tensor, batch: Any, generator: torch.Generator | None) -> Tensor:
+        self._check_rank(outputs, 3, "CausalLMTask.sampled_loss")
+        n, t, c = outputs.shape
+        with torch.no_grad():
+            probs = _sampling_probs(outputs.reshape(n * t, c))
+            sampled = torch.multinomial(probs, 1, generator=generator).reshape(n, t)
+            # Sample only where the training loss has a target: the Fisher of that loss involves
+            # no other position (not padding, not the last token, not ignored prompt tokens).
+            sampled[self._shifted_labels(outputs, batch) == self.ignore_index] = self.ignore_index
+        losses = F.cross_entropy(outputs.transpose(1, 2), sampled, reduction="none",
+                                 ignore_index=self.ignore_index)
+        return losses.sum(dim=1)
+
+    def describe(self, batch: Any, index: int) -> dict[str, Any]:
+        ids = self.inputs(batch)[index]
+        mask = self.attention_mask(batch)[index]
+        return {"tokens": ids[mask.to(ids.device)].tolist()}
+
+    def render(self, batch: Any, index: int) -> Any:
+        tokens = self.describe(batch, index)["tokens"]
+        decode = getattr(self, "decode", None)
+        return decode(tokens) if callable(decode) else " ".join(map(str, tokens))
+
+
+def _to_image(x: Tensor) -> Any:
+    """``[H, W]``, ``[C, H, W]`` or ``[H, W, C]`` tensor -> numpy image scaled to [0, 1]."""
+    if x.dim() == 3 and x.shape[0] in (1, 3) and x.shape[-1] not in (1, 3):
+        x = x.permute(1, 2, 0)
+    if x.dim() == 3 and x.shape[-1] == 1:
+        x = x[..., 0]
+    if x.dim() not in (2, 3):
+        return None
+    lo, hi = x.min(), x.max()
+    x = (x - lo) / (hi - lo) if hi > lo else x * 0
+    return x.numpy()
+
+
+_BUILTIN = {
+    "classification": ClassificationTask,
+    "regression": RegressionTask,
+    "causal_lm": CausalLMTask,
+}
+
+
+def resolve_task(task: Task | str | None, model: nn.Module | None = None) -> Task:
+    """Return a :class:`Task` from an instance, a built-in name, or the model's ``influence_task``.
+
+    Raises:
+        ValueError: for an unknown name, naming the built-ins.
+    """
+    if task is None and model is not None:
+        task = getattr(model, "influence_task", None)
+        if callable(task) and not isinstance(task, Task):
+            task = task()
+    if task is None:
+        raise ValueError(
+            "No influence task given: pass task='classification' | 'regression' | 'causal_lm' or a "
+            "Task instance, or give your LightningModule an `influence_task` attribute."
+        )
+    if isinstance(task, str):
+        if task not in _BUILTIN:
+            raise ValueError(f"Unknown task {task!r}; choose one of {sorted(_BUILTIN)} or pass a "
+                             "Task instance.")
+        return _BUILTIN[task]()
+    if not isinstance(task, Task):
+        raise TypeError(f"task must be a lightning_influence.Task, got {type(task).__name__}.")
+    return task
+
+
+def _sampling_probs(logits: Tensor) -> Tensor:
+    """Float32 softmax of ``logits [..., C]`` to sample labels from.
+
+    Rows with NaN/Inf logits get uniform weights so that ``torch.multinomial`` does not fail with
+    an obscure message: their loss stays non-finite and :func:`finite_or_raise` names the batch.
+    """
+    probs = torch.softmax(logits.detach().float(), dim=-1)
+    bad = ~torch.isfinite(probs).all(dim=-1, keepdim=True)
+    return torch.where(bad, torch.ones_like(probs), probs)
+
+
+def finite_or_raise(losses: Tensor, where: str, detail: str = "") -> None:
+    """Raise a clear error when a loss is NaN or infinite (``detail`` is appended)."""
+    if not torch.isfinite(losses).all():
+        bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()[:8]
+        raise FloatingPointError(
+            f"Non-finite loss in {where} (examples {bad} of the batch{detail}). Influence needs finite "
+            "losses: check the inputs for NaN/Inf, lower the learning rate, or exclude them."
+        )

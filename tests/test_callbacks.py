@@ -1,0 +1,200 @@
+"""The three callbacks in a real Trainer: W&B offline files, both covariance modes, reuse,
+checkpoint and resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import WandbLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import lightning_influence as li
+from lightning_influence.callbacks import EigenCorrection, InfluenceScores, InfluenceStatistics
+
+
+class TinyClassifier(pl.LightningModule):
+    influence_task = "classification"
+
+    def __init__(self, d_in: int = 16, hidden: int = 12, classes: int = 3) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, classes))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=1e-3)
+
+
+def _data(n: int = 96, d: int = 16, classes: int = 3, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    y = (x[:, :classes].argmax(1) + (torch.rand(n, generator=g) < 0.1).long()) % classes
+    return TensorDataset(x, y)
+
+
+def _trainer(tmp_path: Path, callbacks, logger=False, epochs: int = 3, **kw) -> pl.Trainer:
+    return pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=logger,
+                      callbacks=callbacks, default_root_dir=str(tmp_path),
+                      enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, **kw)
+
+
+def _loaders(batch_size: int = 16):
+    train, val = _data(96, seed=0), _data(20, seed=1)
+    return (DataLoader(train, batch_size=batch_size, shuffle=True),
+            DataLoader(val, batch_size=batch_size))
+
+
+def _callbacks(mode: str = "after_fit", **score_kw):
+    return [InfluenceStatistics(mode=mode, every_n_steps=2, progress=False),
+            EigenCorrection(progress=False),
+            InfluenceScores(num_queries=4, top_k=3, keep_scores=True, progress=False,
+                            **score_kw)]
+
+
+def test_after_fit_matches_the_functional_api_and_writes_files(tmp_path):
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    callbacks = _callbacks()
+    train, val = _loaders()
+    _trainer(tmp_path, callbacks).fit(model, train, val)
+
+    scores_cb = callbacks[2]
+    folder = tmp_path / "influence"
+    for name in ("factors.safetensors", "factors.json", "scores.safetensors",
+                 "top_influential.csv", "self_influence_flags.csv", "summary.json",
+                 "layer_influence.csv"):
+        assert (folder / name).is_file(), name
+    # The callbacks own no math: the same numbers come from the functional API.
+    ordered = DataLoader(train.dataset, batch_size=16)
+    queries = DataLoader(torch.utils.data.Subset(val.dataset, range(4)), batch_size=16)
+    factors = li.fit_factors(model, ordered, "classification", progress=False)
+    expected = li.compute_pairwise_scores(model, factors, queries, ordered, progress=False)
+    torch.testing.assert_close(scores_cb.pairwise_result.scores, expected.scores)
+    self_expected = li.compute_self_scores(model, factors, ordered, progress=False)
+    torch.testing.assert_close(scores_cb.self_result.scores, self_expected.scores)
+    rows = (folder / "self_influence_flags.csv").read_text().splitlines()
+    assert len(rows) == 1 + round(0.1 * 96)
+
+
+def test_wandb_offline_run_holds_tables_and_flags(tmp_path):
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    logger = WandbLogger(project="li-test", save_dir=str(tmp_path), offline=True)
+    callbacks = _callbacks()
+    train, val = _loaders()
+    _trainer(tmp_path, callbacks, logger=logger).fit(model, train, val)
+    run = logger.experiment
+    run_dir = Path(run.dir).parent
+    summary_keys = set(run.summary.keys())
+    top_path = run.summary["influence/top_influential"]["path"]
+    run.finish()
+
+    assert {"influence/self_influence_histogram", "influence/pairwise_score_histogram",
+            "influence/self_influence_flags", "influence/top_influential"} <= summary_keys
+    assert (run_dir / "files" / top_path).is_file()
+    assert list(run_dir.glob("run-*.wandb")), "the offline run log is missing"
+    names = sorted(p.relative_to(run_dir).as_posix() for p in
+                   run_dir.glob("files/media/table/**/*.table.json"))
+    assert any("top_influential" in n for n in names), names
+    assert any("self_influence_flags" in n for n in names), names
+    top = json.loads(next(run_dir.glob("files/media/table/**/top_influential*.table.json"))
+                     .read_text())
+    assert "score (+ = proponent/helpful, - = opponent)" in top["columns"]
+    assert len(top["data"]) == 4 * 2 * 3  # queries x {proponent, opponent} x top_k
+    flags = json.loads(next(run_dir.glob("files/media/table/**/self_influence_flags*.table.json"))
+                       .read_text())
+    flagged = [row[1] for row in flags["data"]]
+    expected = callbacks[2].self_result.scores.topk(len(flagged)).indices.tolist()
+    assert flagged == expected
+
+
+def test_during_training_mode_accumulates_every_n_steps(tmp_path):
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    callbacks = _callbacks(mode="during_training")
+    train, val = _loaders()
+    _trainer(tmp_path, callbacks, epochs=2).fit(model, train, val)
+    stats = callbacks[0]
+    # 2 epochs x 6 batches = 12 steps; updates at global steps 0, 2, ..., 10 -> 6.
+    assert stats.updates == 6
+    covs = stats.covariances
+    assert all(float(c.compute()["examples"]) == 6 * 16 for c in covs.values())
+    assert callbacks[1].factors.strategy == "ekfac"
+    assert callbacks[2].self_result.scores.shape == (96,)
+
+
+def test_factor_files_are_reused_not_recomputed(tmp_path):
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    train, val = _loaders()
+    first = _callbacks()
+    _trainer(tmp_path, first).fit(model, train, val)
+    path = tmp_path / "influence" / "factors.safetensors"
+    stamp = path.stat().st_mtime_ns
+
+    second = _callbacks()
+    trainer = _trainer(tmp_path, second, epochs=0)  # same weights: nothing to train
+    trainer.fit(model, train, val)
+    assert path.stat().st_mtime_ns == stamp
+    assert not second[0].finished  # the covariance pass never ran
+    torch.testing.assert_close(second[2].self_result.scores, first[2].self_result.scores)
+
+
+def test_factors_of_changed_weights_are_refused(tmp_path):
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    train, val = _loaders()
+    _trainer(tmp_path, _callbacks()).fit(model, train, val)
+    with pytest.raises(li.FactorMismatchError, match="different weights"):
+        _trainer(tmp_path, _callbacks(), epochs=1).fit(TinyClassifier(), train, val)
+
+
+def test_state_survives_checkpoint_and_resume(tmp_path):
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    train, val = _loaders()
+    stats = InfluenceStatistics(mode="during_training", every_n_steps=1, progress=False)
+    trainer = _trainer(tmp_path, [stats], epochs=1)
+    trainer.fit(model, train, val)
+    ckpt = tmp_path / "mid.ckpt"
+    trainer.save_checkpoint(ckpt)
+    before = {n: c.compute()["A"].clone() for n, c in stats.covariances.items()}
+
+    resumed = InfluenceStatistics(mode="during_training", every_n_steps=1, progress=False)
+    trainer2 = _trainer(tmp_path, [resumed], epochs=1)
+    trainer2.fit(TinyClassifier(), train, val, ckpt_path=str(ckpt))  # epoch 1 already done
+    assert resumed.updates == stats.updates == 6
+    for name, value in before.items():
+        torch.testing.assert_close(resumed.covariances[name].compute()["A"], value)
+
+
+def test_bad_callback_arguments_name_the_problem():
+    with pytest.raises(ValueError, match="mode='sometimes'"):
+        InfluenceStatistics(mode="sometimes")
+    with pytest.raises(ValueError, match="strategy='fancy'"):
+        EigenCorrection(strategy="fancy")
+    with pytest.raises(ValueError, match="top_k"):
+        InfluenceScores(top_k=0)
+
+
+def test_empty_training_data_is_a_clear_error(tmp_path):
+    model = TinyClassifier()
+    empty = DataLoader(TensorDataset(torch.randn(0, 16), torch.zeros(0, dtype=torch.long)),
+                       batch_size=4)
+    with pytest.raises(ValueError, match="empty"):
+        li.fit_factors(model, empty, "classification", progress=False)
