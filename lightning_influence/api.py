@@ -418,12 +418,13 @@ def query_gradients(model: nn.Module, loader: Any, task: Task | str | None, fact
     chunks: dict[str, list[Tensor]] = {name: [] for name in factors.shapes}
     for _, _, rows, _ in iterate_rows(model, loader, task, tracker, "measurement",
                                       desc="influence: query gradients", progress=progress):
+        grads = {}
         for name, (a, g) in rows.items():
             grad = per_example_gradients(a, g)
-            if grad.dtype not in (torch.float32, torch.float64):
-                grad = grad.float()
-            if precondition:
-                grad = factors.layers[name].precondition(grad)
+            grads[name] = grad if grad.dtype in (torch.float32, torch.float64) else grad.float()
+        if precondition:  # all layers at once: a preconditioner may couple them
+            grads = factors.precondition(grads)
+        for name, grad in grads.items():
             chunks[name].append(grad)
     return {name: torch.cat(parts) for name, parts in chunks.items() if parts}
 
