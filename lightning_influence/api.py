@@ -15,8 +15,10 @@ that order. Every pass runs the model in eval mode and restores its mode afterwa
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,16 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, RandomSampler
 from tqdm.auto import tqdm
 
+from lightning_influence.chunks import ChunkStore
+from lightning_influence.distributed import (
+    all_gather_objects,
+    broadcast_object,
+    is_distributed,
+    numbered_batches,
+    rank,
+    sampling_generator,
+    world_size,
+)
 from lightning_influence.factors import (
     FactorMismatchError,
     Factors,
@@ -154,15 +166,19 @@ def factor_tracker(model: nn.Module, factors: Factors,
 
 def batch_rows(model: nn.Module, batch: Any, task: Task, tracker: LayerTracker, mode: str,
                generator: torch.Generator | None = None, batch_index: int | None = None,
+               autocast: torch.dtype | None = None,
                ) -> tuple[dict[str, tuple[Tensor, Tensor]], Tensor]:
     """One forward + backward: per-layer rows ``(a, g)`` and the per-example losses ``[N]``.
 
     ``mode`` chooses the loss whose gradient is taken: ``"sampled"`` (labels sampled from the
     model: the true-Fisher pseudo-gradient), ``"loss"`` (the training loss) or ``"measurement"``
-    (the query measurement).
+    (the query measurement). With ``autocast`` the forward runs under ``torch.autocast`` and
+    both row tensors come back in that dtype.
     """
-    batch = move_to_device(batch, model_device(model))
-    with tracker.capture() as cap:
+    device = model_device(model)
+    batch = move_to_device(batch, device)
+    with tracker.capture() as cap, torch.autocast(device.type, dtype=autocast or torch.bfloat16,
+                                                  enabled=autocast is not None):
         outputs = task.forward(model, batch)
         if mode == "sampled":
             losses = task.sampled_loss(outputs, batch, generator)
@@ -187,6 +203,8 @@ def batch_rows(model: nn.Module, batch: Any, task: Task, tracker: LayerTracker, 
                 detail = f"; the first non-finite activations enter layer {bad[0]!r}"
         finite_or_raise(losses.detach(), f"{where} ({mode} loss)", detail)
         rows = tracker.rows(cap, losses)
+    if autocast is not None:
+        rows = {name: (a.to(autocast), g.to(autocast)) for name, (a, g) in rows.items()}
     for name, (a, g) in rows.items():
         check_finite(a, "activations", name, batch_index)
         check_finite(g, "output gradients", name, batch_index)
@@ -195,27 +213,34 @@ def batch_rows(model: nn.Module, batch: Any, task: Task, tracker: LayerTracker, 
 
 def iterate_rows(model: nn.Module, loader: Any, task: Task, tracker: LayerTracker, mode: str, *,
                  desc: str, progress: bool = True, seed: int = 0, max_batches: int | None = None,
-                 ) -> Iterator[tuple[int, Any, dict[str, tuple[Tensor, Tensor]], Tensor]]:
-    """Yield ``(batch_index, batch, rows, losses)`` over a loader, with checks and progress."""
-    generator = torch.Generator().manual_seed(seed)
+                 shard: bool = True, skip: set[int] | None = None,
+                 autocast: torch.dtype | None = None,
+                 ) -> Iterator[tuple[int, int, Any, dict[str, tuple[Tensor, Tensor]], Tensor]]:
+    """Yield ``(batch_index, first_example_index, batch, rows, losses)`` with checks and progress.
+
+    Inside a process group (and with ``shard``), each rank gets its round-robin share of the
+    batches (see :mod:`lightning_influence.distributed`). Labels are sampled with a generator
+    seeded by ``seed`` and the batch index, so the draw does not depend on the sharding.
+    Batch indices in ``skip`` (finished in an earlier, interrupted run) are left out.
+    """
     seen: set[str] = set()
     count = 0
-    total = None
-    try:
-        total = len(loader) if max_batches is None else min(len(loader), max_batches)
-    except TypeError:
-        total = max_batches
+    total, batches = numbered_batches(loader, shard=shard, skip=skip)
+    if max_batches is not None:
+        total = -1
     with evaluation_mode(model):
-        for i, batch in enumerate(_progress(loader, desc, progress, total)):
-            if max_batches is not None and i >= max_batches:
+        for b, offset, batch in _progress(batches, desc, progress, total if total >= 0 else None):
+            if max_batches is not None and b >= max_batches:
                 break
-            rows, losses = batch_rows(model, batch, task, tracker, mode, generator, i)
+            generator = sampling_generator(seed, b) if mode == "sampled" else None
+            rows, losses = batch_rows(model, batch, task, tracker, mode, generator, b, autocast)
             seen.update(rows)
             count += 1
-            yield i, batch, rows, losses
-    if count == 0:
+            yield b, offset, batch, rows, losses
+    if count == 0 and not is_distributed() and not skip:
         raise ValueError(f"The dataloader for {desc!r} yielded no batch: influence needs data.")
-    tracker.warn_unused(seen, desc)
+    if count:
+        tracker.warn_unused(seen, desc)
 
 
 # ----------------------------------------------------------------------------------- factors
@@ -253,7 +278,7 @@ def fit_covariances(model: nn.Module, loader: Any, task: Task | str | None = Non
     tracker = _tracker(model, tracker, layers, exclude)
     check_loader(loader, "covariance")
     covs = covariances if covariances is not None else new_covariances(tracker)
-    for _, batch, rows, _ in iterate_rows(model, loader, task, tracker, "sampled",
+    for _, _, batch, rows, _ in iterate_rows(model, loader, task, tracker, "sampled",
                                           desc="influence: covariances", progress=progress,
                                           seed=seed, max_batches=max_batches):
         mask = task.row_mask(move_to_device(batch, model_device(model)))
@@ -263,19 +288,31 @@ def fit_covariances(model: nn.Module, loader: Any, task: Task | str | None = Non
 
 
 def eigenbases(covariances: dict[str, CovarianceStatistic]) -> dict[str, dict[str, Tensor]]:
-    """Eigendecompose every layer's ``A`` and ``S`` (float64) -> eigenvalues and eigenvectors."""
+    """Eigendecompose every layer's ``A`` and ``S`` (float64) -> eigenvalues and eigenvectors.
+
+    Inside a process group, covariances are summed across ranks, layer ``i`` is decomposed on
+    rank ``i % W`` only, and the results are shared with every rank.
+    """
     out = {}
-    for name, stat in covariances.items():
-        cov = stat.compute()
+    computed = {name: stat.compute() for name, stat in covariances.items()}  # collective
+    me, world = rank(), world_size()
+    for i, (name, cov) in enumerate(computed.items()):
         if float(cov["rows"]) == 0:
             raise ValueError(f"Layer {name!r} has no covariance rows: the statistics pass never "
                              "ran it. Exclude it or check the data.")
+        if i % world != me:
+            continue
         l_a, q_a = eigendecompose(cov["A"], "activation", name)
         l_s, q_s = eigendecompose(cov["S"], "pseudo-gradient", name)
-        out[name] = {"l_a": l_a, "q_a": q_a, "l_s": l_s, "q_s": q_s,
+        out[name] = {"l_a": l_a.cpu(), "q_a": q_a.cpu(), "l_s": l_s.cpu(), "q_s": q_s.cpu(),
                      "rows_per_example": float(cov["rows"] / cov["examples"].clamp_min(1)),
                      "examples": float(cov["examples"])}
-    return out
+    if world > 1:
+        for i, name in enumerate(computed):
+            out[name] = broadcast_object(out.get(name), src=i % world)
+    device = next(iter(computed.values()))["A"].device
+    return {name: {k: v.to(device) if isinstance(v, Tensor) else v for k, v in b.items()}
+            for name, b in out.items()}
 
 
 def fit_eigenvalues(model: nn.Module, loader: Any, task: Task, tracker: LayerTracker,
@@ -287,8 +324,8 @@ def fit_eigenvalues(model: nn.Module, loader: Any, task: Task, tracker: LayerTra
     With ``bases=None`` the bases are the identity: the result is the diagonal Fisher.
     """
     stats = {layer.name: EigenvalueStatistic(layer.d_in, layer.d_out) for layer in tracker}
-    for _, _, rows, _ in iterate_rows(model, loader, task, tracker, "sampled",
-                                      desc="influence: eigenvalue correction", progress=progress,
+    for _, _, _, rows, _ in iterate_rows(model, loader, task, tracker, "sampled",
+                                         desc="influence: eigenvalue correction", progress=progress,
                                       seed=seed + 1, max_batches=max_batches):
         for name, (a, g) in rows.items():
             if bases is not None:
@@ -416,8 +453,8 @@ def query_gradients(model: nn.Module, loader: Any, task: Task | str | None, fact
     factors.check_matches(tracker, check_weights=False)
     check_loader(loader, "query")
     chunks: dict[str, list[Tensor]] = {name: [] for name in factors.shapes}
-    for _, _, rows, _ in iterate_rows(model, loader, task, tracker, "measurement",
-                                      desc="influence: query gradients", progress=progress):
+    for _, _, _, rows, _ in iterate_rows(model, loader, task, tracker, "measurement", shard=False,
+                                         desc="influence: query gradients", progress=progress):
         grads = {}
         for name, (a, g) in rows.items():
             grad = per_example_gradients(a, g)
@@ -458,16 +495,32 @@ def compute_pairwise_scores(model: nn.Module, factors: Factors, query_loader: An
                             top_k: int = 10, keep_scores: bool = True, per_layer: bool = False,
                             normalize: bool = False, tracker: LayerTracker | None = None,
                             query_grads: dict[str, Tensor] | None = None,
+                            scores_dir: str | Path | None = None, chunk_batches: int = 16,
+                            autocast: torch.dtype | None = None,
                             progress: bool = True) -> PairwiseResult:
     """Score every query against every training example in one streaming pass.
 
     ``score[q, n] = sum_layers <P(grad L(z_q)), grad L(z_n)>``; positive = proponent (helpful).
     Top-k lists are kept while streaming, so memory does not grow with the training set unless
-    ``keep_scores=True`` (the whole ``[Q, N]`` matrix) is asked for.
+    ``keep_scores=True`` (the whole ``[Q, N]`` matrix, in memory) is asked for.
 
     Args:
+        top_k: proponents and opponents kept per query.
+        keep_scores: return the full ``[Q, N]`` matrix.
+        per_layer: keep the per-layer breakdown (``[L, Q, N]`` with ``keep_scores``, and per
+            top-k entry).
         normalize: divide scores by the number of training examples (the factors'), giving the
             first-order change of the query loss when the example is removed.
+        query_grads: preconditioned query gradients computed already (``query_gradients``).
+        scores_dir: write the scores in chunk files there (atomically); a rerun of the same pass
+            skips the finished chunks and reads them back (resume after a crash).
+        chunk_batches: batches per chunk file.
+        autocast: run the model's forward/backward under ``torch.autocast`` with this dtype
+            (``torch.bfloat16``/``torch.float16``) and contract in it; preconditioned query
+            gradients, Lambda's reciprocal and the score sums stay in float32/float64.
+
+    Inside a process group the training batches are shared out among the ranks; every rank
+    returns the same merged result.
     """
     task = resolve_task(task, model)
     tracker = factor_tracker(model, factors, tracker)
@@ -480,33 +533,92 @@ def compute_pairwise_scores(model: nn.Module, factors: Factors, query_loader: An
                                       progress=progress)
     names = list(query_grads)
     num_queries = next(iter(query_grads.values())).shape[0]
-    topk = StreamingTopK(num_queries, top_k, len(names) if per_layer else 0)
-    score_parts: list[Tensor] = []
-    layer_parts: list[Tensor] = []
-    loss_parts: list[Tensor] = []
-    offset = 0
     scale = 1.0 / factors.num_examples if normalize and factors.num_examples else 1.0
-    for _, _, rows, losses in iterate_rows(model, train_loader, task, tracker, "loss",
-                                           desc="influence: pairwise scores", progress=progress):
+    topk = StreamingTopK(num_queries, top_k, len(names) if per_layer else 0)
+    kept: list[dict[str, Tensor]] = []
+
+    def fold(chunk: dict[str, Tensor]) -> None:
+        topk.update(chunk["scores"], chunk["indices"], chunk.get("layer_scores"))
+        kept.append({k: v for k, v in chunk.items() if keep_scores or k in ("indices", "losses")})
+
+    store = None
+    if scores_dir is not None:
+        store = ChunkStore(scores_dir, "pairwise", _signature(
+            factors, query_losses, top_k=top_k, per_layer=per_layer, scale=scale,
+            autocast=str(autocast)), chunk_batches)
+    skip = _resume(store, fold)
+    for b, offset, _, rows, losses in iterate_rows(
+            model, train_loader, task, tracker, "loss", desc="influence: pairwise scores",
+            progress=progress, skip=skip, autocast=autocast):
         n = losses.shape[0]
         per = torch.stack([pairwise_layer_scores(query_grads[name], *rows[name])
                            if name in rows else losses.new_zeros(num_queries, n)
-                           for name in names]).double() * scale  # [L, Q, N]
-        total = per.sum(0)
-        idx = torch.arange(offset, offset + n)
-        topk.update(total, idx, per if per_layer else None)
-        if keep_scores:
-            score_parts.append(total.cpu())
-            if per_layer:
-                layer_parts.append(per.cpu())
-        loss_parts.append(losses.cpu())
-        offset += n
+                           for name in names]).double().cpu() * scale  # [L, Q, N]
+        chunk = {"indices": torch.arange(offset, offset + n), "scores": per.sum(0),
+                 "losses": losses.double().cpu()}
+        if per_layer:
+            chunk["layer_scores"] = per
+        fold(chunk)
+        if store is not None:
+            store.add(b, **chunk)
+    if store is not None:
+        store.flush()
+    topk, kept = _gather(topk, kept)
+    merged = _assemble(kept)
     return PairwiseResult(
-        top=topk.result(), layer_names=names, query_losses=query_losses, num_train=offset,
-        scores=torch.cat(score_parts, dim=1) if keep_scores else None,
-        layer_scores=torch.cat(layer_parts, dim=2) if layer_parts else None,
-        normalized=scale != 1.0, train_losses=torch.cat(loss_parts),
+        top=topk.result(), layer_names=names, query_losses=query_losses,
+        num_train=merged["indices"].numel(), scores=merged.get("scores") if keep_scores else None,
+        layer_scores=merged.get("layer_scores") if keep_scores else None,
+        normalized=scale != 1.0, train_losses=merged["losses"],
     )
+
+
+def _signature(factors: Factors, query_losses: Tensor | None, **options: Any) -> dict[str, str]:
+    """What identifies a scoring pass: the factors, the queries, the options."""
+    sig = {"strategy": factors.strategy, "weights": factors.fingerprint.get("weights", ""),
+           "damping": json.dumps(factors.damping, sort_keys=True)}
+    if query_losses is not None:
+        sig["queries"] = hashlib.sha256(query_losses.double().numpy().tobytes()).hexdigest()[:16]
+    sig.update({k: str(v) for k, v in options.items()})
+    return sig
+
+
+def _resume(store: ChunkStore | None, fold: Callable[[dict[str, Tensor]], None]) -> set[int]:
+    """Fold finished chunks in (on rank zero only: merging adds the other ranks' results)."""
+    if store is None:
+        return set()
+    done = store.done_batches()
+    if done and rank() == 0:
+        log.info("Resuming: %d finished batches read from %s", len(done), store.folder)
+        for chunk in store.load():
+            fold({k: v for k, v in chunk.items() if k != "batches"})
+    return done
+
+
+def _gather(topk: StreamingTopK | None, kept: list[dict[str, Tensor]],
+            ) -> tuple[StreamingTopK | None, list[dict[str, Tensor]]]:
+    """Merge every rank's top-k and kept chunks (identity without a process group)."""
+    if not is_distributed():
+        return topk, kept
+    merged_topk, merged = None, []
+    for their_topk, their_kept in all_gather_objects((topk, kept)):
+        if their_topk is not None:
+            if merged_topk is None:
+                merged_topk = their_topk
+            else:
+                merged_topk.merge(their_topk)
+        merged.extend(their_kept)
+    return merged_topk, merged
+
+
+def _assemble(kept: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Concatenate chunks along the example axis, ordered by training index."""
+    out = {key: torch.cat([c[key] for c in kept], dim=-1) for key in kept[0]}
+    order = out["indices"].argsort()
+    if not torch.equal(out["indices"][order], torch.arange(order.numel())):
+        raise RuntimeError("Scoring chunks do not cover the training set exactly once; delete the "
+                           "chunk files and score again.")
+    return {key: value[..., order] for key, value in out.items()}
 
 
 def _measurements(model: nn.Module, loader: Any, task: Task) -> Tensor:
@@ -541,23 +653,42 @@ class SelfResult:
 def compute_self_scores(model: nn.Module, factors: Factors, train_loader: Any,
                         task: Task | str | None = None, *, normalize: bool = False,
                         tracker: LayerTracker | None = None,
+                        scores_dir: str | Path | None = None, chunk_batches: int = 16,
+                        autocast: torch.dtype | None = None,
                         progress: bool = True) -> SelfResult:
-    """Self-influence of every training example, in one pass over the training data."""
+    """Self-influence of every training example, in one pass over the training data.
+
+    ``scores_dir``, ``chunk_batches`` and ``autocast`` work as in
+    :func:`compute_pairwise_scores`; inside a process group the batches are shared out.
+    """
     task = resolve_task(task, model)
     tracker = factor_tracker(model, factors, tracker)
     factors.check_matches(tracker)
     check_loader(train_loader, "training", ordered=True)
     names = list(factors.shapes)
     scale = 1.0 / factors.num_examples if normalize and factors.num_examples else 1.0
-    parts, losses_all = [], []
-    for _, _, rows, losses in iterate_rows(model, train_loader, task, tracker, "loss",
-                                           desc="influence: self-influence", progress=progress):
+    kept: list[dict[str, Tensor]] = []
+    store = None
+    if scores_dir is not None:
+        store = ChunkStore(scores_dir, "self", _signature(factors, None, scale=scale,
+                                                          autocast=str(autocast)), chunk_batches)
+    skip = _resume(store, kept.append)
+    for b, offset, _, rows, losses in iterate_rows(
+            model, train_loader, task, tracker, "loss", desc="influence: self-influence",
+            progress=progress, skip=skip, autocast=autocast):
         n = losses.shape[0]
-        parts.append(torch.stack([
+        per = torch.stack([
             self_layer_scores(factors.layers[name], *rows[name]).double()
             if name in rows else losses.new_zeros(n, dtype=torch.float64) for name in names
-        ]).cpu() * scale)
-        losses_all.append(losses.cpu())
-    layer_scores = torch.cat(parts, dim=1)
-    return SelfResult(layer_scores.sum(0), layer_scores, names, torch.cat(losses_all),
+        ]).cpu() * scale  # [L, N]
+        chunk = {"indices": torch.arange(offset, offset + n), "scores": per.sum(0),
+                 "layer_scores": per, "losses": losses.double().cpu()}
+        kept.append(chunk)
+        if store is not None:
+            store.add(b, **chunk)
+    if store is not None:
+        store.flush()
+    _, kept = _gather(None, kept)
+    merged = _assemble(kept)
+    return SelfResult(merged["scores"], merged["layer_scores"], names, merged["losses"],
                       normalized=scale != 1.0)

@@ -59,13 +59,14 @@ def lm_targets(ids: Tensor, mask: Tensor, labels: Tensor | None = None) -> Tenso
 def sampled_class_labels(model: nn.Module, batches: Sequence[Tensor], seed: int) -> Tensor:
     """Labels drawn from the model's predictive distribution, as the package draws them.
 
-    One ``torch.Generator`` seeded with ``seed`` per pass, batches in loader order, one
+    One ``torch.Generator`` per batch, seeded with ``seed * 1_000_003 + batch_index`` (so the
+    draw does not depend on how batches are shared among processes), one
     ``torch.multinomial`` call per batch on float32 probabilities.
     """
-    gen = torch.Generator().manual_seed(seed)
     out = []
     with torch.no_grad():
-        for x in batches:
+        for b, x in enumerate(batches):
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + b)
             probs = torch.softmax(model(x).float(), dim=-1)
             out.append(torch.multinomial(probs, 1, generator=gen).squeeze(-1))
     return torch.cat(out)
@@ -78,10 +79,10 @@ def sampled_lm_targets(model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]
     The Fisher of the training loss only involves the predictive distributions that the loss
     uses: positions with a next-token target (not padding, not the last real token).
     """
-    gen = torch.Generator().manual_seed(seed)
     out = []
     with torch.no_grad():
-        for ids, mask in batches:
+        for b, (ids, mask) in enumerate(batches):
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + b)
             logits = model(ids)
             n, t, c = logits.shape
             probs = torch.softmax(logits.float().reshape(n * t, c), dim=-1)

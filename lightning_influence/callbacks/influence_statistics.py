@@ -12,6 +12,7 @@ from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_influence.api import fit_covariances, new_covariances, update_covariances
 from lightning_influence.callbacks._common import training_loader
+from lightning_influence.distributed import sampling_generator
 from lightning_influence.statistics import CovarianceStatistic
 from lightning_influence.task import Task, resolve_task
 from lightning_influence.tracking import LayerTracker
@@ -71,7 +72,6 @@ class InfluenceStatistics(Callback):
         self.updates = 0
         self.finished = False
         self._pending_state: dict[str, Any] | None = None
-        self._generator = torch.Generator().manual_seed(seed)
         self.tracker: LayerTracker | None = None
         self.task: Task | None = None
 
@@ -83,8 +83,9 @@ class InfluenceStatistics(Callback):
                            batch_idx: int) -> None:
         if self.mode == "during_training" and trainer.global_step % self.every_n_steps == 0:
             self._bind(pl_module)
+            # seeded by the update count: reproducible, and resumed runs continue the sequence
             update_covariances(pl_module, batch, self.task, self.tracker, self.covariances,
-                               self._generator, batch_idx)
+                               sampling_generator(self.seed, self.updates), batch_idx)
             self.updates += 1
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
@@ -113,8 +114,7 @@ class InfluenceStatistics(Callback):
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"mode": self.mode, "updates": self.updates,
-                                 "finished": self.finished,
-                                 "generator": self._generator.get_state()}
+                                 "finished": self.finished}
         if self.covariances is not None:
             state["covariances"] = {name: stat.sums() for name, stat in self.covariances.items()}
         return state
@@ -122,8 +122,6 @@ class InfluenceStatistics(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.updates = int(state_dict.get("updates", 0))
         self.finished = bool(state_dict.get("finished", False))
-        if "generator" in state_dict:
-            self._generator.set_state(state_dict["generator"])
         self._pending_state = state_dict.get("covariances")
         if self.tracker is not None:
             self._restore()
