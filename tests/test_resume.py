@@ -118,7 +118,8 @@ def test_chunks_of_another_pass_are_refused(tmp_path):
     factors = li.fit_factors(model, train, "classification", progress=False)
     li.compute_self_scores(model, factors, train, "classification", scores_dir=tmp_path,
                            progress=False)
-    again = li.compute_self_scores(model, factors, train, "classification", scores_dir=tmp_path, progress=False)
+    again = li.compute_self_scores(model, factors, train, "classification", scores_dir=tmp_path,
+                                   progress=False)
     assert again.scores.shape == (12,)  # read back from the chunk files
     with pytest.raises(ChunkMismatchError, match="another pass"):
         li.compute_self_scores(model, factors.with_damping(1.0), train, "classification", scores_dir=tmp_path,
