@@ -12,6 +12,7 @@ from lightning_influence.api import fit_factors
 from lightning_influence.callbacks._common import find_callback, output_dir, training_loader
 from lightning_influence.callbacks.influence_statistics import InfluenceStatistics
 from lightning_influence.factors import STRATEGIES, Factors
+from lightning_influence.memory import estimate_bytes, format_estimate
 from lightning_influence.task import Task, resolve_task
 from lightning_influence.tracking import LayerTracker
 
@@ -91,6 +92,9 @@ class EigenCorrection(Callback):
             covariances = stats.ensure_covariances(trainer, pl_module)
         rank_zero_info(f"lightning-influence: {'reusing' if reuse else 'fitting'} "
                        f"{self.strategy} factors in {folder}")
+        if not reuse:
+            rank_zero_info("lightning-influence: " + format_estimate(
+                estimate_bytes(tracker.describe(), self.strategy)))
         self.factors = fit_factors(
             pl_module, training_loader(trainer, pl_module, self.batch_size), task,
             strategy=self.strategy, tracker=tracker, damping=self.damping,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from pytorch_lightning import Callback
 from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader
@@ -23,6 +24,7 @@ from lightning_influence.callbacks._common import (
 )
 from lightning_influence.callbacks.eigen_correction import EigenCorrection
 from lightning_influence.callbacks.influence_statistics import InfluenceStatistics
+from lightning_influence.memory import estimate_bytes, format_estimate
 from lightning_influence.reporting import ExampleLookup, log_results, write_results
 from lightning_influence.task import resolve_task
 from lightning_influence.tracking import LayerTracker
@@ -55,6 +57,12 @@ class InfluenceScores(Callback):
         render: render examples (images/text) in the W&B tables.
         output_dir: where files go (default: the EigenCorrection's, ``<root>/influence``).
         batch_size: batch size of the scoring passes (default: the training loader's).
+        precision: ``"auto"`` runs the score pass under autocast when the Trainer runs mixed
+            precision (``"bf16-mixed"`` -> bfloat16, ``"16-mixed"`` -> float16); ``"bf16"``,
+            ``"16"`` force it; ``None`` or ``"32"`` keep full precision. Curvature math stays in
+            float32/float64 either way.
+        resumable: write score chunks to ``<output_dir>/score_chunks`` so that an interrupted
+            scoring pass resumes where it stopped.
         progress: show progress bars.
     """
 
@@ -63,6 +71,7 @@ class InfluenceScores(Callback):
                  self_influence: bool = True, per_layer: bool = True, keep_scores: bool = False,
                  normalize: bool = False, render: bool = True,
                  output_dir: str | Path | None = None, batch_size: int | None = None,
+                 precision: str | None = "auto", resumable: bool = True,
                  progress: bool = True) -> None:
         super().__init__()
         if top_k < 1:
@@ -88,6 +97,11 @@ class InfluenceScores(Callback):
         self.render = render
         self.output_dir = output_dir
         self.batch_size = batch_size
+        if precision not in (None, "auto", "32", "bf16", "16"):
+            raise ValueError(f"InfluenceScores: precision={precision!r}; choose 'auto', '32', "
+                             "'bf16', '16' or None.")
+        self.precision = precision
+        self.resumable = resumable
         self.progress = progress
         self.pairwise_result: PairwiseResult | None = None
         self.self_result: SelfResult | None = None
@@ -115,14 +129,20 @@ class InfluenceScores(Callback):
                                    self.batch_size)
             rank_zero_info(f"lightning-influence: scoring {len(queries.dataset)} queries against "
                            f"{len(train.dataset)} training examples")
+            rank_zero_info("lightning-influence: " + format_estimate(estimate_bytes(
+                factors.shapes, factors.strategy, num_queries=len(queries.dataset),
+                batch_size=train.batch_size or 1, num_train=len(train.dataset),
+                keep_scores=self.keep_scores)))
             self.pairwise_result = compute_pairwise_scores(
                 pl_module, factors, queries, train, task, top_k=self.top_k,
                 keep_scores=self.keep_scores, per_layer=self.per_layer,
-                normalize=self.normalize, tracker=tracker, progress=show)
+                normalize=self.normalize, tracker=tracker, progress=show,
+                autocast=self._autocast(trainer), scores_dir=self._chunk_dir(trainer, eigen))
         if self.self_influence:
             self.self_result = compute_self_scores(pl_module, factors, train, task,
                                                    normalize=self.normalize, tracker=tracker,
-                                                   progress=show)
+                                                   progress=show, autocast=self._autocast(trainer),
+                                                   scores_dir=self._chunk_dir(trainer, eigen))
         if not trainer.is_global_zero:
             return
         folder = output_dir(trainer, self.output_dir or eigen.factors_path)
@@ -136,6 +156,21 @@ class InfluenceScores(Callback):
                                        query_lookup, train_lookup, self.flag_fraction,
                                        render=self.render)
         rank_zero_info(f"lightning-influence: results written to {folder}")
+
+    def _autocast(self, trainer: Any) -> torch.dtype | None:
+        """The score pass's autocast dtype: from ``precision``, or the Trainer's with "auto"."""
+        precision = self.precision
+        if precision == "auto":
+            precision = str(getattr(trainer, "precision", "32"))
+        if precision is None or not precision.endswith("mixed") and precision not in ("bf16",
+                                                                                       "16"):
+            return None
+        return torch.bfloat16 if precision.startswith("bf16") else torch.float16
+
+    def _chunk_dir(self, trainer: Any, eigen: EigenCorrection) -> Path | None:
+        if not self.resumable:
+            return None
+        return output_dir(trainer, self.output_dir or eigen.factors_path) / "score_chunks"
 
     def state_dict(self) -> dict[str, Any]:
         return {"files": self.files}

@@ -1,0 +1,53 @@
+"""What each stage keeps in memory, estimated before a long run.
+
+Index letters: O = d_out, I = d_in (+1 bias) per layer, Q queries, r query rank, N training
+examples, B batch size, T rows per example.
+"""
+
+from __future__ import annotations
+
+__all__ = ["estimate_bytes", "format_estimate"]
+
+
+def estimate_bytes(shapes: dict[str, list[int]], strategy: str = "ekfac", num_queries: int = 0,
+                   query_rank: int | None = None, batch_size: int = 0, rows_per_example: int = 1,
+                   num_train: int = 0, keep_scores: bool = False,
+                   dtype_bytes: int = 4) -> dict[str, int]:
+    """Bytes each stage holds at once, summed over the tracked layers.
+
+    - ``covariances``: the float64 sums of A ``[I, I]`` and S ``[O, O]`` (kfac, ekfac);
+    - ``eigenbases``: Q_A and Q_S in float64 (kfac, ekfac);
+    - ``eigenvalues``: Lambda ``[O, I]`` in float64 (diagonal, kfac, ekfac);
+    - ``query_gradients``: ``Q x O x I`` (or ``Q x r x (O + I)`` at rank r) in the model dtype;
+    - ``batch_rows``: one batch's activations and output gradients ``B x T x (I + O)``, plus
+      its per-example gradients ``B x O x I`` for sequence layers;
+    - ``score_matrix``: ``Q x N`` float64, only when the full matrix is kept in memory.
+    """
+    sq = sum(o * o + i * i for o, i in shapes.values())
+    oi = sum(o * i for o, i in shapes.values())
+    oplusi = sum(o + i for o, i in shapes.values())
+    out = {
+        "covariances": 8 * sq if strategy in ("kfac", "ekfac") else 0,
+        "eigenbases": 8 * sq if strategy in ("kfac", "ekfac") else 0,
+        "eigenvalues": 8 * oi if strategy != "identity" else 0,
+        "query_gradients": dtype_bytes * num_queries * (
+            query_rank * oplusi if query_rank else oi),
+        "batch_rows": dtype_bytes * batch_size * (
+            rows_per_example * oplusi + (oi if rows_per_example > 1 else 0)),
+        "score_matrix": 8 * num_queries * num_train if keep_scores else 0,
+    }
+    return out
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def format_estimate(estimate: dict[str, int]) -> str:
+    """One line: each non-zero stage and the total."""
+    parts = [f"{k.replace('_', ' ')} {_human(v)}" for k, v in estimate.items() if v]
+    return f"memory estimate: {', '.join(parts)}; total {_human(sum(estimate.values()))}"
