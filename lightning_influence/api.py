@@ -409,9 +409,8 @@ def fit_factors(model: nn.Module, loader: Any, task: Task | str | None = None, *
         stored = Factors.load(output_dir)
         stored.check_matches(tracker, strategy, source=f"The factors in {output_dir}")
         log.info("Reusing the factors in %s", output_dir)
-        if damping is not None or damping_factor != stored.extra.get("damping_factor", 0.1):
-            stored = stored.with_damping(damping, damping_factor, weight_decay)
-        return stored
+        # the curvature is reused; the damping is always the one asked for now
+        return stored.with_damping(damping, damping_factor, weight_decay)
     check_loader(loader, "training")
     bases = None
     if strategy in ("kfac", "ekfac"):

@@ -202,8 +202,10 @@ class Factors:
                                                weight_decay))
             for name, lf in self.layers.items()
         }
+        extra = dict(self.extra, damping_rule=damping if damping is not None else "heuristic",
+                     damping_factor=damping_factor)
         return Factors(self.strategy, layers, self.shapes, self.fingerprint, self.num_examples,
-                       dict(self.extra))
+                       extra)
 
     def precondition(self, gradients: dict[str, Tensor]) -> dict[str, Tensor]:
         """Apply every layer's ``P`` to a dict of ``[..., O, I]`` gradients."""

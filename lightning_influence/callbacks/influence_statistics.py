@@ -70,6 +70,7 @@ class InfluenceStatistics(Callback):
         self.progress = progress
         self.covariances: dict[str, CovarianceStatistic] | None = None
         self.updates = 0
+        self._last_step = -1
         self.finished = False
         self._pending_state: dict[str, Any] | None = None
         self.tracker: LayerTracker | None = None
@@ -81,7 +82,10 @@ class InfluenceStatistics(Callback):
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self.mode == "during_training" and trainer.global_step % self.every_n_steps == 0:
+        step = trainer.global_step
+        if (self.mode == "during_training" and step % self.every_n_steps == 0
+                and step != self._last_step):  # once per step, also with gradient accumulation
+            self._last_step = step
             self._bind(pl_module)
             # seeded by the update count: reproducible, and resumed runs continue the sequence
             update_covariances(pl_module, batch, self.task, self.tracker, self.covariances,
