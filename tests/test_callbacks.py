@@ -198,3 +198,13 @@ def test_empty_training_data_is_a_clear_error(tmp_path):
                        batch_size=4)
     with pytest.raises(ValueError, match="empty"):
         li.fit_factors(model, empty, "classification", progress=False)
+
+
+def test_during_training_updates_once_per_step_with_gradient_accumulation(tmp_path):
+    torch.manual_seed(0)
+    stats = InfluenceStatistics(mode="during_training", every_n_steps=2, progress=False)
+    train, val = _loaders()
+    _trainer(tmp_path, [stats], epochs=2, accumulate_grad_batches=2).fit(TinyClassifier(),
+                                                                          train, val)
+    # global_step after each of the 12 micro-batches: 0,1,1,2,2,3,3,4,4,5,5,6 -> steps 0,2,4,6
+    assert stats.updates == 4
