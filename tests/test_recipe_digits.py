@@ -29,7 +29,10 @@ def test_digits_recipe_finds_flipped_labels(tmp_path):
     # The acceptance bar (Kronfluence's CIFAR-10 example: ~80% / ~97%); chance is 10%/20%.
     assert inf["found_top_10pct"] >= 0.85, figures
     assert inf["found_top_20pct"] >= 0.95, figures
-    # ...and influence must beat the plain baseline, ranking by training loss.
+    # ...and influence must beat the plain baseline, ranking by training loss. (Trained to where
+    # the MLP starts to fit flipped labels, a loss ranking misses those; measured here: 85.4% /
+    # 96.5% / AUROC 0.983 against the loss's 83.3% / 95.1% / 0.977.)
+    assert inf["found_top_10pct"] >= base["found_top_10pct"], figures
     assert inf["found_top_20pct"] >= base["found_top_20pct"], figures
     assert inf["auroc"] > base["auroc"], figures
 
