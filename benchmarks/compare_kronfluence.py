@@ -1,0 +1,273 @@
+"""Compare lightning_influence with Kronfluence on the same trained digits MLP.
+
+Run with the Kronfluence venv, into which our package is installed editable (benchmarks/README.md);
+this script installs nothing:
+
+    benchmarks/.venv-kronfluence/bin/python benchmarks/compare_kronfluence.py
+    benchmarks/.venv-kronfluence/bin/python benchmarks/compare_kronfluence.py --damping 1e-3
+
+What it does:
+
+1. Trains a 64-128-128-10 ReLU MLP on sklearn digits (80/20 stratified split, AdamW, plain PyTorch).
+2. On that SAME model and data, fits both libraries with the same strategy (ekfac | kfac) and the
+   same damping (absolute, or each library's 0.1 * mean(Lambda) per-layer heuristic), then scores
+   the first ``--queries`` test examples against every training example and computes training
+   self-influence. Both use summed per-example cross-entropy, labels sampled from the model for
+   the Fisher, the query's cross-entropy as the measurement, and float32 model/data.
+3. Prints agreement metrics (ours vs Kronfluence at the same sampling seed, and the noise floor:
+   each library against itself under another sampling seed) and wall-clock timings.
+
+Timing: every library runs ``max(2, repeats + 1)`` times (alternating sampling seeds ``seed`` and
+``seed + 1``); each stage's time is the MIN over all runs, the first (warm-up) run included. Stages
+are timed with ``time.perf_counter`` around the library calls. Kronfluence's times INCLUDE its disk
+I/O (it saves factors, then loads them and saves scores; reading the scores back afterwards is not
+timed); ours keep everything in memory (no output_dir). Kronfluence's output directory is
+``--kf-output-dir`` (default: a temporary directory under the system temp dir).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.stats import pearsonr, spearmanr
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kronfluence_side  # noqa: E402
+from kronfluence_side import run_kronfluence  # noqa: E402
+
+import lightning_influence as li  # noqa: E402
+
+TOP_K = 10
+
+
+# ------------------------------------------------------------------------------- data / model
+def make_digits(split_seed: int = 0):
+    """sklearn digits scaled to [0, 1], stratified 80/20 split (1437 train / 360 test)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    x = x.astype("float32") / 16.0
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.2, random_state=split_seed,
+                                              stratify=y)
+    return (torch.from_numpy(x_tr), torch.from_numpy(y_tr).long(),
+            torch.from_numpy(x_te), torch.from_numpy(y_te).long())
+
+
+def make_mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
+                         nn.Linear(128, 10))
+
+
+def train_mlp(x, y, *, epochs: int, seed: int, lr: float = 1e-3, weight_decay: float = 1e-2,
+              batch_size: int = 64) -> nn.Module:
+    torch.manual_seed(seed)
+    model = make_mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x), batch_size):
+            idx = perm[i : i + batch_size]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------- empirical Fisher
+class _OursEmpiricalTask(li.ClassificationTask):
+    """Our classification task with the TRUE labels in the curvature passes (empirical Fisher)."""
+
+    def sampled_loss(self, outputs, batch, generator):
+        return self.loss(outputs, batch)
+
+
+class _KronfluenceEmpiricalTask(kronfluence_side.ClassificationTask):
+    """kronfluence_side's task with the TRUE labels in the curvature passes (empirical Fisher)."""
+
+    def compute_train_loss(self, batch, model, sample: bool = False):
+        return super().compute_train_loss(batch, model, sample=False)
+
+
+def use_empirical_fisher() -> None:
+    """Both libraries fit on true labels: no sampling noise, so the two must agree to float
+    precision if their semantics (scale, damping, bias, layers) match. run_kronfluence builds
+    ``kronfluence_side.ClassificationTask()``; swap in the subclass (helper file unchanged)."""
+    kronfluence_side.ClassificationTask = _KronfluenceEmpiricalTask
+
+
+# ------------------------------------------------------------------------------- our side
+def run_ours(model, train_x, train_y, query_x, query_y, *, strategy: str, damping: float | None,
+             batch_size: int = 128, seed: int = 0, task=None) -> dict:
+    """Our three stages, timed like run_kronfluence (same batch size, in memory)."""
+    task = task or "classification"
+    model = copy.deepcopy(model).eval()
+    train_loader = DataLoader(TensorDataset(train_x, train_y), batch_size=batch_size,
+                              shuffle=False)
+    query_loader = DataLoader(TensorDataset(query_x, query_y), batch_size=batch_size,
+                              shuffle=False)
+    t0 = time.perf_counter()
+    factors = li.fit_factors(model, train_loader, task, strategy=strategy,
+                             damping=damping, seed=seed, progress=False)
+    fit_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pairwise = li.compute_pairwise_scores(model, factors, query_loader, train_loader,
+                                          task, top_k=TOP_K, keep_scores=True,
+                                          progress=False)
+    pairwise_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    self_result = li.compute_self_scores(model, factors, train_loader, task,
+                                         progress=False)
+    self_seconds = time.perf_counter() - t0
+    return {"pairwise": pairwise.scores, "self": self_result.scores, "factors": factors,
+            "fit_seconds": fit_seconds, "pairwise_seconds": pairwise_seconds,
+            "self_seconds": self_seconds}
+
+
+# ------------------------------------------------------------------------------- metrics
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().double().cpu().numpy()
+
+
+def agreement(a: dict, b: dict) -> dict[str, float]:
+    pa, pb = _np(a["pairwise"]), _np(b["pairwise"])
+    sa, sb = _np(a["self"]), _np(b["self"])
+    q = pa.shape[0]
+    top = []
+    for i in range(q):
+        ta = set(np.argsort(-pa[i], kind="stable")[:TOP_K].tolist())
+        tb = set(np.argsort(-pb[i], kind="stable")[:TOP_K].tolist())
+        top.append(len(ta & tb) / TOP_K)
+    return {
+        "spearman_all": float(spearmanr(pa.ravel(), pb.ravel())[0]),
+        "pearson_all": float(pearsonr(pa.ravel(), pb.ravel())[0]),
+        "spearman_query": float(np.mean([spearmanr(pa[i], pb[i])[0] for i in range(q)])),
+        "pearson_query": float(np.mean([pearsonr(pa[i], pb[i])[0] for i in range(q)])),
+        "top10": float(np.mean(top)),
+        "self_spearman": float(spearmanr(sa, sb)[0]),
+        # least-squares slope of a on b (through 0): the scale of a in units of b
+        "scale": float((pa * pb).sum() / (pb * pb).sum()),
+        # relative Frobenius difference of the pairwise matrices
+        "rel_err": float(np.linalg.norm(pa - pb) / np.linalg.norm(pb)),
+    }
+
+
+# ------------------------------------------------------------------------------- main
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--damping", type=float, default=None,
+                   help="absolute damping for both libraries; default: the 0.1*mean(Lambda) "
+                        "per-layer heuristic of each")
+    p.add_argument("--strategy", choices=("ekfac", "kfac"), default="ekfac")
+    p.add_argument("--queries", type=int, default=100, help="first Q test examples as queries")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--seed", type=int, default=0,
+                   help="training seed and first label-sampling seed (the second is seed+1)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="timed runs after the warm-up (at least 2 runs in all; min is reported)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--fisher", choices=("sampled", "empirical"), default="sampled",
+                   help="labels of the curvature passes: sampled from the model (default, the "
+                        "true Fisher) or the true labels (deterministic: a semantics check)")
+    p.add_argument("--kf-output-dir", default=None,
+                   help="Kronfluence's output directory (default: a fresh temporary directory)")
+    args = p.parse_args()
+
+    torch.set_num_threads(args.threads)
+    x_tr, y_tr, x_te, y_te = make_digits()
+    t0 = time.perf_counter()
+    model = train_mlp(x_tr, y_tr, epochs=args.epochs, seed=args.seed)
+    train_seconds = time.perf_counter() - t0
+    with torch.no_grad():
+        acc = (model(x_te).argmax(-1) == y_te).float().mean().item()
+    qx, qy = x_te[: args.queries], y_te[: args.queries]
+    n_runs = max(2, args.repeats + 1)
+    seeds = [args.seed + (i % 2) for i in range(n_runs)]
+    damping_txt = ("heuristic 0.1*mean(Lambda)/layer" if args.damping is None
+                   else f"{args.damping:g} (absolute)")
+
+    print(f"torch {torch.__version__}, {args.threads} threads, python {platform.python_version()}, "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start")
+    print(f"MLP 64-128-128-10 (ReLU, AdamW, {args.epochs} epochs, {train_seconds:.1f}s): "
+          f"N={len(x_tr)} train, test acc {acc:.4f}; Q={len(qx)} queries")
+    print(f"strategy={args.strategy}, damping={damping_txt}, batch={args.batch_size}, "
+          f"float32, Fisher labels={args.fisher}, runs per library={n_runs} (seeds {seeds})")
+
+    kw = dict(strategy=args.strategy, damping=args.damping, batch_size=args.batch_size)
+    our_task = None
+    if args.fisher == "empirical":
+        use_empirical_fisher()
+        our_task = _OursEmpiricalTask()
+    ours: dict[int, dict] = {}
+    kron: dict[int, dict] = {}
+    ours_times: list[dict] = []
+    kron_times: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="kronfluence_") as tmp:
+        out_dir = args.kf_output_dir or tmp
+        for s in seeds:
+            # interleave the libraries so that drift of the machine hits both alike
+            r = run_kronfluence(model, x_tr, y_tr, qx, qy, output_dir=out_dir, seed=s, **kw)
+            kron_times.append(r)
+            kron.setdefault(s, r)
+            r = run_ours(model, x_tr, y_tr, qx, qy, seed=s, task=our_task, **kw)
+            ours_times.append(r)
+            ours.setdefault(s, r)
+
+    s0, s1 = args.seed, args.seed + 1
+    rows = [
+        ("ours vs Kronfluence (seed s)", agreement(ours[s0], kron[s0])),
+        ("ours vs Kronfluence (seed s+1)", agreement(ours[s1], kron[s1])),
+        ("Kronfluence s vs s+1", agreement(kron[s0], kron[s1])),
+        ("ours s vs s+1", agreement(ours[s0], ours[s1])),
+        ("ours s vs Kronfluence s+1", agreement(ours[s0], kron[s1])),
+    ]
+    cols = [("spearman_all", "Spear.all"), ("pearson_all", "Pears.all"),
+            ("spearman_query", "Spear/q"), ("pearson_query", "Pears/q"),
+            ("top10", "top10"), ("self_spearman", "selfSpear"), ("scale", "scale a/b"),
+            ("rel_err", "|a-b|/|b|")]
+    print()
+    print(f"{'agreement (a vs b)':32s}" + "".join(f"{c[1]:>10s}" for c in cols))
+    for name, m in rows:
+        print(f"{name:32s}" + "".join(f"{m[c[0]]:10.4f}" if c[0] != "rel_err" else f"{m[c[0]]:10.1e}"
+                                   for c in cols))
+
+    print()
+    print(f"{'wall-clock seconds (min of ' + str(n_runs) + ')':32s}{'ours':>10s}{'Kronfl.':>10s}"
+          f"{'ours/KF':>10s}")
+    for stage in ("fit", "pairwise", "self"):
+        key = f"{stage}_seconds"
+        o = min(r[key] for r in ours_times)
+        k = min(r[key] for r in kron_times)
+        print(f"{stage:32s}{o:10.3f}{k:10.3f}{o / k:10.3f}")
+    o = min(sum(r[f"{s}_seconds"] for s in ("fit", "pairwise", "self")) for r in ours_times)
+    k = min(sum(r[f"{s}_seconds"] for s in ("fit", "pairwise", "self")) for r in kron_times)
+    print(f"{'total (min over runs)':32s}{o:10.3f}{k:10.3f}{o / k:10.3f}")
+    print("(Kronfluence's times include its disk I/O: saving factors, loading them and saving "
+          f"scores under {'--kf-output-dir' if args.kf_output_dir else 'a temp dir'}; ours are in "
+          "memory.)")
+
+    print(f"load average {os.getloadavg()[0]:.2f} at end (timings are only trustworthy when it "
+          f"stays well under the CPU count)")
+    damp = ours[s0]["factors"].damping
+    print("ours damping per layer (seed s): "
+          + ", ".join(f"{n}={v:.3g}" for n, v in damp.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,303 @@
+"""Kronfluence side of the EK-FAC benchmark (classification MLP on sklearn digits).
+
+Run it with the separate Kronfluence venv (see benchmarks/README.md); it installs nothing:
+
+    benchmarks/.venv-kronfluence/bin/python benchmarks/kronfluence_side.py
+
+Semantics of Kronfluence 1.0.1 that this file relies on (read from its source):
+
+* Loss scale. Kronfluence takes per-example gradients from the backward pass of whatever
+  ``Task.compute_train_loss`` returns, so the loss must be SUMMED over the batch (a mean would scale
+  every per-example gradient by 1/B). The covariance factors A and S are normalised by the number of
+  rows fed to each layer (examples, or tokens for sequence inputs); Lambda is normalised by the
+  number of EXAMPLES (``NUM_LAMBDA_PROCESSED += per_sample_gradient.size(0)``), i.e. a per-example
+  second moment, not per-token.
+* Fisher labels. Covariances and Lambda are fitted with ``compute_train_loss(..., sample=not
+  FactorArguments.use_empirical_fisher)``: with the default ``use_empirical_fisher=False`` the task
+  must draw labels itself (here: ``torch.multinomial`` on the detached softmax, using torch's global
+  RNG, which we seed). ``use_empirical_fisher=True`` would use the true labels instead.
+* Scores. pairwise[q, n] = grad f_q^T (G + damping)^-1 grad L_n with NO minus sign, i.e. the
+  first-order change of the query measurement when training example n is REMOVED. With the
+  measurement being the query loss, positive = the training example is helpful (removing it would
+  raise the query loss); negative = harmful. Self-influence = grad L_n^T (G + damping)^-1 grad L_n
+  (``use_measurement_for_self_influence=False``: it uses the training loss, not the measurement).
+* Damping. ``ScoreArguments.damping_factor`` is an ABSOLUTE value added to every entry of each
+  layer's (per-example) Lambda before inversion (EK-FAC: 1 / (Lambda + damping), in float64).
+  Its default is 1e-8 (absolute), NOT the heuristic; ``damping_factor=None`` gives the heuristic
+  ``0.1 * mean(Lambda)`` computed PER LAYER (HEURISTIC_DAMPING_SCALE = 0.1). The same applies to
+  ``strategy="kfac"`` with Lambda = kron(eigvals(A), eigvals(S)).
+* dtypes. FactorArguments: activation/gradient covariance, per-sample-gradient and lambda dtypes
+  (float32 default), eigendecomposition_dtype (float64 default); ScoreArguments:
+  per_sample_gradient/precondition/score/query_gradient_svd dtypes (float32 default). Damping and
+  the reciprocal are always done in float64 (LAMBDA_DTYPE) and then cast to precondition_dtype.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from kronfluence.analyzer import Analyzer, prepare_model
+from kronfluence.arguments import FactorArguments, ScoreArguments
+from kronfluence.task import Task
+from torch import nn
+from torch.utils.data import TensorDataset
+
+ALL_MODULES = "all_modules"  # kronfluence.utils.constants.ALL_MODULE_NAME
+
+
+class ClassificationTask(Task):
+    """Cross-entropy task: summed training loss, model-sampled labels for the Fisher,
+    and the query's own summed cross-entropy as the measurement."""
+
+    def compute_train_loss(self, batch, model: nn.Module, sample: bool = False) -> torch.Tensor:
+        inputs, labels = batch
+        logits = model(inputs)
+        if sample:
+            with torch.no_grad():
+                probs = torch.softmax(logits.detach(), dim=-1)
+                labels = torch.multinomial(probs, num_samples=1).flatten()
+        return F.cross_entropy(logits, labels, reduction="sum")
+
+    def compute_measurement(self, batch, model: nn.Module) -> torch.Tensor:
+        inputs, labels = batch
+        return F.cross_entropy(model(inputs), labels, reduction="sum")
+
+
+def run_kronfluence(
+    model: torch.nn.Module,
+    train_x,
+    train_y,
+    query_x,
+    query_y,
+    *,
+    strategy="ekfac",
+    damping: float | None,
+    batch_size=128,
+    output_dir,
+    seed=0,
+    dtype: torch.dtype = torch.float32,
+    query_batch_size: int | None = None,
+) -> dict:
+    """Fit Kronfluence factors on (train_x, train_y) and score queries x train and train self-influence.
+
+    damping: None -> Kronfluence's heuristic (0.1 * mean of each layer's Lambda, per layer);
+             a float -> that ABSOLUTE value added to every layer's Lambda (per-example scale,
+             summed-loss gradients). Passed as ScoreArguments(damping_factor=damping).
+    seed:    seeds torch's global RNG before fitting; it only drives the Fisher label sampling.
+    dtype:   float32 (default) or float64 for the model copy, the data and every Kronfluence dtype
+             (the eigendecomposition is float64 either way).
+    query_batch_size: queries per pass over the training set (default: batch_size).
+
+    The caller's model is not modified (a deep copy is wrapped by ``prepare_model``).
+    Returns {"pairwise": Tensor[Q, N], "self": Tensor[N], "fit_seconds", "pairwise_seconds",
+    "self_seconds"}; scores are returned as float32 tensors for dtype=float32, float64 otherwise.
+    """
+    task = ClassificationTask()
+    model = copy.deepcopy(model).to(device="cpu", dtype=dtype).eval()
+    model = prepare_model(model=model, task=task)
+
+    def as_dataset(x, y) -> TensorDataset:
+        x = torch.as_tensor(x).to(dtype=dtype)
+        y = torch.as_tensor(y).long()
+        return TensorDataset(x, y)
+
+    train_ds = as_dataset(train_x, train_y)
+    query_ds = as_dataset(query_x, query_y)
+
+    # Kronfluence's get_logger also sets the ROOT logger's level; restore it afterwards. Its own
+    # logger keeps WARNING, which silences its per-step INFO messages.
+    root_level = logging.getLogger().level
+    analyzer = Analyzer(
+        analysis_name=f"digits_{strategy}_{str(dtype).replace('torch.', '')}_seed{seed}",
+        model=model,
+        task=task,
+        cpu=True,
+        log_level=logging.WARNING,
+        disable_tqdm=True,
+        output_dir=str(Path(output_dir)),
+        disable_model_save=True,
+    )
+    logging.getLogger().setLevel(root_level)
+
+    factor_args = FactorArguments(
+        strategy=strategy,
+        use_empirical_fisher=False,  # sample labels from the model's softmax
+        covariance_max_examples=None,  # use the whole training set
+        lambda_max_examples=None,
+        activation_covariance_dtype=dtype,
+        gradient_covariance_dtype=dtype,
+        eigendecomposition_dtype=torch.float64,
+        per_sample_gradient_dtype=dtype,
+        lambda_dtype=dtype,
+    )
+    score_args = ScoreArguments(
+        damping_factor=damping,  # absolute; None -> 0.1 * mean(Lambda) per layer
+        per_sample_gradient_dtype=dtype,
+        precondition_dtype=dtype,
+        score_dtype=dtype,
+        query_gradient_svd_dtype=dtype,
+    )
+
+    with warnings.catch_warnings():
+        # Kronfluence 1.0.1 builds a disabled torch.cuda.amp.GradScaler in every step (FutureWarning).
+        warnings.filterwarnings("ignore", message=r".*GradScaler.*", category=FutureWarning)
+        torch.manual_seed(seed)  # drives torch.multinomial in ClassificationTask (Fisher labels)
+        t0 = time.perf_counter()
+        analyzer.fit_all_factors(
+            factors_name="factors",
+            dataset=train_ds,
+            per_device_batch_size=batch_size,
+            factor_args=factor_args,
+            overwrite_output_dir=True,
+        )
+        fit_seconds = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        analyzer.compute_pairwise_scores(
+            scores_name="pairwise",
+            factors_name="factors",
+            query_dataset=query_ds,
+            train_dataset=train_ds,
+            per_device_query_batch_size=query_batch_size or batch_size,
+            per_device_train_batch_size=batch_size,
+            score_args=score_args,
+            overwrite_output_dir=True,
+        )
+        pairwise_seconds = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        analyzer.compute_self_scores(
+            scores_name="self",
+            factors_name="factors",
+            train_dataset=train_ds,
+            per_device_train_batch_size=batch_size,
+            score_args=score_args,
+            overwrite_output_dir=True,
+        )
+        self_seconds = time.perf_counter() - t0
+
+    pairwise = analyzer.load_pairwise_scores("pairwise")[ALL_MODULES]
+    self_scores = analyzer.load_self_scores("self")[ALL_MODULES]
+    assert pairwise.shape == (len(query_ds), len(train_ds)), pairwise.shape
+    assert self_scores.shape == (len(train_ds),), self_scores.shape
+    return {
+        "pairwise": pairwise,
+        "self": self_scores,
+        "fit_seconds": fit_seconds,
+        "pairwise_seconds": pairwise_seconds,
+        "self_seconds": self_seconds,
+    }
+
+
+# --------------------------------------------------------------------------- smoke test
+
+
+def make_digits(seed: int = 0):
+    """sklearn digits scaled to [0, 1], stratified 80/20 split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    x = x.astype("float32") / 16.0
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.2, random_state=seed, stratify=y)
+    return (torch.from_numpy(x_tr), torch.from_numpy(y_tr).long(),
+            torch.from_numpy(x_te), torch.from_numpy(y_te).long())
+
+
+def make_mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+
+
+def train_mlp(x, y, *, epochs: int = 30, seed: int = 0, lr: float = 1e-3, batch_size: int = 64):
+    torch.manual_seed(seed)
+    model = make_mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x), batch_size):
+            idx = perm[i : i + batch_size]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def main() -> None:
+    import argparse
+    import tempfile
+
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--num-queries", type=int, default=100)
+    p.add_argument("--damping", type=float, default=None, help="absolute; default: heuristic")
+    p.add_argument("--strategy", default="ekfac")
+    p.add_argument("--float64", action="store_true", help="also run once in float64")
+    args = p.parse_args()
+
+    torch.set_num_threads(2)
+    x_tr, y_tr, x_te, y_te = make_digits()
+    model = train_mlp(x_tr, y_tr, epochs=args.epochs)
+    with torch.no_grad():
+        acc = (model(x_te).argmax(-1) == y_te).float().mean().item()
+    print(f"MLP 64-128-10: train N={len(x_tr)}, test acc={acc:.4f}")
+    qx, qy = x_te[: args.num_queries], y_te[: args.num_queries]
+
+    def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float(spearmanr(a.double().flatten().numpy(), b.double().flatten().numpy())[0])
+
+    def per_query_spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float(np.mean([spearman(a[i], b[i]) for i in range(a.shape[0])]))
+
+    with tempfile.TemporaryDirectory(prefix="kronfluence_") as tmp:
+        runs = {}
+        for seed in (0, 1):
+            r = run_kronfluence(model, x_tr, y_tr, qx, qy, strategy=args.strategy,
+                                damping=args.damping, output_dir=tmp, seed=seed)
+            runs[seed] = r
+            print(f"seed={seed}: pairwise {tuple(r['pairwise'].shape)} {r['pairwise'].dtype}, "
+                  f"self {tuple(r['self'].shape)}; fit {r['fit_seconds']:.2f}s, "
+                  f"pairwise {r['pairwise_seconds']:.2f}s, self {r['self_seconds']:.2f}s")
+        a, b = runs[0], runs[1]
+        print(f"self-agreement seed 0 vs 1 (label-sampling noise), damping={args.damping}:")
+        print(f"  pairwise Spearman (all Q*N)      = {spearman(a['pairwise'], b['pairwise']):.4f}")
+        print(f"  pairwise Spearman (mean per query) = "
+              f"{per_query_spearman(a['pairwise'], b['pairwise']):.4f}")
+        print(f"  pairwise Pearson  (all Q*N)      = "
+              f"{float(np.corrcoef(a['pairwise'].flatten(), b['pairwise'].flatten())[0, 1]):.4f}")
+        k = 10
+        overlap = np.mean([
+            len(set(a["pairwise"][i].topk(k).indices.tolist())
+                & set(b["pairwise"][i].topk(k).indices.tolist())) / k
+            for i in range(a["pairwise"].shape[0])
+        ])
+        print(f"  top-{k} most-helpful overlap per query = {overlap:.3f}")
+        print(f"  self-influence Spearman          = {spearman(a['self'], b['self']):.4f}")
+        # Sign sanity check (positive = helpful): how often the most positive training example
+        # shares the query's label.
+        top = a["pairwise"].argmax(dim=1)
+        print(f"  top-1 (most positive) train example has the query's label: "
+              f"{(y_tr[top] == qy).float().mean().item():.2f}")
+        if args.float64:
+            r64 = run_kronfluence(model, x_tr, y_tr, qx, qy, strategy=args.strategy,
+                                  damping=args.damping, output_dir=tmp, seed=0,
+                                  dtype=torch.float64)
+            rel = ((r64["pairwise"] - a["pairwise"].double()).norm()
+                   / r64["pairwise"].norm()).item()
+            print(f"float64 seed=0: fit {r64['fit_seconds']:.2f}s, pairwise "
+                  f"{r64['pairwise_seconds']:.2f}s, self {r64['self_seconds']:.2f}s; "
+                  f"rel. diff vs float32 = {rel:.2e}")
+
+
+if __name__ == "__main__":
+    main()
