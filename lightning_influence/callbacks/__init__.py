@@ -5,13 +5,18 @@ Add all three to a Trainer (order does not matter; each asks the previous stage 
 - :class:`InfluenceStatistics` accumulates the K-FAC covariances (after fit, or during training);
 - :class:`EigenCorrection` finalizes and saves the EK-FAC factors;
 - :class:`InfluenceScores` logs top influential examples and self-influence flags.
+
+:class:`InfluenceValidation` (optional) compares the factors with LiSSA (and PBRF) and logs how
+well they agree.
 """
 
 from lightning_influence.callbacks.eigen_correction import EigenCorrection
 from lightning_influence.callbacks.influence_scores import InfluenceScores
 from lightning_influence.callbacks.influence_statistics import InfluenceStatistics
+from lightning_influence.callbacks.influence_validation import InfluenceValidation
 
-__all__ = ["EigenCorrection", "InfluenceScores", "InfluenceStatistics", "influence_callbacks"]
+__all__ = ["EigenCorrection", "InfluenceScores", "InfluenceStatistics", "InfluenceValidation",
+           "influence_callbacks"]
 
 
 def influence_callbacks(task=None, strategy: str = "ekfac", mode: str = "after_fit",
