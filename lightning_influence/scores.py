@@ -23,8 +23,10 @@ import torch
 from torch import Tensor
 
 from lightning_influence.factors import LayerFactors
+from lightning_influence.lowrank import LowRankGradient, low_rank_layer_scores, low_rank_token_scores
 
-__all__ = ["per_example_gradients", "pairwise_layer_scores", "self_layer_scores"]
+__all__ = ["per_example_gradients", "pairwise_layer_scores", "token_layer_scores",
+           "self_layer_scores"]
 
 
 def per_example_gradients(a: Tensor, g: Tensor) -> Tensor:
@@ -32,8 +34,14 @@ def per_example_gradients(a: Tensor, g: Tensor) -> Tensor:
     return torch.einsum("nto,nti->noi", g, a)
 
 
-def pairwise_layer_scores(preconditioned: Tensor, a: Tensor, g: Tensor) -> Tensor:
-    """One layer's scores ``[Q, N]`` from ``P [Q, O, I]``, ``a [N, T, I]`` and ``g [N, T, O]``."""
+def pairwise_layer_scores(preconditioned: Tensor | LowRankGradient, a: Tensor, g: Tensor) -> Tensor:
+    """One layer's scores ``[Q, N]`` from ``P [Q, O, I]``, ``a [N, T, I]`` and ``g [N, T, O]``.
+
+    ``P`` may be a :class:`~lightning_influence.lowrank.LowRankGradient` (``L [Q, O, R]``,
+    ``R [Q, R, I]``): the score is then ``sum_t (g_nt^T L)(R a_nt)``, P is never rebuilt.
+    """
+    if isinstance(preconditioned, LowRankGradient):
+        return low_rank_layer_scores(preconditioned, a, g)
     p = preconditioned.to(a.dtype)
     if a.shape[1] == 1:
         a1, g1 = a[:, 0], g[:, 0]
@@ -42,6 +50,30 @@ def pairwise_layer_scores(preconditioned: Tensor, a: Tensor, g: Tensor) -> Tenso
             return torch.einsum("qni,ni->qn", torch.einsum("qoi,no->qni", p, g1), a1)
         return torch.einsum("qno,no->qn", torch.einsum("qoi,ni->qno", p, a1), g1)
     return torch.einsum("nto,qoi,nti->qn", g, p, a)
+
+
+def token_layer_scores(preconditioned: Tensor | LowRankGradient, a: Tensor, g: Tensor,
+                       max_elements: int = 2**24) -> Tensor:
+    """One layer's per-token scores ``[Q, N, T]``: ``g_nt^T P_q a_nt``; summing T gives
+    :func:`pairwise_layer_scores`.
+
+    Token t's term is the part of the example's gradient ``G_n = sum_t g_nt a_nt^T`` carried by
+    its row (token-wise influence). Rows with ``g = 0`` (padding, positions whose loss is masked
+    and that no later loss depends on) contribute exactly nothing.
+
+    Args:
+        preconditioned: ``P [Q, O, I]`` or a low-rank ``L [Q, O, R]``, ``R [Q, R, I]``.
+        a: activation rows ``[N, T, I]``.
+        g: output-gradient rows ``[N, T, O]``.
+        max_elements: cap on the ``[q, N, T, I]`` intermediate (queries are chunked).
+    """
+    if isinstance(preconditioned, LowRankGradient):
+        return low_rank_token_scores(preconditioned, a, g, max_elements)
+    p = preconditioned.to(a.dtype)
+    n, t, i = a.shape
+    step = max(1, max_elements // max(n * t * i, 1))
+    return torch.cat([torch.einsum("nti,qnti->qnt", a, torch.einsum("nto,qoi->qnti", g, p[s:s + step]))
+                      for s in range(0, p.shape[0], step)])
 
 
 def self_layer_scores(factors: LayerFactors, a: Tensor, g: Tensor,
