@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from lightning_influence.chunks import ChunkStore
 from lightning_influence.distributed import (
     all_gather_objects,
+    barrier,
     broadcast_object,
     is_distributed,
     numbered_batches,
@@ -587,6 +588,7 @@ def _resume(store: ChunkStore | None, fold: Callable[[dict[str, Tensor]], None])
     if store is None:
         return set()
     done = store.done_batches()
+    barrier()  # every rank reads the finished chunks before any rank writes new ones
     if done and rank() == 0:
         log.info("Resuming: %d finished batches read from %s", len(done), store.folder)
         for chunk in store.load():

@@ -28,6 +28,7 @@ __all__ = [
     "sampling_generator",
     "all_gather_objects",
     "broadcast_object",
+    "barrier",
 ]
 
 
@@ -109,6 +110,12 @@ def all_gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op without a process group)."""
+    if is_distributed():
+        dist.barrier()
 
 
 def broadcast_object(obj: Any, src: int) -> Any:
