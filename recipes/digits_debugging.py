@@ -103,6 +103,8 @@ class DigitsMLP(pl.LightningModule):
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train with the influence callbacks, then evaluate the flags. Returns the figures."""
     pl.seed_everything(cfg.seed, workers=True)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))  # a tiny MLP gains nothing from more threads
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = DigitsData(cfg.data.noise_fraction, cfg.data.test_fraction, cfg.data.batch_size,
