@@ -8,9 +8,10 @@ The score of a training example n on a query q is the sum over layers of
     <P_q, G_n> = sum_t g_nt^T P_q a_nt,
 
 with ``P_q [O, I]`` the query's preconditioned gradient and ``G_n = sum_t g_nt a_nt^T``. It is
-contracted directly from ``(g, P, a)``: for single-row layers no per-example gradient is ever
-built, and for sequence layers ``torch.einsum`` (with opt_einsum's path search) picks the cheaper
-order.
+contracted directly from ``(g, P, a)``: for single-row layers no per-example gradient is built
+unless many queries make one GEMM against the batch's ``G_n`` the faster route (bounded by
+``GEMM_MAX_ELEMENTS``), and for sequence layers ``torch.einsum`` (with opt_einsum's path search)
+picks the cheaper order.
 
 Sign: positive = proponent (helpful): up-weighting the training example lowers the query loss.
 Scale: removing the example from a mean-loss objective over N examples changes the query loss by
@@ -27,6 +28,11 @@ from lightning_influence.lowrank import LowRankGradient, low_rank_layer_scores, 
 
 __all__ = ["per_example_gradients", "pairwise_layer_scores", "token_layer_scores",
            "self_layer_scores"]
+
+# Pairwise scores of single-row layers go through one GEMM against per-example gradients when
+# there are at least this many queries and the batch's gradients hold at most this many numbers.
+GEMM_MIN_QUERIES = 16
+GEMM_MAX_ELEMENTS = 2**24
 
 
 def per_example_gradients(a: Tensor, g: Tensor) -> Tensor:
@@ -45,6 +51,13 @@ def pairwise_layer_scores(preconditioned: Tensor | LowRankGradient, a: Tensor, g
     p = preconditioned.to(a.dtype)
     if a.shape[1] == 1:
         a1, g1 = a[:, 0], g[:, 0]
+        q, o, i = p.shape
+        if q >= GEMM_MIN_QUERIES and a1.shape[0] * o * i <= GEMM_MAX_ELEMENTS:
+            # Many queries: one GEMM [Q, O*I] x [O*I, N] against the batch's per-example
+            # gradients g_n a_n^T (N*O*I extra numbers) runs about twice as fast on CPU as the
+            # two-step contraction below (digits MLP, Q = 100: 4.0 -> 2.2 ms per layer and batch).
+            grads = (g1.unsqueeze(2) * a1.unsqueeze(1)).reshape(-1, o * i)  # [N, O*I]
+            return p.reshape(q, o * i) @ grads.T
         # contract the larger of O and I first so the intermediate is [Q, N, min(O, I)].
         if p.shape[1] >= p.shape[2]:
             return torch.einsum("qni,ni->qn", torch.einsum("qoi,no->qni", p, g1), a1)
