@@ -1,0 +1,231 @@
+"""Speed ratios on the digits MLP, all measured in one run on the same model and data.
+
+    .venv/bin/python benchmarks/speed.py                               # floor and training only
+    benchmarks/.venv-kronfluence/bin/python benchmarks/speed.py         # + ours / Kronfluence
+
+Protocol (benchmarks/digits_protocol.py): the 64-128-128-10 MLP trained on sklearn digits
+(N = 1437), batch 128 for every pass, ``--queries`` test digits, EK-FAC, damping 1e-2 on every
+layer for both libraries, float32, ``--threads`` CPU threads.
+
+Ratios (each time is the minimum over ``--repeats`` interleaved runs):
+
+1. ours / Kronfluence for fitting the factors, pairwise scores (Q x N) and self-influence (N).
+   Kronfluence's times include its disk I/O (it always writes factors and scores); ours run in
+   memory, as compute_pairwise_scores does by default.
+2. ours / the floor, the floor being ONE forward and backward pass over the same training data
+   (same batches, summed cross-entropy, parameter gradients): the least any method that touches
+   every training gradient once can cost. Fitting EK-FAC needs two such passes (covariances, then
+   the eigenvalue correction) plus the eigendecompositions; scoring and self-influence one each.
+3. Lightning training with ``InfluenceStatistics(mode="during_training")`` updating the
+   covariances every N steps (``--every``, default 1, 10 and 20), over plain training (same
+   Trainer, no callback), and with a callback that does nothing (what merely attaching any
+   callback costs in Lightning's hook calls).
+
+Writes ``<out>/speed.md`` and ``<out>/speed.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import digits_protocol as protocol  # noqa: E402
+
+import lightning_influence as li  # noqa: E402
+from lightning_influence.callbacks import InfluenceStatistics  # noqa: E402
+
+try:  # the peer, only in the Kronfluence venv (benchmarks/README.md)
+    import kronfluence_side  # noqa: E402
+except ImportError:  # pragma: no cover - depends on the environment
+    kronfluence_side = None
+
+BATCH = 128
+DAMPING = 1e-2
+
+
+def ours(model, train, queries) -> dict[str, float]:
+    t0 = time.perf_counter()
+    factors = li.fit_factors(model, train, "classification", strategy="ekfac", damping=DAMPING,
+                             progress=False)
+    t1 = time.perf_counter()
+    li.compute_pairwise_scores(model, factors, queries, train, "classification", top_k=10,
+                               keep_scores=True, progress=False)
+    t2 = time.perf_counter()
+    li.compute_self_scores(model, factors, train, "classification", progress=False)
+    t3 = time.perf_counter()
+    return {"fit": t1 - t0, "pairwise": t2 - t1, "self": t3 - t2}
+
+
+def kronfluence(model, x, y, qx, qy) -> dict[str, float]:
+    with tempfile.TemporaryDirectory(prefix="kronfluence_") as tmp:
+        r = kronfluence_side.run_kronfluence(model, x, y, qx, qy, strategy="ekfac",
+                                             damping=DAMPING, batch_size=BATCH, output_dir=tmp)
+    return {"fit": r["fit_seconds"], "pairwise": r["pairwise_seconds"],
+            "self": r["self_seconds"]}
+
+
+def contraction_floor(q: int, n: int, p: int) -> float:
+    """One float32 GEMM ``[Q, P] x [P, N]``: the Q x N dot products of P-dimensional gradients
+    that any pairwise method must form, with no other work."""
+    a, b = torch.randn(q, p), torch.randn(p, n)
+    t0 = time.perf_counter()
+    a @ b
+    return time.perf_counter() - t0
+
+
+def floor(model, train) -> float:
+    """One forward and backward pass over the training data (parameter gradients)."""
+    t0 = time.perf_counter()
+    for xb, yb in train:
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(xb), yb, reduction="sum").backward()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
+
+
+class DigitsModule(pl.LightningModule):
+    """The protocol's MLP and optimizer as a LightningModule."""
+
+    influence_task = "classification"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = protocol.make_mlp()
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=protocol.LR,
+                                 weight_decay=protocol.WEIGHT_DECAY)
+
+
+def training(x, y, every: int | None, epochs: int) -> float:
+    """Seconds of ``trainer.fit``: no callback (None), a no-op callback (0), or covariance
+    updates every ``every`` steps."""
+    torch.manual_seed(0)
+    loader = DataLoader(TensorDataset(x, y), batch_size=protocol.BATCH_SIZE, shuffle=True,
+                        generator=torch.Generator().manual_seed(0))
+    if every is None:
+        callbacks = []
+    elif every == 0:
+        callbacks = [pl.Callback()]
+    else:
+        callbacks = [InfluenceStatistics(mode="during_training", every_n_steps=every,
+                                         progress=False)]
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False,
+                         callbacks=callbacks, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tempfile.gettempdir())
+    module = DigitsModule()
+    t0 = time.perf_counter()
+    trainer.fit(module, loader)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--queries", type=int, default=100)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=10, help="epochs of the training comparison")
+    p.add_argument("--every", default="1,10,20", help="periods of the covariance updates")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args()
+
+    import logging
+    import warnings
+
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    x, y, xt, yt = protocol.make_digits()
+    model = protocol.trainer(x, y)(None, 0)
+    train = DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=False)
+    qx, qy = xt[:args.queries], yt[:args.queries]
+    queries = DataLoader(TensorDataset(qx, qy), batch_size=BATCH, shuffle=False)
+    load_start = os.getloadavg()[0]
+
+    # warm-up (first calls allocate, import and build kernels), not timed
+    floor(model, train)
+    ours(model, train, queries)
+    if kronfluence_side is not None:
+        kronfluence(model, x, y, qx, qy)
+    training(x, y, 1, 1)
+    every = [int(e) for e in args.every.split(",")]
+    params = sum(p.numel() for p in model.parameters())
+    times: dict[str, list[Any]] = {"ours": [], "kronfluence": [], "floor": [], "gemm": [],
+                                   "plain": [],
+                                   "noop": [], **{f"every_{e}": [] for e in every}}
+    for _ in range(args.repeats):  # interleaved, so drift of the machine hits all alike
+        times["floor"].append(floor(model, train))
+        times["gemm"].append(contraction_floor(len(qx), len(x), params))
+        times["ours"].append(ours(model, train, queries))
+        if kronfluence_side is not None:
+            times["kronfluence"].append(kronfluence(model, x, y, qx, qy))
+        times["plain"].append(training(x, y, None, args.epochs))
+        times["noop"].append(training(x, y, 0, args.epochs))
+        for e in every:
+            times[f"every_{e}"].append(training(x, y, e, args.epochs))
+
+    def best(key: str, stage: str | None = None) -> float:
+        return min(t[stage] if stage else t for t in times[key])
+
+    fl = best("floor")
+    lines = [f"digits MLP 64-128-128-10, N={len(x)}, Q={len(qx)}, batch {BATCH}, EK-FAC, damping "
+             f"{DAMPING:g}, float32, {args.threads} threads, min of {args.repeats} interleaved "
+             f"runs; load average {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end",
+             "", "| stage | ours (s) | Kronfluence (s) | ours / Kronfluence | ours / floor |",
+             "|---|---:|---:|---:|---:|"]
+    summary: dict[str, Any] = {"floor_seconds": fl}
+    for stage in ("fit", "pairwise", "self"):
+        o = best("ours", stage)
+        k = best("kronfluence", stage) if times["kronfluence"] else float("nan")
+        lines.append(f"| {stage} | {o:.3f} | {k:.3f} | {o / k:.3f} | {o / fl:.2f} |")
+        summary[stage] = {"ours": o, "kronfluence": k, "ours_over_kronfluence": o / k,
+                          "ours_over_floor": o / fl}
+    o = min(sum(t.values()) for t in times["ours"])
+    k = min(sum(t.values()) for t in times["kronfluence"]) if times["kronfluence"] else float("nan")
+    lines.append(f"| fit + pairwise + self | {o:.3f} | {k:.3f} | {o / k:.3f} | {o / fl:.2f} |")
+    summary["total"] = {"ours": o, "kronfluence": k, "ours_over_kronfluence": o / k}
+    gemm = best("gemm")
+    summary["gemm_floor_seconds"] = gemm
+    summary["pairwise"]["ours_over_floor_plus_gemm"] = best("ours", "pairwise") / (fl + gemm)
+    lines += ["", f"floor: one forward + backward pass over the {len(x)} training examples = "
+              f"{fl * 1e3:.1f} ms; the pairwise stage also forms {len(qx)} x {len(x)} dot "
+              f"products of {params}-dim gradients (one float32 GEMM alone: {gemm * 1e3:.1f} ms): "
+              f"pairwise / (floor + GEMM) = {summary['pairwise']['ours_over_floor_plus_gemm']:.2f}",
+              "",
+              f"| Lightning training, {args.epochs} epochs | seconds | / plain |", "|---|---:|---:|"]
+    plain = best("plain")
+    rows = [("plain", "plain"), ("noop", "a callback that does nothing")]
+    rows += [(f"every_{e}", f"covariances every {e} step{'s' if e > 1 else ''}") for e in every]
+    for key, label in rows:
+        lines.append(f"| {label} | {best(key):.3f} | {best(key) / plain:.3f} |")
+        summary[f"training_{key}"] = {"seconds": best(key), "over_plain": best(key) / plain}
+    text = "\n".join(lines) + "\n"
+    print(text)
+    (out / "speed.md").write_text(text)
+    (out / "speed.json").write_text(json.dumps({"summary": summary, "runs": times}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
