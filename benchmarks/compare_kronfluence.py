@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kronfluence_side  # noqa: E402
+from digits_protocol import make_digits, make_mlp  # noqa: E402  (the shared digits protocol)
 from kronfluence_side import run_kronfluence  # noqa: E402
 
 import lightning_influence as li  # noqa: E402
@@ -53,24 +54,6 @@ TOP_K = 10
 
 
 # ------------------------------------------------------------------------------- data / model
-def make_digits(split_seed: int = 0):
-    """sklearn digits scaled to [0, 1], stratified 80/20 split (1437 train / 360 test)."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    x, y = load_digits(return_X_y=True)
-    x = x.astype("float32") / 16.0
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.2, random_state=split_seed,
-                                              stratify=y)
-    return (torch.from_numpy(x_tr), torch.from_numpy(y_tr).long(),
-            torch.from_numpy(x_te), torch.from_numpy(y_te).long())
-
-
-def make_mlp() -> nn.Sequential:
-    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
-                         nn.Linear(128, 10))
-
-
 def train_mlp(x, y, *, epochs: int, seed: int, lr: float = 1e-3, weight_decay: float = 1e-2,
               batch_size: int = 64) -> nn.Module:
     torch.manual_seed(seed)

@@ -14,14 +14,13 @@ prints how many flipped labels the flags find, beside the baseline a user would 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import hydra
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -29,6 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import lightning_influence
 from lightning_influence.io import atomic_save_json
 from lightning_influence.ranking import detection_report
+from recipes._common import recipe_loggers
 
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(lightning_influence.__file__).parent / "conf")
@@ -111,15 +111,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                       cfg.seed)
     model = DigitsMLP(cfg.model.hidden, cfg.model.lr, cfg.model.weight_decay)
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values()]
-    loggers: list[Any] = []
-    if cfg.wandb.enabled:
-        from pytorch_lightning.loggers import WandbLogger
-
-        if cfg.wandb.offline:
-            os.environ.setdefault("WANDB_MODE", "offline")
-        loggers.append(WandbLogger(project=cfg.wandb.project, save_dir=str(out),
-                                   offline=cfg.wandb.offline,
-                                   config=OmegaConf.to_container(cfg, resolve=True)))
+    loggers = recipe_loggers(cfg, out)
     trainer = pl.Trainer(**cfg.trainer, default_root_dir=str(out), callbacks=callbacks,
                          logger=loggers or False)
     trainer.fit(model, datamodule=data)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ import hydra
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -46,6 +45,7 @@ from lightning_influence.language import (
     python_docs,
     read_text_files,
 )
+from recipes._common import recipe_loggers
 
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(lightning_influence.__file__).parent / "conf")
@@ -206,15 +206,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     model = CharGPT(gpt, cfg.model.lr, cfg.model.weight_decay, cfg.model.warmup_steps,
                     cfg.trainer.max_steps)
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values() if c is not None]
-    loggers: list[Any] = []
-    if cfg.wandb.enabled:
-        from pytorch_lightning.loggers import WandbLogger
-
-        if cfg.wandb.offline:
-            os.environ.setdefault("WANDB_MODE", "offline")
-        loggers.append(WandbLogger(project=cfg.wandb.project, save_dir=str(out),
-                                   offline=cfg.wandb.offline,
-                                   config=OmegaConf.to_container(cfg, resolve=True)))
+    loggers = recipe_loggers(cfg, out)
     trainer = pl.Trainer(**cfg.trainer, default_root_dir=str(out), callbacks=callbacks,
                          logger=loggers or False)
     train_start = time.perf_counter()
