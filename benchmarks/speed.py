@@ -19,7 +19,13 @@ Ratios (each time is the minimum over ``--repeats`` interleaved runs):
 3. Lightning training with ``InfluenceStatistics(mode="during_training")`` updating the
    covariances every N steps (``--every``, default 1, 10 and 20), over plain training (same
    Trainer, no callback), and with a callback that does nothing (what merely attaching any
-   callback costs in Lightning's hook calls).
+   callback costs in Lightning's hook calls). Each period is run twice: with the default
+   ``reuse_forward=True`` (one extra backward through the training step's own graph) and with
+   ``reuse_forward=False`` (a separate eval-mode forward and backward after the step).
+
+Training times are reported three ways, because a 10% effect is close to the run-to-run noise
+of a shared 2-core machine: min over repeats / min of plain; the median over repeats of each
+run / the plain run of the same repeat; and the time spent inside the callback's hooks / plain.
 
 Writes ``<out>/speed.md`` and ``<out>/speed.json``.
 """
@@ -27,8 +33,10 @@ Writes ``<out>/speed.md`` and ``<out>/speed.json``.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -115,9 +123,35 @@ class DigitsModule(pl.LightningModule):
                                  weight_decay=protocol.WEIGHT_DECAY)
 
 
-def training(x, y, every: int | None, epochs: int) -> float:
-    """Seconds of ``trainer.fit``: no callback (None), a no-op callback (0), or covariance
-    updates every ``every`` steps."""
+class TimedStatistics(InfluenceStatistics):
+    """InfluenceStatistics that adds up the wall time spent inside its training hooks: a
+    second, noise-robust view of the overhead (it misses only the few microseconds its
+    recording hooks add inside the training forward)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.seconds = 0.0
+
+    def _timed(self, hook: Any, *args: Any) -> None:
+        t0 = time.perf_counter()
+        hook(*args)
+        self.seconds += time.perf_counter() - t0
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self._timed(super().on_train_batch_start, *args)
+
+    def on_before_backward(self, *args: Any) -> None:
+        self._timed(super().on_before_backward, *args)
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self._timed(super().on_train_batch_end, *args)
+
+
+def training(x, y, every: int | None, epochs: int, reuse_forward: bool = True,
+             ) -> tuple[float, float]:
+    """Seconds of ``trainer.fit`` and of those spent inside the covariance callback: no callback
+    (None), a no-op callback (0), or covariance updates every ``every`` steps (from the training
+    forward, or from a separate pass)."""
     torch.manual_seed(0)
     loader = DataLoader(TensorDataset(x, y), batch_size=protocol.BATCH_SIZE, shuffle=True,
                         generator=torch.Generator().manual_seed(0))
@@ -126,16 +160,18 @@ def training(x, y, every: int | None, epochs: int) -> float:
     elif every == 0:
         callbacks = [pl.Callback()]
     else:
-        callbacks = [InfluenceStatistics(mode="during_training", every_n_steps=every,
-                                         progress=False)]
+        callbacks = [TimedStatistics(mode="during_training", every_n_steps=every,
+                                     progress=False, reuse_forward=reuse_forward)]
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False,
                          callbacks=callbacks, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False,
                          default_root_dir=tempfile.gettempdir())
     module = DigitsModule()
+    gc.collect()
     t0 = time.perf_counter()
     trainer.fit(module, loader)
-    return time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    return seconds, getattr(callbacks[0], "seconds", 0.0) if callbacks else 0.0
 
 
 def main() -> None:
@@ -174,7 +210,8 @@ def main() -> None:
     params = sum(p.numel() for p in model.parameters())
     times: dict[str, list[Any]] = {"ours": [], "kronfluence": [], "floor": [], "gemm": [],
                                    "plain": [],
-                                   "noop": [], **{f"every_{e}": [] for e in every}}
+                                   "noop": [], **{f"every_{e}": [] for e in every},
+                                   **{f"every_{e}_separate": [] for e in every}}
     for _ in range(args.repeats):  # interleaved, so drift of the machine hits all alike
         times["floor"].append(floor(model, train))
         times["gemm"].append(contraction_floor(len(qx), len(x), params))
@@ -185,9 +222,13 @@ def main() -> None:
         times["noop"].append(training(x, y, 0, args.epochs))
         for e in every:
             times[f"every_{e}"].append(training(x, y, e, args.epochs))
+            times[f"every_{e}_separate"].append(training(x, y, e, args.epochs, False))
 
     def best(key: str, stage: str | None = None) -> float:
         return min(t[stage] if stage else t for t in times[key])
+
+    def wall(key: str) -> list[float]:
+        return [t[0] for t in times[key]]
 
     fl = best("floor")
     lines = [f"digits MLP 64-128-128-10, N={len(x)}, Q={len(qx)}, batch {BATCH}, EK-FAC, damping "
@@ -214,13 +255,25 @@ def main() -> None:
               f"products of {params}-dim gradients (one float32 GEMM alone: {gemm * 1e3:.1f} ms): "
               f"pairwise / (floor + GEMM) = {summary['pairwise']['ours_over_floor_plus_gemm']:.2f}",
               "",
-              f"| Lightning training, {args.epochs} epochs | seconds | / plain |", "|---|---:|---:|"]
-    plain = best("plain")
+              f"| Lightning training, {args.epochs} epochs | seconds (min) | / plain (min / min) "
+              "| / plain (median of paired runs) | time inside the callback / plain |",
+              "|---|---:|---:|---:|---:|"]
+    plain = min(wall("plain"))
     rows = [("plain", "plain"), ("noop", "a callback that does nothing")]
-    rows += [(f"every_{e}", f"covariances every {e} step{'s' if e > 1 else ''}") for e in every]
+    for e in every:
+        steps = f"every {e} step{'s' if e > 1 else ''}"
+        rows += [(f"every_{e}", f"covariances {steps} (default: rows of the training forward)"),
+                 (f"every_{e}_separate", f"covariances {steps}, separate eval-mode pass "
+                                          "(reuse_forward=False)")]
     for key, label in rows:
-        lines.append(f"| {label} | {best(key):.3f} | {best(key) / plain:.3f} |")
-        summary[f"training_{key}"] = {"seconds": best(key), "over_plain": best(key) / plain}
+        seconds = min(wall(key))
+        paired = statistics.median(t / p for t, p in zip(wall(key), wall("plain"), strict=True))
+        inside = min(t[1] for t in times[key]) / plain
+        lines.append(f"| {label} | {seconds:.3f} | {seconds / plain:.3f} | {paired:.3f} "
+                     f"| {inside:.3f} |")
+        summary[f"training_{key}"] = {"seconds": seconds, "over_plain": seconds / plain,
+                                      "paired_median_over_plain": paired,
+                                      "callback_seconds_over_plain": inside}
     text = "\n".join(lines) + "\n"
     print(text)
     (out / "speed.md").write_text(text)

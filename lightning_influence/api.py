@@ -57,7 +57,7 @@ from lightning_influence.scores import (
 )
 from lightning_influence.statistics import CovarianceStatistic, EigenvalueStatistic, check_finite
 from lightning_influence.task import Task, finite_or_raise, resolve_task
-from lightning_influence.tracking import LayerTracker
+from lightning_influence.tracking import Capture, LayerTracker
 
 __all__ = [
     "fit_covariances",
@@ -181,35 +181,55 @@ def batch_rows(model: nn.Module, batch: Any, task: Task, tracker: LayerTracker, 
     with tracker.capture() as cap, torch.autocast(device.type, dtype=autocast or torch.bfloat16,
                                                   enabled=autocast is not None):
         outputs = task.forward(model, batch)
-        if mode == "sampled":
-            losses = task.sampled_loss(outputs, batch, generator)
-        elif mode == "loss":
-            losses = task.loss(outputs, batch)
-        elif mode == "measurement":
-            losses = task.measurement(outputs, batch)
-        else:  # pragma: no cover - internal
-            raise ValueError(mode)
-        if losses.dim() != 1:
-            raise ValueError(
-                f"{type(task).__name__} returned losses of shape {tuple(losses.shape)}; a task "
-                "must return one summed loss per example, shape [N]."
-            )
-        where = f"batch {batch_index}" if batch_index is not None else "a batch"
-        detail = ""
-        if not torch.isfinite(losses.detach()).all():
-            # Name the first tracked layer whose inputs are already non-finite, if any.
-            bad = [name for name, acts in cap.activations.items()
-                   if any(not torch.isfinite(a).all() for a in acts)]
-            if bad:
-                detail = f"; the first non-finite activations enter layer {bad[0]!r}"
-        finite_or_raise(losses.detach(), f"{where} ({mode} loss)", detail)
-        rows = tracker.rows(cap, losses)
+        rows, losses = rows_from_outputs(outputs, cap, batch, task, tracker, mode, generator,
+                                         batch_index, check=autocast is None)
     if autocast is not None:
         rows = {name: (a.to(autocast), g.to(autocast)) for name, (a, g) in rows.items()}
+        check_rows(rows, batch_index)
+    return rows, losses
+
+
+def rows_from_outputs(outputs: Tensor, cap: Capture, batch: Any, task: Task,
+                      tracker: LayerTracker, mode: str, generator: torch.Generator | None = None,
+                      batch_index: int | None = None, retain_graph: bool = False,
+                      check: bool = True,
+                      ) -> tuple[dict[str, tuple[Tensor, Tensor]], Tensor]:
+    """The backward half of :func:`batch_rows`, for a forward whose tracked layers were
+    recorded in ``cap`` and whose model outputs are ``outputs``; ``retain_graph`` keeps the
+    graph (the forward of a training step, whose own backward follows)."""
+    if mode == "sampled":
+        losses = task.sampled_loss(outputs, batch, generator)
+    elif mode == "loss":
+        losses = task.loss(outputs, batch)
+    elif mode == "measurement":
+        losses = task.measurement(outputs, batch)
+    else:  # pragma: no cover - internal
+        raise ValueError(mode)
+    if losses.dim() != 1:
+        raise ValueError(
+            f"{type(task).__name__} returned losses of shape {tuple(losses.shape)}; a task "
+            "must return one summed loss per example, shape [N]."
+        )
+    where = f"batch {batch_index}" if batch_index is not None else "a batch"
+    detail = ""
+    if not torch.isfinite(losses.detach().sum(dtype=torch.float64)):
+        # Name the first tracked layer whose inputs are already non-finite, if any.
+        bad = [name for name, acts in cap.activations.items()
+               if any(not torch.isfinite(a).all() for a in acts)]
+        if bad:
+            detail = f"; the first non-finite activations enter layer {bad[0]!r}"
+    finite_or_raise(losses.detach(), f"{where} ({mode} loss)", detail)
+    rows = tracker.rows(cap, losses, retain_graph=retain_graph)
+    if check:
+        check_rows(rows, batch_index)
+    return rows, losses.detach()
+
+
+def check_rows(rows: dict[str, tuple[Tensor, Tensor]], batch_index: int | None) -> None:
+    """A clear error naming the layer (and batch) when activation or gradient rows hold NaN/Inf."""
     for name, (a, g) in rows.items():
         check_finite(a, "activations", name, batch_index)
         check_finite(g, "output gradients", name, batch_index)
-    return rows, losses.detach()
 
 
 def iterate_rows(model: nn.Module, loader: Any, task: Task, tracker: LayerTracker, mode: str, *,
@@ -259,7 +279,12 @@ def update_covariances(model: nn.Module, batch: Any, task: Task, tracker: LayerT
     """Add one batch to the covariances (one forward and one backward with sampled labels)."""
     with evaluation_mode(model):
         rows, _ = batch_rows(model, batch, task, tracker, "sampled", generator, batch_index)
-    mask = task.row_mask(move_to_device(batch, model_device(model)))
+    add_rows(covariances, rows, task.row_mask(move_to_device(batch, model_device(model))))
+
+
+def add_rows(covariances: dict[str, CovarianceStatistic], rows: dict[str, tuple[Tensor, Tensor]],
+             mask: Tensor | None) -> None:
+    """Add every layer's rows ``(a, g)`` (with the task's row mask) to its covariances."""
     for name, (a, g) in rows.items():
         covariances[name].update(a, g, mask)
 
@@ -282,9 +307,7 @@ def fit_covariances(model: nn.Module, loader: Any, task: Task | str | None = Non
     for _, _, batch, rows, _ in iterate_rows(model, loader, task, tracker, "sampled",
                                           desc="influence: covariances", progress=progress,
                                           seed=seed, max_batches=max_batches):
-        mask = task.row_mask(move_to_device(batch, model_device(model)))
-        for name, (a, g) in rows.items():
-            covs[name].update(a, g, mask)
+        add_rows(covs, rows, task.row_mask(move_to_device(batch, model_device(model))))
     return covs
 
 

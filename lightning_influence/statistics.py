@@ -13,17 +13,29 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-__all__ = ["CovarianceStatistic", "EigenvalueStatistic", "check_finite"]
+__all__ = ["CovarianceStatistic", "EigenvalueStatistic", "check_finite", "is_finite"]
 
 
 def check_finite(tensor: Tensor, what: str, layer: str, batch_index: int | None = None) -> None:
     """Raise a ``FloatingPointError`` naming the layer (and batch) when ``tensor`` has NaN/Inf."""
-    if not torch.isfinite(tensor).all():
+    if not is_finite(tensor):
         where = f" in batch {batch_index}" if batch_index is not None else ""
         raise FloatingPointError(
             f"Non-finite {what} for layer {layer!r}{where}. Influence cannot be computed from NaN "
             "or Inf values: check the data and the model (a diverged training run, a bad input)."
         )
+
+
+def is_finite(tensor: Tensor) -> bool:
+    """Whether every element is finite, from one float32/64 sum (a NaN or Inf anywhere makes the
+    sum NaN or Inf): cheaper than ``isfinite(tensor).all()``, which builds a full boolean tensor
+    and is the largest cost of a small covariance update. A sum that overflows although every
+    element is finite (magnitudes near 1e38) also counts as non-finite: such rows would overflow
+    the covariances anyway."""
+    if tensor.numel() == 0:
+        return True
+    dtype = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    return bool(torch.isfinite(tensor.sum(dtype=dtype)))
 
 
 class CovarianceStatistic(Metric):
@@ -79,8 +91,8 @@ class CovarianceStatistic(Metric):
             self._pending_updates += 1
             if self._pending_updates >= self.fold_every:
                 self._fold()
-        self.rows += float(rows)
-        self.examples += float(a.shape[0])
+        self.rows.add_(rows)  # in place: no Module.__setattr__ on the hot path
+        self.examples.add_(a.shape[0])
 
     def _fold(self) -> None:
         """Move the float32 buffers into the sums."""
@@ -145,8 +157,8 @@ class EigenvalueStatistic(Metric):
             for s in range(0, n, step):
                 per_example = torch.einsum("nto,nti->noi", g_rot[s:s + step], a_rot[s:s + step])
                 total += per_example.square().sum(dim=0)
-        self.eigenvalue_sum += total.to(self.eigenvalue_sum.dtype)
-        self.examples += float(n)
+        self.eigenvalue_sum.add_(total)
+        self.examples.add_(n)
 
     def compute(self) -> dict[str, Tensor]:
         """``{"eigenvalues": [O, I], "examples": []}`` (summed over processes)."""

@@ -330,7 +330,7 @@ def _sampling_probs(logits: Tensor) -> Tensor:
 
 def finite_or_raise(losses: Tensor, where: str, detail: str = "") -> None:
     """Raise a clear error when a loss is NaN or infinite (``detail`` is appended)."""
-    if not torch.isfinite(losses).all():
+    if not bool(torch.isfinite(losses.sum(dtype=torch.float64))):
         bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()[:8]
         raise FloatingPointError(
             f"Non-finite loss in {where} (examples {bad} of the batch{detail}). Influence needs finite "

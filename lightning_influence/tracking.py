@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -187,41 +187,53 @@ class LayerTracker:
         """``{name: [O, I]}`` for every tracked layer (stored with factors, checked on reload)."""
         return {name: list(layer.shape) for name, layer in self.layers.items()}
 
-    @contextmanager
-    def capture(self) -> Iterator[Capture]:
-        """Record activation rows and output tensors of every tracked layer during forwards."""
-        cap = Capture()
-        handles = []
+    def attach(self, cap: Capture | None = None) -> tuple[Capture, Callable[[], None]]:
+        """Start recording the tracked layers' forwards into ``cap``; returns it and a function
+        that stops recording. Unlike :meth:`capture` it changes neither the grad mode nor
+        ``requires_grad``: it observes forwards that run anyway (e.g. a training step)."""
+        cap = cap if cap is not None else Capture()
 
         def make_hook(layer: TrackedLayer):
             def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
-                x = inputs[0]
                 cap.activations.setdefault(layer.name, []).append(
-                    layer.activation_rows(x.detach()))
+                    layer.activation_rows(inputs[0].detach()))
                 if output.requires_grad:
                     cap.outputs.setdefault(layer.name, []).append(output)
             return hook
 
+        handles = [layer.module.register_forward_hook(make_hook(layer)) for layer in self]
+
+        def detach() -> None:
+            for h in handles:
+                h.remove()
+            handles.clear()
+        return cap, detach
+
+    @contextmanager
+    def capture(self) -> Iterator[Capture]:
+        """Record activation rows and output tensors of every tracked layer during forwards
+        (with gradients enabled and the tracked parameters requiring grad)."""
         previous = {}
         for layer in self:
             for p in layer.parameters():
                 previous[p] = p.requires_grad
                 p.requires_grad_(True)
-            handles.append(layer.module.register_forward_hook(make_hook(layer)))
+        cap, detach = self.attach()
         try:
             with torch.inference_mode(False), torch.enable_grad():
                 yield cap
         finally:
-            for h in handles:
-                h.remove()
+            detach()
             for p, flag in previous.items():
                 p.requires_grad_(flag)
 
-    def rows(self, cap: Capture, losses: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+    def rows(self, cap: Capture, losses: Tensor, retain_graph: bool = False,
+             ) -> dict[str, tuple[Tensor, Tensor]]:
         """Per-layer ``(a [N, T, I], g [N, T, O])`` from a capture and per-example losses ``[N]``.
 
         The gradient rows are those of ``losses.sum()``: for a model whose examples do not
         interact in the forward pass (eval mode), row ``n`` holds example ``n``'s own gradient.
+        ``retain_graph`` keeps the graph for a later backward (the training step's own).
         """
         names = [n for n in self.layers if n in cap.outputs]
         flat = [o for n in names for o in cap.outputs[n]]
@@ -230,7 +242,8 @@ class LayerTracker:
                 "No tracked layer produced an output that requires grad during this pass: the "
                 "tracked layers did not run, or the forward ran under torch.no_grad()."
             )
-        grads = torch.autograd.grad(losses.sum(), flat, allow_unused=True)
+        grads = torch.autograd.grad(losses.sum(), flat, allow_unused=True,
+                                    retain_graph=retain_graph)
         out: dict[str, tuple[Tensor, Tensor]] = {}
         i = 0
         n_examples = losses.shape[0]

@@ -206,5 +206,64 @@ def test_during_training_updates_once_per_step_with_gradient_accumulation(tmp_pa
     train, val = _loaders()
     _trainer(tmp_path, [stats], epochs=2, accumulate_grad_batches=2).fit(TinyClassifier(),
                                                                           train, val)
-    # global_step after each of the 12 micro-batches: 0,1,1,2,2,3,3,4,4,5,5,6 -> steps 0,2,4,6
-    assert stats.updates == 4
+    # 12 micro-batches, 6 optimizer steps (global_step 0..5 when each micro-batch starts); one
+    # update on the first micro-batch of steps 0, 2 and 4
+    assert stats.updates == 3
+    assert all(float(c.compute()["examples"]) == 3 * 16 for c in stats.covariances.values())
+
+
+class DropoutClassifier(TinyClassifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, 12), nn.Tanh(), nn.Dropout(0.3), nn.Linear(12, 3))
+
+
+class InnerCallClassifier(TinyClassifier):
+    def training_step(self, batch, batch_idx):  # calls the inner net, not the LightningModule
+        return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+
+class FrozenOptimizer(TinyClassifier):
+    def configure_optimizers(self):  # lr 0: every update sees the same weights in both paths
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def _fit_stats(tmp_path, module, reuse, epochs=2, every=2):
+    torch.manual_seed(0)
+    model = module()
+    stats = InfluenceStatistics(mode="during_training", every_n_steps=every, progress=False,
+                                reuse_forward=reuse)
+    train = DataLoader(_data(96, seed=0), batch_size=16, shuffle=False)
+    _trainer(tmp_path, [stats], epochs=epochs).fit(model, train)
+    return stats, model
+
+
+def test_reused_training_forward_gives_the_separate_pass_covariances(tmp_path):
+    reused, _ = _fit_stats(tmp_path, FrozenOptimizer, reuse=True)
+    separate, _ = _fit_stats(tmp_path, FrozenOptimizer, reuse=False)
+    assert reused.reuse_verified is True and reused.fallback_reason is None
+    assert reused.updates == separate.updates == 6
+    for name, stat in reused.covariances.items():
+        got, want = stat.compute(), separate.covariances[name].compute()
+        for key in ("A", "S", "rows", "examples"):
+            torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-9)
+
+
+def test_reusing_the_training_forward_leaves_training_unchanged(tmp_path):
+    _, with_stats = _fit_stats(tmp_path, TinyClassifier, reuse=True, every=1)
+    torch.manual_seed(0)
+    plain = TinyClassifier()
+    train = DataLoader(_data(96, seed=0), batch_size=16, shuffle=False)
+    _trainer(tmp_path, [], epochs=2).fit(plain, train)
+    for (name, p), q in zip(with_stats.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize(("module", "reason"), [(DropoutClassifier, "differ between train and eval"),
+                                                (InnerCallClassifier, "did not call")])
+def test_forwards_that_cannot_be_reused_fall_back_to_a_separate_pass(tmp_path, module, reason):
+    stats, _ = _fit_stats(tmp_path, module, reuse=True)
+    assert stats.reuse_verified is False
+    assert reason in stats.fallback_reason
+    assert stats.updates == 6
+    assert all(float(c.compute()["examples"]) == 6 * 16 for c in stats.covariances.values())

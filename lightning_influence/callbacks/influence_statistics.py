@@ -9,13 +9,22 @@ from typing import Any
 import torch
 from pytorch_lightning import Callback
 from pytorch_lightning.utilities import rank_zero_info
+from torch import Tensor
 
-from lightning_influence.api import fit_covariances, new_covariances, update_covariances
+from lightning_influence.api import (
+    add_rows,
+    evaluation_mode,
+    fit_covariances,
+    move_to_device,
+    new_covariances,
+    rows_from_outputs,
+    update_covariances,
+)
 from lightning_influence.callbacks._common import training_loader
 from lightning_influence.distributed import sampling_generator
 from lightning_influence.statistics import CovarianceStatistic
 from lightning_influence.task import Task, resolve_task
-from lightning_influence.tracking import LayerTracker
+from lightning_influence.tracking import Capture, LayerTracker
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +38,20 @@ class InfluenceStatistics(Callback):
 
     - ``"after_fit"`` (default): when fit ends, one pass over the training data (unshuffled)
       with labels sampled from the model: the covariances of the final model.
-    - ``"during_training"``: every ``every_n_steps`` optimizer steps, one extra forward and
-      backward with sampled labels on the current training batch (in eval mode, no parameter
-      gradients touched). Cheaper, at the price of mixing a few recent models.
+    - ``"during_training"``: every ``every_n_steps`` optimizer steps, the covariances of the
+      current training batch with sampled labels (no parameter gradients touched). Cheaper, at
+      the price of mixing a few recent models.
+
+    In ``"during_training"`` mode with ``reuse_forward=True`` (default) the update costs one
+    extra backward and no extra forward: the activations and layer outputs of the training
+    step's own forward are recorded, and before the training backward the pseudo-gradients are
+    taken from that graph (kept alive for the training backward). This is exact only when the
+    model computes the same thing in train and eval mode on the same inputs, so the first such
+    update is checked against a separate eval-mode forward; when they differ (dropout, batch
+    norm, a forward that branches on ``self.training``), or when the training step does not
+    call the LightningModule itself on the task's inputs exactly once, every update falls back
+    to one separate eval-mode forward and backward after the step (logged once, with the
+    reason).
 
     The covariances are consumed by :class:`~lightning_influence.callbacks.EigenCorrection`.
     They are part of the callback's state, so they survive checkpoint and resume.
@@ -47,12 +67,16 @@ class InfluenceStatistics(Callback):
         batch_size: batch size of the after-fit pass (default: the training loader's).
         seed: seed of the label sampling.
         progress: show a progress bar on the after-fit pass.
+        reuse_forward: during training, take the rows from the training step's forward
+            (checked once against eval mode, see above); ``False`` always runs a separate
+            eval-mode pass.
     """
 
     def __init__(self, task: Task | str | None = None, layers: Sequence[str] | None = None,
                  exclude: Sequence[str] | None = None, mode: str = "after_fit",
                  every_n_steps: int = 10, max_batches: int | None = None,
-                 batch_size: int | None = None, seed: int = 0, progress: bool = True) -> None:
+                 batch_size: int | None = None, seed: int = 0, progress: bool = True,
+                 reuse_forward: bool = True) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"InfluenceStatistics: mode={mode!r} is not one of {list(MODES)}.")
@@ -68,9 +92,16 @@ class InfluenceStatistics(Callback):
         self.batch_size = batch_size
         self.seed = seed
         self.progress = progress
+        self.reuse_forward = reuse_forward
+        # None: not checked yet; True: train-mode rows equal eval-mode rows; False: fall back
+        self.reuse_verified: bool | None = None
+        self.fallback_reason: str | None = None
+        self._recording: _StepRecording | None = None
+        self._updated_this_step = False
         self.covariances: dict[str, CovarianceStatistic] | None = None
         self.updates = 0
         self._last_step = -1
+        self._due_batch: Any = None
         self.finished = False
         self._pending_state: dict[str, Any] | None = None
         self.tracker: LayerTracker | None = None
@@ -80,17 +111,60 @@ class InfluenceStatistics(Callback):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._bind(pl_module)
 
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any,
+                             batch_idx: int) -> None:
+        step = trainer.global_step
+        # once per optimizer step: the first (micro-)batch of every every_n_steps-th step
+        if (self.mode != "during_training" or step % self.every_n_steps != 0
+                or step == self._last_step):
+            return
+        self._last_step = step
+        self._bind(pl_module)
+        self._updated_this_step = False
+        self._due_batch = batch
+        if self.reuse_forward and self.reuse_verified is not False:
+            self._recording = _StepRecording(self.tracker, pl_module)
+
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
+        recording, self._recording = self._recording, None
+        if recording is None:
+            return
+        recording.stop()
+        self._updated_this_step = self._update_from_recording(pl_module, recording)
+
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        step = trainer.global_step
-        if (self.mode == "during_training" and step % self.every_n_steps == 0
-                and step != self._last_step):  # once per step, also with gradient accumulation
-            self._last_step = step
-            self._bind(pl_module)
+        if self._recording is not None:  # the step ran no backward (e.g. returned None)
+            self._recording.stop()
+            self._recording = None
+        if self._due_batch is None:
+            return
+        due, self._due_batch = self._due_batch, None
+        if not self._updated_this_step:
             # seeded by the update count: reproducible, and resumed runs continue the sequence
-            update_covariances(pl_module, batch, self.task, self.tracker, self.covariances,
+            update_covariances(pl_module, due, self.task, self.tracker, self.covariances,
                                sampling_generator(self.seed, self.updates), batch_idx)
-            self.updates += 1
+        self.updates += 1
+
+    def _update_from_recording(self, pl_module: Any, recording: _StepRecording) -> bool:
+        """Covariances from the training step's forward; False (and a reason) when unusable."""
+        batch = move_to_device(self._due_batch, _device(pl_module))
+        reason = recording.unusable_reason(self.task, batch)
+        if reason is None and self.reuse_verified is None:
+            reason = recording.differs_from_eval(pl_module, self.task, batch)
+            self.reuse_verified = reason is None
+        if reason is not None:
+            self.reuse_verified = False
+            self.fallback_reason = reason
+            rank_zero_info(f"lightning-influence: covariance updates during training run a "
+                           f"separate eval-mode forward ({reason}).")
+            return False
+        rows, _ = rows_from_outputs(recording.output, recording.capture, batch, self.task,
+                                    self.tracker, "sampled",
+                                    sampling_generator(self.seed, self.updates),
+                                    retain_graph=True)
+        add_rows(self.covariances, rows, self.task.row_mask(batch))
+        return True
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self.finished = self.mode == "during_training" and self.updates > 0
@@ -153,3 +227,70 @@ def _device(pl_module: Any) -> torch.device:
     for p in pl_module.parameters():
         return p.device
     return torch.device("cpu")
+
+
+class _StepRecording:
+    """The tracked layers' rows and the LightningModule's output during one training forward."""
+
+    def __init__(self, tracker: LayerTracker, module: Any) -> None:
+        self.tracker = tracker
+        self.capture, self._detach = tracker.attach()
+        self.calls: list[tuple[tuple, dict, Any]] = []
+
+        def hook(_module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+            self.calls.append((args, kwargs, output))
+        self._handle = module.register_forward_hook(hook, with_kwargs=True)
+
+    def stop(self) -> None:
+        self._detach()
+        self._handle.remove()
+
+    @property
+    def output(self) -> Tensor:
+        return self.calls[0][2]
+
+    def unusable_reason(self, task: Task, batch: Any) -> str | None:
+        """Why this forward cannot stand in for ``task.forward(model, batch)``, or None."""
+        if type(task).forward is not Task.forward:
+            return f"{type(task).__name__} overrides Task.forward"
+        if not self.calls:
+            return ("the training step did not call the LightningModule itself (only its "
+                    "submodules)")
+        if len(self.calls) > 1:
+            return (f"the training step called the LightningModule {len(self.calls)} times, "
+                    "not once")
+        args, kwargs, output = self.calls[0]
+        if kwargs or len(args) != 1 or args[0] is not task.inputs(batch):
+            return ("the training step did not call the LightningModule on exactly the task's "
+                    "inputs")
+        if not isinstance(output, Tensor) or not output.requires_grad:
+            return "the LightningModule's output is not a tensor that requires grad"
+        if not self.capture.outputs:
+            return "no tracked layer produced an output that requires grad"
+        return None
+
+    def differs_from_eval(self, module: Any, task: Task, batch: Any) -> str | None:
+        """Compare this (train-mode) forward with an eval-mode forward on the same batch."""
+        with evaluation_mode(module), torch.no_grad():
+            reference = Capture()
+            _, detach = self.tracker.attach(reference)
+            try:
+                expected = task.forward(module, batch)
+            finally:
+                detach()
+        pairs = [("the model output", self.output.detach(), expected)]
+        for name, acts in self.capture.activations.items():
+            ref = reference.activations.get(name, [])
+            if len(ref) != len(acts):
+                return f"layer {name!r} ran a different number of times in eval mode"
+            pairs += [(f"the inputs of layer {name!r}", a, r) for a, r in zip(acts, ref, strict=True)]
+        for what, got, want in pairs:
+            if got.shape != want.shape:
+                return f"{what} have another shape in eval mode"
+            low = torch.finfo(got.dtype).bits <= 16 or torch.finfo(want.dtype).bits <= 16
+            tolerance = 5e-2 if low else 1e-3
+            error = float((got.float() - want.float()).norm())
+            if error > tolerance * float(want.float().norm()) + 1e-12:
+                return (f"{what} differ between train and eval mode (dropout, batch norm or a "
+                        "forward that depends on self.training)")
+        return None
