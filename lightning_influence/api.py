@@ -600,6 +600,8 @@ def _signature(factors: Factors, query_losses: Tensor | None, **options: Any) ->
     """What identifies a scoring pass: the factors, the queries, the options."""
     sig = {"strategy": factors.strategy, "weights": factors.fingerprint.get("weights", ""),
            "damping": json.dumps(factors.damping, sort_keys=True)}
+    if not isinstance(factors, Factors):  # a solver: its settings (iterations, scale) count too
+        sig["solver"] = json.dumps(getattr(factors, "extra", {}), sort_keys=True, default=str)
     if query_losses is not None:
         sig["queries"] = hashlib.sha256(query_losses.double().numpy().tobytes()).hexdigest()[:16]
     sig.update({k: str(v) for k, v in options.items()})

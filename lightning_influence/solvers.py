@@ -46,6 +46,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.utils.data import DataLoader, RandomSampler, Subset
 
 from lightning_influence.api import (
+    SelfResult,
     evaluation_mode,
     factor_tracker,
     iterate_rows,
@@ -73,6 +74,7 @@ __all__ = [
     "layer_damping",
     "make_solver",
     "self_influence",
+    "solver_self_scores",
 ]
 
 log = logging.getLogger(__name__)
@@ -643,6 +645,35 @@ def self_influence(model: nn.Module, preconditioner: Any, loader: Any,
     per-example gradients are built for the chosen examples (all when ``indices`` is None) and
     preconditioned ``batch_size`` at a time.
     """
+    layer_terms, _ = _self_terms(model, preconditioner, loader, task, indices=indices,
+                                 batch_size=batch_size, tracker=tracker)
+    return layer_terms.sum(0)
+
+
+def solver_self_scores(model: nn.Module, solver: CurvatureSolver, loader: Any,
+                       task: Task | str | None = None, *, normalize: bool = False,
+                       batch_size: int = 64, tracker: LayerTracker | None = None,
+                       progress: bool = True) -> SelfResult:
+    """Self-influence of every training example through a solver, as a :class:`SelfResult`.
+
+    One solve per ``batch_size`` examples (K right-hand sides at once): cheap for
+    :class:`ExplicitGGN`, a full iterative solve per chunk for :class:`ConjugateGradient` and
+    :class:`LiSSA`. The per-layer terms ``g_l . (P g)_l`` sum to the score (with a coupled
+    solver they may be negative even when the score is not).
+    """
+    layer_terms, losses = _self_terms(model, solver, loader, task, batch_size=batch_size,
+                                      tracker=tracker, progress=progress)
+    scale = 1.0 / solver.num_examples if normalize and solver.num_examples else 1.0
+    layer_terms = layer_terms * scale
+    return SelfResult(scores=layer_terms.sum(0), layer_scores=layer_terms,
+                      layer_names=list(solver.shapes), losses=losses, normalized=scale != 1.0)
+
+
+def _self_terms(model: nn.Module, preconditioner: Any, loader: Any, task: Task | str | None,
+                *, indices: Sequence[int] | Tensor | None = None, batch_size: int = 64,
+                tracker: LayerTracker | None = None, progress: bool = False,
+                ) -> tuple[Tensor, Tensor]:
+    """Per-layer self-influence terms ``[L, M]`` (float64) and the training losses ``[M]``."""
     task = resolve_task(task, model)
     tracker = factor_tracker(model, preconditioner, tracker)
     preconditioner.check_matches(tracker)
@@ -650,15 +681,17 @@ def self_influence(model: nn.Module, preconditioner: Any, loader: Any,
     chosen = range(len(dataset)) if indices is None else [int(i) for i in indices]
     sub = DataLoader(Subset(dataset, list(chosen)), batch_size=batch_size, shuffle=False,
                      collate_fn=loader.collate_fn)
-    out = []
-    for _, _, _, rows, _ in iterate_rows(model, sub, task, tracker, "loss", shard=False,
-                                         desc="influence: self-influence (per example)",
-                                         progress=False):
+    names = list(preconditioner.shapes)
+    terms, losses = [], []
+    for _, _, _, rows, batch_losses in iterate_rows(
+            model, sub, task, tracker, "loss", shard=False, progress=progress,
+            desc=f"influence: self-influence ({preconditioner.strategy}, per example)"):
         grads = {}
         for name, (a, g) in rows.items():
             gr = per_example_gradients(a, g)
             grads[name] = gr if gr.dtype in (torch.float32, torch.float64) else gr.float()
         solved = preconditioner.precondition(grads)
-        out.append(sum((solved[n].double() * grads[n].double()).flatten(1).sum(1)
-                       for n in grads).cpu())
-    return torch.cat(out)
+        terms.append(torch.stack([(solved[n].double() * grads[n].double()).flatten(1).sum(1)
+                                  for n in names]).cpu())
+        losses.append(batch_losses.double().cpu())
+    return torch.cat(terms, dim=1), torch.cat(losses)

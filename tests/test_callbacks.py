@@ -267,3 +267,39 @@ def test_forwards_that_cannot_be_reused_fall_back_to_a_separate_pass(tmp_path, m
     assert reason in stats.fallback_reason
     assert stats.updates == 6
     assert all(float(c.compute()["examples"]) == 6 * 16 for c in stats.covariances.values())
+
+
+def test_solver_strategies_run_in_the_callbacks(tmp_path):
+    """strategy='explicit' in EigenCorrection: the callbacks' scores are the exact damped
+    Gauss-Newton ones (as built directly), self-influence included; heuristic damping comes from
+    the EK-FAC factors, so the solver solves the system EK-FAC approximates."""
+    from lightning_influence.solvers import ExplicitGGN, self_influence
+
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    train, val = _loaders()
+    callbacks = [InfluenceStatistics(progress=False),
+                 EigenCorrection(strategy="explicit", progress=False),
+                 InfluenceScores(num_queries=4, top_k=3, keep_scores=True, progress=False)]
+    _trainer(tmp_path, callbacks).fit(model, train, val)
+    solver = callbacks[1].factors
+    assert isinstance(solver, ExplicitGGN)
+    ekfac = li.Factors.load(tmp_path / "influence")
+    assert solver.damping == pytest.approx(ekfac.damping)
+
+    ordered = li.ordered_loader(train)
+    direct = ExplicitGGN(model, ordered, "classification", damping=ekfac)
+    queries = DataLoader(torch.utils.data.Subset(val.dataset, range(4)), batch_size=16)
+    expected = li.compute_pairwise_scores(model, direct, queries, ordered, "classification",
+                                          top_k=3, keep_scores=True, progress=False)
+    torch.testing.assert_close(callbacks[2].pairwise_result.scores, expected.scores)
+    self_scores = callbacks[2].self_result.scores
+    torch.testing.assert_close(self_scores, self_influence(model, direct, ordered,
+                                                           "classification").to(self_scores.dtype))
+    assert callbacks[2].self_result.layer_scores.shape == (2, 96)
+    assert (self_scores > 0).all()
+
+
+def test_solver_options_are_checked():
+    with pytest.raises(ValueError, match="solver_options are for the solver strategies"):
+        EigenCorrection(strategy="ekfac", solver_options={"iterations": 10})

@@ -65,6 +65,20 @@ def test_plus_callbacks_and_strategy_group_in_an_app_without_callbacks(tmp_path)
     assert eigen.strategy == "kfac" and eigen.damping == 0.01
 
 
+def test_solver_strategy_group_with_option_overrides(tmp_path):
+    (tmp_path / "train.yaml").write_text("seed: 1\n")
+    GlobalHydra.instance().clear()
+    try:
+        cfg = _compose(tmp_path, ["hydra.searchpath=[pkg://lightning_influence.conf]",
+                                  "+callbacks=influence", "+influence_strategy=lissa",
+                                  "callbacks.influence_eigen.solver_options.iterations=300"])
+    finally:
+        GlobalHydra.instance().clear()
+    eigen = hydra.utils.instantiate(cfg.callbacks.influence_eigen)
+    assert eigen.strategy == "lissa"
+    assert eigen.solver_options["iterations"] == 300 and eigen.solver_options["scale"] is None
+
+
 def test_task_target_in_config_builds_a_task(template_app):
     cfg = _compose(template_app, [
         "hydra.searchpath=[pkg://lightning_influence.conf]", "callbacks=[influence]",

@@ -13,6 +13,7 @@ from lightning_influence.callbacks._common import find_callback, output_dir, tra
 from lightning_influence.callbacks.influence_statistics import InfluenceStatistics
 from lightning_influence.factors import STRATEGIES, Factors
 from lightning_influence.memory import estimate_bytes, format_estimate
+from lightning_influence.solvers import SOLVERS, CurvatureSolver, make_solver
 from lightning_influence.task import Task, resolve_task
 from lightning_influence.tracking import LayerTracker
 
@@ -29,8 +30,18 @@ class EigenCorrection(Callback):
     The task and layers come from the :class:`InfluenceStatistics` callback when one is attached
     (it is required for ``kfac``/``ekfac``), else from this callback's own arguments.
 
+    The reference solvers are strategies too: ``lissa``, ``cg`` (conjugate gradient on the
+    damped Gauss-Newton product) and ``explicit`` (the dense damped Gauss-Newton inverse, small
+    models only); see :mod:`lightning_influence.solvers`. They solve the full (cross-layer)
+    damped Gauss-Newton system instead of approximating it, are built in memory when fit ends
+    (nothing to save or reuse) and are slow: use them to check EK-FAC on your model, or where
+    the model is small. With the heuristic damping they need the EK-FAC factors (and so an
+    InfluenceStatistics callback) for the per-layer damping, and solve the same damped system
+    EK-FAC approximates.
+
     Args:
-        strategy: one of ``identity``, ``diagonal``, ``kfac``, ``ekfac``.
+        strategy: ``identity``, ``diagonal``, ``kfac``, ``ekfac``, or a solver: ``lissa``,
+            ``cg``, ``explicit``.
         damping: a number, ``None``/``"heuristic"`` (``damping_factor`` x mean eigenvalue per
             layer) or ``"weight_decay"`` (the first optimizer's weight decay).
         damping_factor: the heuristic's factor (0.1, the paper's).
@@ -38,6 +49,9 @@ class EigenCorrection(Callback):
         overwrite: refit even when matching factors exist.
         task, layers, exclude: used when no InfluenceStatistics callback is attached.
         max_batches, batch_size, seed, progress: of the eigenvalue pass.
+        solver_options: keyword arguments of the solver class (e.g. ``{"iterations": 2000,
+            "scale": 50.0}`` for LiSSA, ``{"max_iterations": 100, "rtol": 1e-6}`` for CG); for
+            ``cg``, ``ekfac_preconditioner: true`` preconditions CG with the EK-FAC factors.
     """
 
     def __init__(self, strategy: str = "ekfac", damping: float | str | None = None,
@@ -45,11 +59,14 @@ class EigenCorrection(Callback):
                  overwrite: bool = False, task: Task | str | None = None,
                  layers: list[str] | None = None, exclude: list[str] | None = None,
                  max_batches: int | None = None, batch_size: int | None = None, seed: int = 0,
-                 progress: bool = True) -> None:
+                 progress: bool = True, solver_options: dict[str, Any] | None = None) -> None:
         super().__init__()
-        if strategy not in STRATEGIES:
+        if strategy not in STRATEGIES and strategy not in SOLVERS:
             raise ValueError(f"EigenCorrection: strategy={strategy!r} is not one of "
-                             f"{list(STRATEGIES)}.")
+                             f"{list(STRATEGIES) + list(SOLVERS)}.")
+        if solver_options and strategy not in SOLVERS:
+            raise ValueError(f"EigenCorrection: solver_options are for the solver strategies "
+                             f"{list(SOLVERS)}, not {strategy!r}.")
         if isinstance(damping, str) and damping not in ("heuristic", "weight_decay"):
             raise ValueError(f"EigenCorrection: damping={damping!r}; use a number, 'heuristic' "
                              "or 'weight_decay'.")
@@ -63,41 +80,52 @@ class EigenCorrection(Callback):
         self.task_spec, self.layers, self.exclude = task, layers, exclude
         self.max_batches, self.batch_size, self.seed = max_batches, batch_size, seed
         self.progress = progress
-        self.factors: Factors | None = None
+        self.solver_options = dict(solver_options or {})
+        self.factors: Factors | CurvatureSolver | None = None
         self.factors_path: str | None = None
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self.ensure_factors(trainer, pl_module)
 
-    def ensure_factors(self, trainer: Any, pl_module: Any) -> Factors:
-        """The fitted factors: from memory, from matching files, or fitted now."""
+    def ensure_factors(self, trainer: Any, pl_module: Any) -> Factors | CurvatureSolver:
+        """The fitted factors (from memory, from matching files, or fitted now), or the solver."""
         if self.factors is not None:
             return self.factors
+        if self.strategy in SOLVERS:
+            self.factors = self._build_solver(trainer, pl_module)
+            return self.factors
+        self.factors = self._fit(trainer, pl_module, self.strategy, self.damping)
+        return self.factors
+
+    def _fit(self, trainer: Any, pl_module: Any, strategy: str, damping: Any) -> Factors:
         stats = find_callback(trainer, InfluenceStatistics)
         if stats is not None:
             stats._bind(pl_module)
             task, tracker = stats.task, stats.tracker
         else:
-            if self.strategy in ("kfac", "ekfac"):
+            if strategy in ("kfac", "ekfac"):
+                why = "" if strategy == self.strategy else (
+                    f" (strategy={self.strategy!r} with the heuristic damping or the EK-FAC "
+                    "preconditioner fits EK-FAC factors first)")
                 raise RuntimeError(
                     f"EigenCorrection(strategy={self.strategy!r}) needs an InfluenceStatistics "
-                    "callback in the Trainer's callbacks (it accumulates the covariances)."
+                    f"callback in the Trainer's callbacks (it accumulates the covariances){why}."
                 )
             task = resolve_task(self.task_spec, pl_module)
             tracker = LayerTracker(pl_module, self.layers, self.exclude)
         folder = output_dir(trainer, self.output_dir)
         reuse = Factors.exists(folder) and not self.overwrite
         covariances = None
-        if not reuse and stats is not None and self.strategy in ("kfac", "ekfac"):
+        if not reuse and stats is not None and strategy in ("kfac", "ekfac"):
             covariances = stats.ensure_covariances(trainer, pl_module)
         rank_zero_info(f"lightning-influence: {'reusing' if reuse else 'fitting'} "
-                       f"{self.strategy} factors in {folder}")
+                       f"{strategy} factors in {folder}")
         if not reuse:
             rank_zero_info("lightning-influence: " + format_estimate(
-                estimate_bytes(tracker.describe(), self.strategy)))
-        self.factors = fit_factors(
+                estimate_bytes(tracker.describe(), strategy)))
+        factors = fit_factors(
             pl_module, training_loader(trainer, pl_module, self.batch_size), task,
-            strategy=self.strategy, tracker=tracker, damping=self.damping,
+            strategy=strategy, tracker=tracker, damping=damping,
             damping_factor=self.damping_factor, weight_decay=_weight_decay(trainer),
             covariances=covariances,
             output_dir=folder, write=trainer.is_global_zero, overwrite=self.overwrite,
@@ -105,7 +133,48 @@ class EigenCorrection(Callback):
             progress=self.progress and trainer.is_global_zero,
         )
         self.factors_path = str(folder)
-        return self.factors
+        return factors
+
+    def _build_solver(self, trainer: Any, pl_module: Any) -> CurvatureSolver:
+        """The solver strategy, with its damping (and CG's optional EK-FAC preconditioner)."""
+        options = dict(self.solver_options)
+        use_ekfac = bool(options.pop("ekfac_preconditioner", False))
+        if use_ekfac and self.strategy != "cg":
+            raise ValueError("EigenCorrection: ekfac_preconditioner is an option of "
+                             f"strategy='cg', not {self.strategy!r}.")
+        damping: Any = self.damping
+        ekfac = None
+        if damping is None or damping == "heuristic" or use_ekfac:
+            ekfac = self._fit(trainer, pl_module, "ekfac", self.damping)
+        if damping is None or damping == "heuristic":
+            damping = ekfac  # its per-layer heuristic damping: the system EK-FAC approximates
+        elif damping == "weight_decay":
+            damping = _weight_decay(trainer)
+            if damping is None:
+                raise ValueError("EigenCorrection(damping='weight_decay'): the optimizer has no "
+                                 "weight decay; pass a number.")
+        if use_ekfac:
+            options["preconditioner"] = ekfac
+        stats = find_callback(trainer, InfluenceStatistics)
+        if stats is not None:
+            stats._bind(pl_module)
+            task, tracker = stats.task, stats.tracker
+        else:
+            task = resolve_task(self.task_spec, pl_module)
+            tracker = LayerTracker(pl_module, self.layers, self.exclude)
+        if ekfac is not None:
+            tracker = LayerTracker(pl_module, layers=list(ekfac.shapes))
+        rank_zero_info(f"lightning-influence: building the {self.strategy} solver")
+        try:
+            solver = make_solver(self.strategy, pl_module,
+                                 training_loader(trainer, pl_module, self.batch_size), task,
+                                 damping=damping, tracker=tracker,
+                                 progress=self.progress and trainer.is_global_zero, **options)
+        except TypeError as err:
+            raise ValueError(f"EigenCorrection(strategy={self.strategy!r}): bad solver_options "
+                             f"{self.solver_options}: {err}") from err
+        self.factors_path = self.factors_path or str(output_dir(trainer, self.output_dir))
+        return solver
 
     def state_dict(self) -> dict[str, Any]:
         return {"factors_path": self.factors_path, "strategy": self.strategy}

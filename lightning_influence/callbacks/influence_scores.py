@@ -26,6 +26,7 @@ from lightning_influence.callbacks.eigen_correction import EigenCorrection
 from lightning_influence.callbacks.influence_statistics import InfluenceStatistics
 from lightning_influence.memory import estimate_bytes, format_estimate
 from lightning_influence.reporting import ExampleLookup, log_results, write_results
+from lightning_influence.solvers import CurvatureSolver, solver_self_scores
 from lightning_influence.task import resolve_task
 from lightning_influence.tracking import LayerTracker
 
@@ -138,7 +139,14 @@ class InfluenceScores(Callback):
                 keep_scores=self.keep_scores, per_layer=self.per_layer,
                 normalize=self.normalize, tracker=tracker, progress=show,
                 autocast=self._autocast(trainer), scores_dir=self._chunk_dir(trainer, eigen))
-        if self.self_influence:
+        if self.self_influence and isinstance(factors, CurvatureSolver):
+            rank_zero_info(f"lightning-influence: self-influence through the {factors.strategy} "
+                           "solver (one solve per batch of training examples)")
+            self.self_result = solver_self_scores(pl_module, factors, train, task,
+                                                  normalize=self.normalize, tracker=tracker,
+                                                  batch_size=train.batch_size or 64,
+                                                  progress=show)
+        elif self.self_influence:
             self.self_result = compute_self_scores(pl_module, factors, train, task,
                                                    normalize=self.normalize, tracker=tracker,
                                                    progress=show, autocast=self._autocast(trainer),
