@@ -197,6 +197,9 @@ def rows_from_outputs(outputs: Tensor, cap: Capture, batch: Any, task: Task,
     """The backward half of :func:`batch_rows`, for a forward whose tracked layers were
     recorded in ``cap`` and whose model outputs are ``outputs``; ``retain_graph`` keeps the
     graph (the forward of a training step, whose own backward follows)."""
+    if mode == "exact":
+        return _exact_fisher_rows(outputs, cap, batch, task, tracker, batch_index, retain_graph,
+                                  check)
     if mode == "sampled":
         losses = task.sampled_loss(outputs, batch, generator)
     elif mode == "loss":
@@ -223,6 +226,28 @@ def rows_from_outputs(outputs: Tensor, cap: Capture, batch: Any, task: Task,
     if check:
         check_rows(rows, batch_index)
     return rows, losses.detach()
+
+
+def _exact_fisher_rows(outputs: Tensor, cap: Capture, batch: Any, task: Task,
+                       tracker: LayerTracker, batch_index: int | None, retain_graph: bool,
+                       check: bool) -> tuple[dict[str, tuple[Tensor, Tensor]], Tensor]:
+    """Rows of the exact Fisher: ``a [N, T, I]`` and the K gradients of the task's
+    :meth:`~lightning_influence.task.Task.fisher_losses`, ``g [K*N, T, O]`` (class-major).
+    Returns the pseudo-losses summed over K as the losses."""
+    pseudo = task.fisher_losses(outputs, batch)
+    if pseudo.dim() != 2 or pseudo.shape[1] != outputs.shape[0]:
+        raise ValueError(f"{type(task).__name__}.fisher_losses returned shape "
+                         f"{tuple(pseudo.shape)}; it must be [K, N] (N = {outputs.shape[0]}).")
+    where = f"batch {batch_index}" if batch_index is not None else "a batch"
+    finite_or_raise(pseudo.detach().sum(0), f"{where} (exact-Fisher pseudo-losses)")
+    k = pseudo.shape[0]
+    per_k = [tracker.rows(cap, pseudo[j], retain_graph=retain_graph or j < k - 1)
+             for j in range(k)]
+    rows = {name: (a, torch.cat([p[name][1] for p in per_k]) if k > 1 else g)
+            for name, (a, g) in per_k[0].items()}
+    if check:
+        check_rows(rows, batch_index)
+    return rows, pseudo.detach().sum(0)
 
 
 def check_rows(rows: dict[str, tuple[Tensor, Tensor]], batch_index: int | None) -> None:
@@ -265,6 +290,18 @@ def iterate_rows(model: nn.Module, loader: Any, task: Task, tracker: LayerTracke
 
 
 # ----------------------------------------------------------------------------------- factors
+FISHER = ("sampled", "exact")
+
+
+def fisher_mode(fisher: str) -> str:
+    """The row mode of a Fisher choice: ``"sampled"`` (one label sampled from the model per
+    example, as the paper and Kronfluence) or ``"exact"`` (every label, weighted by its
+    probability: no sampling noise, one backward per class)."""
+    if fisher not in FISHER:
+        raise ValueError(f"fisher={fisher!r} is not one of {list(FISHER)}.")
+    return fisher
+
+
 def new_covariances(tracker: LayerTracker, device: torch.device | None = None,
                     ) -> dict[str, CovarianceStatistic]:
     """Fresh, empty covariance statistics for every tracked layer."""
@@ -275,10 +312,12 @@ def new_covariances(tracker: LayerTracker, device: torch.device | None = None,
 def update_covariances(model: nn.Module, batch: Any, task: Task, tracker: LayerTracker,
                        covariances: dict[str, CovarianceStatistic],
                        generator: torch.Generator | None = None,
-                       batch_index: int | None = None) -> None:
-    """Add one batch to the covariances (one forward and one backward with sampled labels)."""
+                       batch_index: int | None = None, fisher: str = "sampled") -> None:
+    """Add one batch to the covariances (one forward and one backward with sampled labels, or
+    one backward per class with ``fisher="exact"``)."""
     with evaluation_mode(model):
-        rows, _ = batch_rows(model, batch, task, tracker, "sampled", generator, batch_index)
+        rows, _ = batch_rows(model, batch, task, tracker, fisher_mode(fisher), generator,
+                             batch_index)
     add_rows(covariances, rows, task.row_mask(move_to_device(batch, model_device(model))))
 
 
@@ -294,8 +333,10 @@ def fit_covariances(model: nn.Module, loader: Any, task: Task | str | None = Non
                     exclude: Sequence[str] | None = None, seed: int = 0,
                     max_batches: int | None = None, progress: bool = True,
                     covariances: dict[str, CovarianceStatistic] | None = None,
+                    fisher: str = "sampled",
                     ) -> dict[str, CovarianceStatistic]:
-    """Accumulate the K-FAC covariances ``A`` and ``S`` over a dataloader.
+    """Accumulate the K-FAC covariances ``A`` and ``S`` over a dataloader (``fisher``: see
+    :func:`fisher_mode`).
 
     Returns per layer a :class:`CovarianceStatistic` (sums; ``compute()`` divides and, under
     ``torch.distributed``, sums across processes first).
@@ -304,7 +345,7 @@ def fit_covariances(model: nn.Module, loader: Any, task: Task | str | None = Non
     tracker = _tracker(model, tracker, layers, exclude)
     check_loader(loader, "covariance")
     covs = covariances if covariances is not None else new_covariances(tracker)
-    for _, _, batch, rows, _ in iterate_rows(model, loader, task, tracker, "sampled",
+    for _, _, batch, rows, _ in iterate_rows(model, loader, task, tracker, fisher_mode(fisher),
                                           desc="influence: covariances", progress=progress,
                                           seed=seed, max_batches=max_batches):
         add_rows(covs, rows, task.row_mask(move_to_device(batch, model_device(model))))
@@ -342,13 +383,13 @@ def eigenbases(covariances: dict[str, CovarianceStatistic]) -> dict[str, dict[st
 def fit_eigenvalues(model: nn.Module, loader: Any, task: Task, tracker: LayerTracker,
                     bases: dict[str, dict[str, Tensor]] | None, *, seed: int = 0,
                     max_batches: int | None = None, progress: bool = True,
-                    ) -> dict[str, EigenvalueStatistic]:
+                    fisher: str = "sampled") -> dict[str, EigenvalueStatistic]:
     """The eigenvalue-correction pass: Lambda = mean over examples of (Q_S^T G_n Q_A)^2.
 
     With ``bases=None`` the bases are the identity: the result is the diagonal Fisher.
     """
     stats = {layer.name: EigenvalueStatistic(layer.d_in, layer.d_out) for layer in tracker}
-    for _, _, _, rows, _ in iterate_rows(model, loader, task, tracker, "sampled",
+    for _, _, _, rows, _ in iterate_rows(model, loader, task, tracker, fisher_mode(fisher),
                                          desc="influence: eigenvalue correction", progress=progress,
                                       seed=seed + 1, max_batches=max_batches):
         for name, (a, g) in rows.items():
@@ -400,7 +441,7 @@ def fit_factors(model: nn.Module, loader: Any, task: Task | str | None = None, *
                 covariances: dict[str, CovarianceStatistic] | None = None,
                 output_dir: str | Path | None = None, overwrite: bool = False, seed: int = 0,
                 max_batches: int | None = None, progress: bool = True,
-                write: bool = True) -> Factors:
+                write: bool = True, fisher: str = "sampled") -> Factors:
     """Fit the curvature factors of a model on a dataloader.
 
     Args:
@@ -420,6 +461,10 @@ def fit_factors(model: nn.Module, loader: Any, task: Task | str | None = None, *
         seed: seed of the label sampling.
         max_batches: cap on the batches of each pass.
         progress: show progress bars.
+        fisher: ``"sampled"`` (default: one label per example sampled from the model, as in
+            the paper and Kronfluence) or ``"exact"`` (every label weighted by its probability:
+            the same curvature without sampling noise, one backward per class; classification
+            and regression).
 
     Raises:
         FactorMismatchError: stored factors belong to another model, layer set or strategy.
@@ -427,11 +472,18 @@ def fit_factors(model: nn.Module, loader: Any, task: Task | str | None = None, *
         FloatingPointError: NaN/Inf in losses, activations, gradients or covariances.
     """
     check_strategy(strategy)
+    fisher_mode(fisher)
     task = resolve_task(task, model)
     tracker = _tracker(model, tracker, layers, exclude)
     if output_dir is not None and not overwrite and Factors.exists(output_dir):
         stored = Factors.load(output_dir)
         stored.check_matches(tracker, strategy, source=f"The factors in {output_dir}")
+        stored_fisher = stored.extra.get("fisher", "sampled")
+        if strategy != "identity" and stored_fisher != fisher:
+            raise FactorMismatchError(
+                f"The factors in {output_dir} were fitted with fisher={stored_fisher!r}, not "
+                f"{fisher!r}. Refit (overwrite=True) or use another output directory."
+            )
         log.info("Reusing the factors in %s", output_dir)
         # the curvature is reused; the damping is always the one asked for now
         return stored.with_damping(damping, damping_factor, weight_decay)
@@ -441,14 +493,15 @@ def fit_factors(model: nn.Module, loader: Any, task: Task | str | None = None, *
         covs = covariances
         if covs is None:
             covs = fit_covariances(model, loader, task, tracker=tracker, seed=seed,
-                                   max_batches=max_batches, progress=progress)
+                                   max_batches=max_batches, progress=progress, fisher=fisher)
         bases = eigenbases(covs)
     eigenvalues = None
     if strategy in ("ekfac", "diagonal"):
         eigenvalues = fit_eigenvalues(model, loader, task, tracker, bases, seed=seed,
-                                      max_batches=max_batches, progress=progress)
+                                      max_batches=max_batches, progress=progress, fisher=fisher)
     factors = factors_from_statistics(tracker, strategy, bases, eigenvalues, damping=damping,
                                       damping_factor=damping_factor, weight_decay=weight_decay)
+    factors.extra["fisher"] = fisher
     if strategy == "identity":
         factors.num_examples = _count_examples(loader)
     if output_dir is not None and write:

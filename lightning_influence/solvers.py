@@ -271,12 +271,26 @@ class GaussNewtonOperator:
 
         return lambda u: jvp(loss_grad, (out,), (u,))[1]
 
-    def mean_product(self, batches: Any, vectors: Vectors) -> Vectors:
-        """``G v``: the product averaged over every example of ``batches`` (a loader or list)."""
+    def block_product(self, batch: Any, vectors: Vectors) -> tuple[Vectors, int]:
+        """Like :meth:`product` with the cross-layer blocks of G left out (``G_ll v_l`` for
+        every layer l: the block-diagonal, layer-wise system that K-FAC and EK-FAC approximate
+        further). One product per layer."""
+        out, count = {}, 0
+        for name in vectors:
+            only = {n: v if n == name else torch.zeros_like(v) for n, v in vectors.items()}
+            prod, count = self.product(batch, only)
+            out[name] = prod[name]
+        return out, count
+
+    def mean_product(self, batches: Any, vectors: Vectors,
+                     block_diagonal: bool = False) -> Vectors:
+        """``G v``: the product averaged over every example of ``batches`` (a loader or list);
+        with ``block_diagonal``, of the layer-wise blocks only."""
         total: Vectors | None = None
         count = 0
+        product = self.block_product if block_diagonal else self.product
         for batch in batches:
-            prod, n = self.product(batch, vectors)
+            prod, n = product(batch, vectors)
             count += n
             total = prod if total is None else {k: total[k] + prod[k] for k in total}
         if total is None or count == 0:
@@ -313,6 +327,10 @@ class CurvatureSolver:
         tracker, layers, exclude: the tracked layers (default every Linear/Conv2d).
         dtype: dtype of the solve (default float64; the model is not copied).
         progress: log progress of long solves.
+        block_diagonal: solve the layer-wise system (the cross-layer blocks of G left out), the
+            system K-FAC and EK-FAC approximate further: a diagnostic that separates what
+            ignoring cross-layer curvature costs from what the Kronecker factorisation costs.
+            Each product then costs one product per layer.
     """
 
     strategy = "solver"
@@ -321,7 +339,7 @@ class CurvatureSolver:
                  damping: float | Mapping[str, float] | Factors = 0.0,
                  tracker: LayerTracker | None = None, layers: Sequence[str] | None = None,
                  exclude: Sequence[str] | None = None, dtype: torch.dtype | None = torch.float64,
-                 progress: bool = False) -> None:
+                 progress: bool = False, block_diagonal: bool = False) -> None:
         self.task = resolve_task(task, model)
         if tracker is None:
             tracker = (factor_tracker(model, damping) if isinstance(damping, Factors)
@@ -334,10 +352,11 @@ class CurvatureSolver:
         self.fingerprint = model_fingerprint(tracker)
         self.num_examples = _count_examples(loader)
         self.progress = progress
+        self.block_diagonal = block_diagonal
         self._damping = self._resolve_damping(damping)
         self.layers = {n: _SolverLayer(d, self.strategy) for n, d in self._damping.items()}
         self.operator = GaussNewtonOperator(model, self.task, tracker, dtype)
-        self.extra: dict[str, Any] = {}
+        self.extra: dict[str, Any] = {"block_diagonal": True} if block_diagonal else {}
 
     def _resolve_damping(self, damping: Any) -> dict[str, float]:
         return layer_damping(damping, self.names, type(self).__name__)
@@ -358,6 +377,12 @@ class CurvatureSolver:
         if check_weights and model_fingerprint(tracker)["weights"] != self.fingerprint["weights"]:
             raise FactorMismatchError(f"{source} was built for the same architecture with other "
                                       "weights (the model changed since); build it again.")
+
+    def _product(self, batch: Any, vectors: Vectors) -> tuple[Vectors, int]:
+        """One batch's (summed) product, block-diagonal when the solver is."""
+        if self.block_diagonal:
+            return self.operator.block_product(batch, vectors)
+        return self.operator.product(batch, vectors)
 
     def damp(self, vectors: Vectors) -> Vectors:
         """``D v``."""
@@ -413,7 +438,8 @@ class ExplicitGGN(CurvatureSolver):
         eye = torch.eye(p, dtype=dtype, device=self.operator.device)
         for start in range(0, p, chunk):
             block = _unflatten(eye[start:start + chunk], self.shapes)
-            columns.append(_flatten(self.operator.mean_product(loader, block), self.names))
+            columns.append(_flatten(self.operator.mean_product(loader, block,
+                                                               self.block_diagonal), self.names))
         g = torch.cat(columns).T  # [P, P]
         self.matrix = 0.5 * (g + g.T)
         self._diag = torch.cat([torch.full((o * i,), self._damping[n], dtype=dtype)
@@ -469,7 +495,7 @@ class ConjugateGradient(CurvatureSolver):
 
     def _apply(self, x: Tensor) -> Tensor:
         v = _unflatten(x, self.shapes)
-        gv = self.operator.mean_product(self.loader, v)
+        gv = self.operator.mean_product(self.loader, v, self.block_diagonal)
         dv = self.damp(v)
         return _flatten({n: gv[n] + dv[n] for n in self.names}, self.names)
 
@@ -582,7 +608,7 @@ class LiSSA(CurvatureSolver):
             for _ in range(iterations):
                 norm = math.sqrt(sum(float(x.square().sum()) for x in v.values()))
                 v = {n: x / norm for n, x in v.items()}
-                prod, count = self.operator.product(batch, v)
+                prod, count = self._product(batch, v)
                 dv = self.damp(v)
                 gv = {n: prod[n] / count + dv[n] for n in self.names}
                 value = sum(float((gv[n] * v[n]).sum()) for n in self.names)
@@ -611,7 +637,7 @@ class LiSSA(CurvatureSolver):
         stream = self._batches(self.seed + repeat)
         h = {n: v.clone() for n, v in vectors.items()}
         for j in range(1, wanted[-1] + 1):
-            prod, count = self.operator.product(next(stream), h)
+            prod, count = self._product(next(stream), h)
             h = {n: vectors[n] + h[n] - (prod[n] / count + self._damping[n] * h[n]) / self.scale
                  for n in self.names}
             if self.progress and j % 100 == 0:

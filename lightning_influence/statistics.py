@@ -71,11 +71,13 @@ class CovarianceStatistic(Metric):
                        dist_reduce_fx="sum")
 
     def update(self, a: Tensor, g: Tensor, mask: Tensor | None = None) -> None:  # type: ignore[override]
-        """Add a batch: ``a [N, T, I]``, ``g [N, T, O]``, optional row mask ``[N, T]``."""
+        """Add a batch: ``a [N, T, I]``, ``g [N, T, O]`` or ``[K*N, T, O]`` (the K gradient rows
+        per example of the exact Fisher, class-major: their outer products add up), optional
+        row mask ``[N, T]``."""
         if mask is not None and mask.shape == a.shape[:2]:
             m = mask.to(a.dtype).unsqueeze(-1)
             a = a * m
-            g = g * m
+            g = g * m.repeat(g.shape[0] // a.shape[0], 1, 1).to(g.dtype)
             rows = mask.sum()
         else:
             rows = a.shape[0] * a.shape[1]
@@ -145,18 +147,24 @@ class EigenvalueStatistic(Metric):
         self.add_state("examples", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, a_rot: Tensor, g_rot: Tensor) -> None:  # type: ignore[override]
-        """Add rotated rows ``a_rot = a Q_A [N, T, I]`` and ``g_rot = g Q_S [N, T, O]``."""
+        """Add rotated rows ``a_rot = a Q_A [N, T, I]`` and ``g_rot = g Q_S [N, T, O]`` (or
+        ``[K*N, T, O]``: K gradients per example, class-major, whose squares add up)."""
         n, t, i = a_rot.shape
         o = g_rot.shape[-1]
+        k = g_rot.shape[0] // n
         if t == 1:
             # (g'_n a'_n^T)^2 = g'^2_n (a'^2_n)^T: no per-example matrix needed.
-            total = g_rot[:, 0].square().T @ a_rot[:, 0].square()
+            g_sq = g_rot[:, 0].square().reshape(k, n, o).sum(dim=0)
+            total = g_sq.T @ a_rot[:, 0].square()
         else:
             step = max(1, self.chunk_elements // (o * i))
             total = a_rot.new_zeros(o, i)
-            for s in range(0, n, step):
-                per_example = torch.einsum("nto,nti->noi", g_rot[s:s + step], a_rot[s:s + step])
-                total += per_example.square().sum(dim=0)
+            for j in range(k):
+                g_j = g_rot[j * n:(j + 1) * n]
+                for s in range(0, n, step):
+                    per_example = torch.einsum("nto,nti->noi", g_j[s:s + step],
+                                               a_rot[s:s + step])
+                    total += per_example.square().sum(dim=0)
         self.eigenvalue_sum.add_(total)
         self.examples.add_(n)
 

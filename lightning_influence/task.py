@@ -83,6 +83,17 @@ class Task(ABC):
         Its gradient is the pseudo-gradient of the true Fisher. Sampling happens without autograd.
         """
 
+    def fisher_losses(self, outputs: Tensor, batch: Any) -> Tensor:
+        """``[K, N]`` pseudo-losses for the exact (label-free) Fisher: their gradients
+        ``g_kn`` satisfy ``sum_k g_kn g_kn^T = J_n^T H_n J_n`` for every example ``n``, the
+        Gauss-Newton matrix of its loss, with no label sampling (``fisher="exact"``). Tasks
+        with one prediction per example and a small output space implement it; the default
+        refuses."""
+        raise NotImplementedError(
+            f"{type(self).__name__} has no exact Fisher (fisher='exact' needs one prediction per "
+            "example with few outputs, e.g. classification or regression); use fisher='sampled'."
+        )
+
     def measurement(self, outputs: Tensor, batch: Any) -> Tensor:
         """Per-example query measurement ``[N]``; the default is the training loss."""
         return self.loss(outputs, batch)
@@ -161,6 +172,25 @@ class ClassificationTask(Task):
             sampled = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         return F.cross_entropy(outputs, sampled, reduction="none")
 
+    max_exact_classes = 1024
+
+    def fisher_losses(self, outputs: Tensor, batch: Any) -> Tensor:
+        """``sqrt(p_c) * CE(outputs, c)`` for every class ``c`` (``sqrt(p)`` held constant):
+        ``sum_c p_c (p - e_c)(p - e_c)^T = diag(p) - p p^T``, the Hessian of cross-entropy, so
+        the summed outer products of their gradients are exactly the expectation that one
+        sampled label estimates. Costs one backward per class."""
+        self._check_rank(outputs, 2, "ClassificationTask.fisher_losses")
+        if outputs.shape[1] > self.max_exact_classes:
+            raise ValueError(
+                f"ClassificationTask: fisher='exact' needs one backward per class and the model "
+                f"has {outputs.shape[1]} classes (more than max_exact_classes="
+                f"{self.max_exact_classes}); use fisher='sampled'."
+            )
+        with torch.no_grad():  # at least float32, float64 for float64 models
+            exact = outputs.detach().to(torch.promote_types(outputs.dtype, torch.float32))
+            weights = torch.softmax(exact, dim=-1).sqrt().to(outputs.dtype)
+        return -(weights * F.log_softmax(outputs, dim=-1)).T
+
 
 class RegressionTask(Task):
     """Squared error ``0.5 * ||y - f(x)||^2`` (summed over output dims), Gaussian sampling.
@@ -192,6 +222,11 @@ class RegressionTask(Task):
             sampled = outputs.detach() + noise
         diff = outputs - sampled
         return 0.5 * diff.pow(2).reshape(diff.shape[0], -1).sum(dim=1)
+
+    def fisher_losses(self, outputs: Tensor, batch: Any) -> Tensor:
+        """Every output coordinate ``f_d``: the Hessian of the squared error is the identity,
+        so ``sum_d J^T e_d e_d^T J = J^T J`` exactly. One backward per output dimension."""
+        return outputs.reshape(outputs.shape[0], -1).T
 
 
 class CausalLMTask(Task):

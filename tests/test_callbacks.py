@@ -303,3 +303,18 @@ def test_solver_strategies_run_in_the_callbacks(tmp_path):
 def test_solver_options_are_checked():
     with pytest.raises(ValueError, match="solver_options are for the solver strategies"):
         EigenCorrection(strategy="ekfac", solver_options={"iterations": 10})
+
+
+def test_exact_fisher_through_the_callbacks(tmp_path):
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    train, val = _loaders()
+    callbacks = [InfluenceStatistics(progress=False, fisher="exact"),
+                 EigenCorrection(progress=False)]
+    _trainer(tmp_path, callbacks).fit(model, train, val)
+    factors = callbacks[1].factors
+    assert factors.extra["fisher"] == "exact"
+    direct = li.fit_factors(model, li.ordered_loader(train), "classification", fisher="exact",
+                            progress=False)
+    for name, lf in factors.layers.items():
+        torch.testing.assert_close(lf.eigenvalues, direct.layers[name].eigenvalues)

@@ -267,3 +267,70 @@ def test_mismatch_changed_weights(tmp_path):
     # overwrite=True refits for the new weights.
     refit = fit_factors(model, data, task, output_dir=tmp_path, overwrite=True, progress=False)
     assert refit.fingerprint != factors.fingerprint
+
+
+# ------------------------------------------------------------------------------- exact Fisher
+EXACT_CASES = ["linear", "linear-nobias", "conv-stride-pad"]
+
+
+def _layer_blocks(model, names):
+    sizes = [ref.layer_shape(model.get_submodule(n)) for n in names]
+    starts = [0]
+    for o, i in sizes:
+        starts.append(starts[-1] + o * i)
+    return {n: (slice(starts[k], starts[k + 1]), sizes[k]) for k, n in enumerate(names)}
+
+
+@pytest.mark.parametrize("case", EXACT_CASES)
+def test_exact_fisher_ekfac_is_the_exact_ggn_block_in_the_kronecker_eigenbasis(case):
+    """fisher="exact": Lambda is exactly the diagonal of the layer's block of the exact
+    Gauss-Newton matrix (tests/reference.exact_ggn) rotated into Q_A kron Q_S, and the diagonal
+    strategy is that block's diagonal: no label sampling left anywhere."""
+    model, names, data, task, inputs, _ = CASES[case]()
+    ggn = ref.exact_ggn(model, names, inputs)
+    ekfac = fit_factors(model, data, task, strategy="ekfac", fisher="exact", progress=False)
+    diagonal = fit_factors(model, data, task, strategy="diagonal", fisher="exact",
+                           progress=False)
+    assert ekfac.num_examples == inputs.shape[0] and ekfac.extra["fisher"] == "exact"
+    for name, (block, (o, i)) in _layer_blocks(model, names).items():
+        g = ggn[block, block]
+        lf = ekfac.layers[name]
+        q = torch.kron(lf.basis_in, lf.basis_out)
+        assert_close(lf.eigenvalues, ref.unvec(torch.diagonal(q.T @ g @ q), o, i),
+                     rtol=1e-9, atol=1e-13)
+        assert_close(diagonal.layers[name].eigenvalues, ref.unvec(torch.diagonal(g), o, i),
+                     rtol=1e-9, atol=1e-13)
+
+
+@pytest.mark.parametrize("case", EXACT_CASES)
+def test_exact_fisher_covariances_weight_every_label_by_its_probability(case):
+    model, names, data, task, inputs, _ = CASES[case]()
+    covs = fit_covariances(model, data, task, fisher="exact", progress=False)
+    with torch.no_grad():
+        probs = torch.softmax(model(inputs), dim=-1)  # [N, C]
+    s_exact = {n: 0.0 for n in names}
+    for c in range(probs.shape[1]):
+        labels = torch.full((inputs.shape[0],), c, dtype=torch.long)
+        rows = ref.capture_rows(model, names, ref.class_nll, inputs, labels)
+        for name, (_, g) in rows.items():  # g [N, T, O]
+            weighted = g * probs[:, c].sqrt().reshape(-1, 1, 1)
+            flat = weighted.reshape(-1, g.shape[-1])
+            s_exact[name] = s_exact[name] + flat.T @ flat / flat.shape[0]
+    a_ref = ref.covariances(rows)
+    for name in names:
+        got = covs[name].compute()
+        assert_close(got["A"], a_ref[name][0], rtol=1e-10, atol=1e-12)
+        assert_close(got["S"], s_exact[name], rtol=1e-10, atol=1e-12)
+        assert float(got["examples"]) == inputs.shape[0]
+
+
+def test_exact_fisher_is_refused_for_language_models_and_on_reuse_with_sampled(tmp_path):
+    model, _, data, task, _, _ = lm_case()
+    with pytest.raises(NotImplementedError, match="fisher='sampled'"):
+        fit_factors(model, data, task, fisher="exact", progress=False)
+    with pytest.raises(ValueError, match="fisher='approximate'"):
+        fit_factors(model, data, task, fisher="approximate", progress=False)
+    model, _, data, task, _, _ = mlp_case()
+    fit_factors(model, data, task, fisher="exact", output_dir=tmp_path, progress=False)
+    with pytest.raises(FactorMismatchError, match="fisher='exact'"):
+        fit_factors(model, data, task, output_dir=tmp_path, progress=False)

@@ -8,7 +8,7 @@ from typing import Any
 from pytorch_lightning import Callback
 from pytorch_lightning.utilities import rank_zero_info
 
-from lightning_influence.api import fit_factors
+from lightning_influence.api import fisher_mode, fit_factors
 from lightning_influence.callbacks._common import find_callback, output_dir, training_loader
 from lightning_influence.callbacks.influence_statistics import InfluenceStatistics
 from lightning_influence.factors import STRATEGIES, Factors
@@ -49,6 +49,8 @@ class EigenCorrection(Callback):
         overwrite: refit even when matching factors exist.
         task, layers, exclude: used when no InfluenceStatistics callback is attached.
         max_batches, batch_size, seed, progress: of the eigenvalue pass.
+        fisher: ``"sampled"`` or ``"exact"`` (see :func:`~lightning_influence.fit_factors`);
+            ``None`` takes the InfluenceStatistics callback's (``"sampled"`` without one).
         solver_options: keyword arguments of the solver class (e.g. ``{"iterations": 2000,
             "scale": 50.0}`` for LiSSA, ``{"max_iterations": 100, "rtol": 1e-6}`` for CG); for
             ``cg``, ``ekfac_preconditioner: true`` preconditions CG with the EK-FAC factors.
@@ -59,7 +61,8 @@ class EigenCorrection(Callback):
                  overwrite: bool = False, task: Task | str | None = None,
                  layers: list[str] | None = None, exclude: list[str] | None = None,
                  max_batches: int | None = None, batch_size: int | None = None, seed: int = 0,
-                 progress: bool = True, solver_options: dict[str, Any] | None = None) -> None:
+                 progress: bool = True, solver_options: dict[str, Any] | None = None,
+                 fisher: str | None = None) -> None:
         super().__init__()
         if strategy not in STRATEGIES and strategy not in SOLVERS:
             raise ValueError(f"EigenCorrection: strategy={strategy!r} is not one of "
@@ -81,6 +84,7 @@ class EigenCorrection(Callback):
         self.max_batches, self.batch_size, self.seed = max_batches, batch_size, seed
         self.progress = progress
         self.solver_options = dict(solver_options or {})
+        self.fisher = fisher_mode(fisher) if fisher is not None else None
         self.factors: Factors | CurvatureSolver | None = None
         self.factors_path: str | None = None
 
@@ -131,6 +135,7 @@ class EigenCorrection(Callback):
             output_dir=folder, write=trainer.is_global_zero, overwrite=self.overwrite,
             seed=self.seed, max_batches=self.max_batches,
             progress=self.progress and trainer.is_global_zero,
+            fisher=self.fisher or (stats.fisher if stats is not None else "sampled"),
         )
         self.factors_path = str(folder)
         return factors

@@ -14,6 +14,7 @@ from torch import Tensor
 from lightning_influence.api import (
     add_rows,
     evaluation_mode,
+    fisher_mode,
     fit_covariances,
     move_to_device,
     new_covariances,
@@ -70,19 +71,24 @@ class InfluenceStatistics(Callback):
         reuse_forward: during training, take the rows from the training step's forward
             (checked once against eval mode, see above); ``False`` always runs a separate
             eval-mode pass.
+        fisher: ``"sampled"`` (one label per example drawn from the model, as in the paper) or
+            ``"exact"`` (every label weighted by its probability: no sampling noise, one
+            backward per class; classification and regression). EigenCorrection's eigenvalue
+            pass follows this choice.
     """
 
     def __init__(self, task: Task | str | None = None, layers: Sequence[str] | None = None,
                  exclude: Sequence[str] | None = None, mode: str = "after_fit",
                  every_n_steps: int = 10, max_batches: int | None = None,
                  batch_size: int | None = None, seed: int = 0, progress: bool = True,
-                 reuse_forward: bool = True) -> None:
+                 reuse_forward: bool = True, fisher: str = "sampled") -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"InfluenceStatistics: mode={mode!r} is not one of {list(MODES)}.")
         if every_n_steps < 1:
             raise ValueError(f"InfluenceStatistics: every_n_steps must be >= 1, got "
                              f"{every_n_steps}.")
+        self.fisher = fisher_mode(fisher)
         self.task_spec = task
         self.layers = list(layers) if layers is not None else None
         self.exclude = list(exclude) if exclude is not None else None
@@ -143,7 +149,8 @@ class InfluenceStatistics(Callback):
         if not self._updated_this_step:
             # seeded by the update count: reproducible, and resumed runs continue the sequence
             update_covariances(pl_module, due, self.task, self.tracker, self.covariances,
-                               sampling_generator(self.seed, self.updates), batch_idx)
+                               sampling_generator(self.seed, self.updates), batch_idx,
+                               fisher=self.fisher)
         self.updates += 1
 
     def _update_from_recording(self, pl_module: Any, recording: _StepRecording) -> bool:
@@ -160,7 +167,7 @@ class InfluenceStatistics(Callback):
                            f"separate eval-mode forward ({reason}).")
             return False
         rows, _ = rows_from_outputs(recording.output, recording.capture, batch, self.task,
-                                    self.tracker, "sampled",
+                                    self.tracker, self.fisher,
                                     sampling_generator(self.seed, self.updates),
                                     retain_graph=True)
         add_rows(self.covariances, rows, self.task.row_mask(batch))
@@ -185,7 +192,7 @@ class InfluenceStatistics(Callback):
             fit_covariances(pl_module, loader, self.task, tracker=self.tracker, seed=self.seed,
                             max_batches=self.max_batches,
                             progress=self.progress and trainer.is_global_zero,
-                            covariances=self.covariances)
+                            covariances=self.covariances, fisher=self.fisher)
             self.finished = True
         return self.covariances
 
