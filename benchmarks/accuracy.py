@@ -15,6 +15,11 @@ LiSSA at several depths (one run of the series; the time at depth j is the time 
 takes); CG to a relative residual of 1e-6 in float64 (the converged reference). Fast methods are
 timed as the minimum of ``--timing-runs`` runs; Kronfluence's time includes its disk I/O.
 
+``CG + EK-FAC preconditioner`` runs CG on the full damped system with our EK-FAC factors as the
+preconditioner, stopped after ``--pcg-steps`` iterations (the EK-FAC-preconditioned iteration
+that ASTRA, Wang et al. 2025, builds on a Neumann series): how few full-data products it takes
+to go from EK-FAC's accuracy to the converged solution's.
+
 Two more rows locate EK-FAC's error: ``ours kfac/ekfac, exact Fisher`` (every label weighted
 by its probability instead of one sampled label: no sampling noise) and ``block-diagonal GGN``
 (CG on the exact layer-wise system, cross-layer blocks left out: the best any layer-wise method
@@ -114,15 +119,39 @@ def lissa_path(model, damping, train, queries, steps: list[int]) -> list[dict[st
 
 
 def conjugate_gradient(model, damping, train, queries, block_diagonal: bool = False,
-                       ) -> dict[str, Any]:
+                       max_iterations: int = 1000) -> dict[str, Any]:
     t0 = time.perf_counter()
     solver = ConjugateGradient(model, train, "classification", damping=damping, rtol=1e-6,
-                               max_iterations=1000, dtype=torch.float64,
+                               max_iterations=max_iterations, dtype=torch.float64,
                                block_diagonal=block_diagonal)
     scores = li.compute_pairwise_scores(model, solver, queries, train, "classification",
                                         top_k=1, progress=False).scores
     return {"scores": scores, "seconds": time.perf_counter() - t0,
             "iterations": solver.iterations, "residual": float(solver.residuals.max())}
+
+
+def preconditioned_cg_path(model, damping, number, train, queries, steps: list[int],
+                           ) -> list[dict[str, Any]]:
+    """CG on the full damped system preconditioned by our EK-FAC factors, stopped after each
+    number of iterations in ``steps`` (one run per depth; the time includes the EK-FAC fit)."""
+    out = []
+    for depth in steps:
+        t0 = time.perf_counter()
+        fitted = li.fit_factors(model, train, "classification", strategy="ekfac",
+                                damping=number, progress=False)
+        solver = ConjugateGradient(model, train, "classification", damping=damping, rtol=1e-6,
+                                   max_iterations=depth, dtype=torch.float64,
+                                   preconditioner=fitted)
+        scores = li.compute_pairwise_scores(model, solver, queries, train, "classification",
+                                            top_k=1, progress=False).scores
+        out.append({"name": f"CG + EK-FAC preconditioner ({depth} it.)", "scores": scores,
+                    "seconds": time.perf_counter() - t0, "depth": depth,
+                    "residual": float(solver.residuals.max())})
+    return out
+
+
+def _cg_state(cg: dict[str, Any]) -> str:
+    return "converged" if cg["residual"] <= 1e-6 else f"{cg['iterations']} it., not converged"
 
 
 def table(rows: list[dict[str, Any]], header: str) -> str:
@@ -145,14 +174,17 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, label in ((axes[0], "pbrf_pearson_q", "correlation with PBRF (Pearson, mean over queries)"),
                            (axes[1], "lds", "LDS (Spearman, mean over queries)")):
-        path_rows = [r for r in rows if r["name"].startswith("lissa")]
-        ax.plot([r["seconds"] for r in path_rows], [r[key] for r in path_rows], "o-",
-                color="tab:gray", label="LiSSA (depth grows)")
-        for r in path_rows:
-            ax.annotate(str(r["depth"]), (r["seconds"], r[key]), fontsize=7,
-                        textcoords="offset points", xytext=(3, -9))
+        for prefix, color, label in (("lissa", "tab:gray", "LiSSA (depth grows)"),
+                                     ("CG + EK-FAC", "tab:green",
+                                      "CG preconditioned by EK-FAC (iterations grow)")):
+            path_rows = [r for r in rows if r["name"].startswith(prefix)]
+            ax.plot([r["seconds"] for r in path_rows], [r[key] for r in path_rows], "o-",
+                    color=color, label=label)
+            for r in path_rows:
+                ax.annotate(str(r["depth"]), (r["seconds"], r[key]), fontsize=7,
+                            textcoords="offset points", xytext=(3, -9))
         for r in rows:
-            if r["name"].startswith("lissa") or key not in r:
+            if "depth" in r or key not in r:
                 continue
             ax.plot(r["seconds"], r[key], "s" if "Kronfluence" in r["name"] else "o",
                     markersize=8, label=r["name"])
@@ -175,9 +207,14 @@ def main() -> None:
     p.add_argument("--fraction", type=float, default=0.5)
     p.add_argument("--repeats", type=int, default=1, help="training seeds per LDS subset")
     p.add_argument("--lissa-steps", default="10,30,100,300,1000,3000,10000")
+    p.add_argument("--pcg-steps", default="1,3,10,30",
+                   help="iterations of CG preconditioned by EK-FAC")
     p.add_argument("--damping", default="weight_decay", choices=("weight_decay", "heuristic"))
     p.add_argument("--fisher-seeds", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=protocol.EPOCHS,
+                   help="training epochs of the model and of every LDS retraining")
+    p.add_argument("--cg-iterations", type=int, default=1000, help="CG iterations at most")
     p.add_argument("--timing-runs", type=int, default=3, help="runs of each fast method (min)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="benchmarks/results")
@@ -188,7 +225,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     x, y, xt, yt = protocol.make_digits()
-    train_fn = protocol.trainer(x, y)
+    train_fn = protocol.trainer(x, y, epochs=args.epochs)
     model = train_fn(None, args.seed)
     n = len(x)
     train = DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=False)
@@ -220,18 +257,25 @@ def main() -> None:
         rows.append({"name": "Kronfluence ekfac",
                      **best_of(kronfluence, model, number, x, y, qx, qy)})
     t0 = time.perf_counter()
-    cg = conjugate_gradient(model, damping, train, queries)
+    cg = conjugate_gradient(model, damping, train, queries,
+                            max_iterations=args.cg_iterations)
     print(f"CG: {cg['iterations']} iterations, max residual {cg['residual']:.1e}, "
           f"{time.perf_counter() - t0:.1f}s")
-    rows.append({"name": "CG (float64, converged)", **cg})
+    rows.append({"name": f"CG (float64, {_cg_state(cg)})", **cg})
     t0 = time.perf_counter()
-    cg = conjugate_gradient(model, damping, train, queries, block_diagonal=True)
+    cg = conjugate_gradient(model, damping, train, queries, block_diagonal=True,
+                            max_iterations=args.cg_iterations)
     print(f"block-diagonal CG: {cg['iterations']} iterations, max residual "
           f"{cg['residual']:.1e}, {time.perf_counter() - t0:.1f}s")
-    rows.append({"name": "block-diagonal GGN, CG (float64, converged)", **cg})
+    rows.append({"name": f"block-diagonal GGN, CG (float64, {_cg_state(cg)})", **cg})
     steps = [int(s) for s in args.lissa_steps.split(",")]
     rows.extend(lissa_path(model, damping, train, queries, steps))
     print(f"LiSSA scale {rows[-1]['scale']:.3g}, {rows[-1]['seconds']:.1f}s to depth {steps[-1]}")
+    pcg = preconditioned_cg_path(model, damping, number, train, queries,
+                                 [int(s) for s in args.pcg_steps.split(",")])
+    rows.extend(pcg)
+    print("EK-FAC-preconditioned CG: max residual " + ", ".join(
+        f"{r['residual']:.1e} after {r['depth']} it." for r in pcg))
 
     gen = torch.Generator().manual_seed(args.seed + 1)
     picked = torch.randperm(n, generator=gen)[:args.pbrf_examples].sort().values

@@ -1,0 +1,78 @@
+"""Smoke tests: every benchmark script runs end to end on tiny settings and writes its report.
+
+They run in the project's environment, where Kronfluence is absent: the scripts then skip the
+peer's columns (shown as nan), which is also checked. The Kronfluence-only scripts run only
+where Kronfluence is importable (benchmarks/README.md sets up that venv). The figures these tiny
+runs print mean nothing; the full runs' figures are in benchmarks/results.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script: str, *args: str, timeout: int = 300) -> str:
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def test_speed_benchmark_reports_every_ratio(tmp_path):
+    run("speed.py", "--queries", "4", "--repeats", "2", "--epochs", "1", "--every", "10",
+        "--threads", "1", "--out", str(tmp_path))
+    summary = json.loads((tmp_path / "speed.json").read_text())["summary"]
+    report = (tmp_path / "speed.md").read_text()
+    for stage in ("fit", "pairwise", "self"):
+        assert summary[stage]["ours"] > 0 and summary[stage]["ours_over_floor"] > 0
+        assert math.isnan(summary[stage]["kronfluence"])  # no peer in this environment
+    for key in ("training_every_10", "training_every_10_separate"):
+        assert summary[key]["seconds"] > 0
+        assert 0 < summary[key]["callback_seconds_over_plain"] < 10
+    assert "reuse_forward=False" in report and "time inside the callback" in report
+
+
+def test_accuracy_benchmark_writes_table_plot_and_wandb_run(tmp_path):
+    run("accuracy.py", "--queries", "3", "--pbrf-examples", "3", "--subsets", "4",
+        "--lissa-steps", "2,4", "--pcg-steps", "1,2", "--fisher-seeds", "1", "--timing-runs", "1",
+        "--cg-iterations", "3", "--epochs", "2", "--threads", "1", "--out", str(tmp_path))
+    table = (tmp_path / "accuracy.md").read_text()
+    for name in ("ours identity", "ours ekfac", "ours ekfac, exact Fisher", "lissa (4 it.)",
+                 "block-diagonal GGN, CG", "CG + EK-FAC preconditioner (2 it.)",
+                 "ours ekfac, heuristic damping"):
+        assert f"| {name}" in table, name
+    assert "Kronfluence" not in table.split("EK-FAC LDS")[0]  # the peer is absent here
+    summary = json.loads((tmp_path / "accuracy.json").read_text())
+    assert all(math.isfinite(summary[k]["lds"]) for k in summary if k.startswith("ours"))
+    assert (tmp_path / "accuracy.png").stat().st_size > 10_000
+    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
+
+
+def test_memory_benchmark_prints_the_ratio():
+    out = run("memory.py", "--scale", "2", "--queries", "4")
+    assert "peak RSS ratio 2x / 1x:" in out
+
+
+def test_query_batching_benchmark(tmp_path):
+    run("query_batching.py", "--queries", "4", "--rank", "4", "--max-chunks", "1",
+        "--factor-batches", "2", "--out", str(tmp_path))
+    assert json.loads((tmp_path / "query_batching.json").read_text())
+
+
+@pytest.mark.parametrize("script", ["compare_kronfluence.py", "kronfluence_side.py"])
+def test_kronfluence_scripts(script, tmp_path):
+    pytest.importorskip("kronfluence", reason="runs in benchmarks/.venv-kronfluence only")
+    args = ["--queries", "4", "--epochs", "2"] if script.startswith("compare") else [
+        "--num-queries", "4", "--epochs", "2"]
+    run(script, *args)
