@@ -174,12 +174,12 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, label in ((axes[0], "pbrf_pearson_q", "correlation with PBRF (Pearson, mean over queries)"),
                            (axes[1], "lds", "LDS (Spearman, mean over queries)")):
-        for prefix, color, label in (("lissa", "tab:gray", "LiSSA (depth grows)"),
-                                     ("CG + EK-FAC", "tab:green",
-                                      "CG preconditioned by EK-FAC (iterations grow)")):
+        for prefix, color, path_label in (("lissa", "tab:gray", "LiSSA (depth grows)"),
+                                          ("CG + EK-FAC", "tab:green",
+                                           "CG preconditioned by EK-FAC (iterations grow)")):
             path_rows = [r for r in rows if r["name"].startswith(prefix)]
             ax.plot([r["seconds"] for r in path_rows], [r[key] for r in path_rows], "o-",
-                    color=color, label=label)
+                    color=color, label=path_label)
             for r in path_rows:
                 ax.annotate(str(r["depth"]), (r["seconds"], r[key]), fontsize=7,
                             textcoords="offset points", xytext=(3, -9))

@@ -23,9 +23,13 @@ Ratios (each time is the minimum over ``--repeats`` interleaved runs):
    ``reuse_forward=True`` (one extra backward through the training step's own graph) and with
    ``reuse_forward=False`` (a separate eval-mode forward and backward after the step).
 
-Training times are reported three ways, because a 10% effect is close to the run-to-run noise
-of a shared 2-core machine: min over repeats / min of plain; the median over repeats of each
-run / the plain run of the same repeat; and the time spent inside the callback's hooks / plain.
+Training times are reported four ways, because a 10% effect is within the run-to-run noise
+of a shared 2-core machine (the same plain run varies by up to 30% here): min over repeats /
+min of plain; the median over repeats of each run / the plain run of the same repeat; the time
+spent inside the callback's hooks / plain; and, measured inside each run, the extra time of the
+update steps over the run's median other step, divided by the rest of that run (the overhead
+over the same run without updates; median over repeats). The last one compares steps of one
+run, so machine drift between runs does not enter it.
 
 Writes ``<out>/speed.md`` and ``<out>/speed.json``.
 """
@@ -148,11 +152,46 @@ class TimedStatistics(InfluenceStatistics):
         self._timed(super().on_train_batch_end, *args)
 
 
+class StepClock:
+    """Wall time of every training step, from the first callback's ``on_train_batch_start`` to
+    the last callback's ``on_train_batch_end`` (the covariance update included, in either
+    path), and whether the step was an update step. Two callbacks, put first and last."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self.times: list[float] = []
+        self.updates: list[bool] = []
+        self._start = 0.0
+        self._due = False
+        clock = self
+
+        class Start(pl.Callback):
+            def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
+                clock._due = trainer.global_step % clock.every == 0
+                clock._start = time.perf_counter()
+
+        class End(pl.Callback):
+            def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+                clock.times.append(time.perf_counter() - clock._start)
+                clock.updates.append(clock._due)
+
+        self.start, self.end = Start(), End()
+
+    def extra_seconds(self) -> float:
+        """Time of the update steps beyond the median of the other steps of the same run: the
+        update's cost measured inside one run, immune to run-to-run drift of the machine."""
+        others = [t for t, u in zip(self.times, self.updates, strict=True) if not u]
+        base = statistics.median(others) if others else 0.0
+        return sum(t - base for t, u in zip(self.times, self.updates, strict=True) if u)
+
+
 def training(x, y, every: int | None, epochs: int, reuse_forward: bool = True,
-             ) -> tuple[float, float]:
-    """Seconds of ``trainer.fit`` and of those spent inside the covariance callback: no callback
+             ) -> tuple[float, float, float]:
+    """Seconds of ``trainer.fit``, of those spent inside the covariance callback, and the extra
+    time of its update steps over the run's other steps (:class:`StepClock`): no callback
     (None), a no-op callback (0), or covariance updates every ``every`` steps (from the training
     forward, or from a separate pass)."""
+    clock = None
     torch.manual_seed(0)
     loader = DataLoader(TensorDataset(x, y), batch_size=protocol.BATCH_SIZE, shuffle=True,
                         generator=torch.Generator().manual_seed(0))
@@ -161,8 +200,11 @@ def training(x, y, every: int | None, epochs: int, reuse_forward: bool = True,
     elif every == 0:
         callbacks = [pl.Callback()]
     else:
-        callbacks = [TimedStatistics(mode="during_training", every_n_steps=every,
-                                     progress=False, reuse_forward=reuse_forward)]
+        clock = StepClock(every)
+        callbacks = [clock.start,
+                     TimedStatistics(mode="during_training", every_n_steps=every,
+                                     progress=False, reuse_forward=reuse_forward),
+                     clock.end]
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False,
                          callbacks=callbacks, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False,
@@ -176,7 +218,8 @@ def training(x, y, every: int | None, epochs: int, reuse_forward: bool = True,
         seconds = time.perf_counter() - t0
     finally:
         gc.enable()
-    return seconds, getattr(callbacks[0], "seconds", 0.0) if callbacks else 0.0
+    inside = sum(getattr(c, "seconds", 0.0) for c in callbacks)
+    return seconds, inside, clock.extra_seconds() if clock is not None else 0.0
 
 
 def main() -> None:
@@ -267,8 +310,9 @@ def main() -> None:
               f"pairwise / (floor + GEMM) = {summary['pairwise']['ours_over_floor_plus_gemm']:.2f}",
               "",
               f"| Lightning training, {args.epochs} epochs | seconds (min) | / plain (min / min) "
-              "| / plain (median of paired runs) | time inside the callback / plain |",
-              "|---|---:|---:|---:|---:|"]
+              "| / plain (median of paired runs) | time inside the callback / plain "
+              "| in-run: extra time of the update steps / the run |",
+              "|---|---:|---:|---:|---:|---:|"]
     plain = min(wall("plain"))
     rows = [("plain", "plain"), ("noop", "a callback that does nothing")]
     for e in every:
@@ -280,11 +324,13 @@ def main() -> None:
         seconds = min(wall(key))
         paired = statistics.median(t / p for t, p in zip(wall(key), wall("plain"), strict=True))
         inside = min(t[1] for t in times[key]) / plain
+        in_run = statistics.median(t[2] / (t[0] - t[2]) for t in times[key])
         lines.append(f"| {label} | {seconds:.3f} | {seconds / plain:.3f} | {paired:.3f} "
-                     f"| {inside:.3f} |")
+                     f"| {inside:.3f} | {in_run:+.3f} |")
         summary[f"training_{key}"] = {"seconds": seconds, "over_plain": seconds / plain,
                                       "paired_median_over_plain": paired,
-                                      "callback_seconds_over_plain": inside}
+                                      "callback_seconds_over_plain": inside,
+                                      "in_run_extra_over_rest": in_run}
     text = "\n".join(lines) + "\n"
     print(text)
     (out / "speed.md").write_text(text)

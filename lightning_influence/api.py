@@ -325,7 +325,7 @@ def add_rows(covariances: dict[str, CovarianceStatistic], rows: dict[str, tuple[
              mask: Tensor | None) -> None:
     """Add every layer's rows ``(a, g)`` (with the task's row mask) to its covariances."""
     for name, (a, g) in rows.items():
-        covariances[name].update(a, g, mask)
+        covariances[name].accumulate(a, g, mask)
 
 
 def fit_covariances(model: nn.Module, loader: Any, task: Task | str | None = None, *,

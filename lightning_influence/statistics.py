@@ -74,6 +74,18 @@ class CovarianceStatistic(Metric):
         """Add a batch: ``a [N, T, I]``, ``g [N, T, O]`` or ``[K*N, T, O]`` (the K gradient rows
         per example of the exact Fisher, class-major: their outer products add up), optional
         row mask ``[N, T]``."""
+        self._add(a, g, mask)
+
+    def accumulate(self, a: Tensor, g: Tensor, mask: Tensor | None = None) -> None:
+        """:meth:`update` without torchmetrics' per-call wrapper: the same sums, the cached
+        ``compute()`` result dropped and the update counted, about 40 us less per call (a third
+        of a small layer's update; the covariance updates during training take this path)."""
+        state = self.__dict__  # plain attributes: no nn.Module.__setattr__ on the hot path
+        state["_computed"] = None
+        state["_update_count"] = state.get("_update_count", 0) + 1
+        self._add(a, g, mask)
+
+    def _add(self, a: Tensor, g: Tensor, mask: Tensor | None) -> None:
         if mask is not None and mask.shape == a.shape[:2]:
             m = mask.to(a.dtype).unsqueeze(-1)
             a = a * m
