@@ -324,9 +324,12 @@ def main() -> None:
         seconds = min(wall(key))
         paired = statistics.median(t / p for t, p in zip(wall(key), wall("plain"), strict=True))
         inside = min(t[1] for t in times[key]) / plain
-        in_run = statistics.median(t[2] / (t[0] - t[2]) for t in times[key])
+        # with an update at every step there is no step without one to compare with
+        every_step = key.startswith("every_1") and key.split("_")[1] == "1"
+        in_run = None if every_step else statistics.median(t[2] / (t[0] - t[2])
+                                                            for t in times[key])
         lines.append(f"| {label} | {seconds:.3f} | {seconds / plain:.3f} | {paired:.3f} "
-                     f"| {inside:.3f} | {in_run:+.3f} |")
+                     f"| {inside:.3f} | {'n/a' if in_run is None else f'{in_run:+.3f}'} |")
         summary[f"training_{key}"] = {"seconds": seconds, "over_plain": seconds / plain,
                                       "paired_median_over_plain": paired,
                                       "callback_seconds_over_plain": inside,
