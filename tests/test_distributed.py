@@ -73,3 +73,34 @@ def test_ddp_two_processes_equal_one_process(tmp_path, strategy):
                                rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(saved["self_influence"], self_scores.scores, rtol=1e-5, atol=1e-8)
     assert saved["self_influence"].shape == (90,)
+
+
+@pytest.mark.slow
+def test_ddp_during_training_reuses_the_training_forward(tmp_path, capfd):
+    """Two processes, covariances during training from the training step's own forward: the
+    activation covariance (label-free) is the one-process A over all 90 examples, so the
+    factors' input eigenbasis matches; the update path runs inside DDP's forward/backward
+    (where Lightning calls the module around the training step too) without falling back."""
+    torch.manual_seed(0)
+    model = StillClassifier().double()
+    train, val = _double_data(90, 0), _double_data(12, 1)
+    callbacks = [InfluenceStatistics(mode="during_training", every_n_steps=1, progress=False),
+                 EigenCorrection(strategy="kfac", progress=False)]
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp_spawn",
+                         precision="64-true", logger=False, callbacks=callbacks,
+                         default_root_dir=str(tmp_path), enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, DataLoader(train, batch_size=15, shuffle=False),
+                DataLoader(val, batch_size=16))
+    logged = "".join(capfd.readouterr())
+    assert "fitting kfac factors" in logged  # the processes' log lines are captured here
+    assert "separate eval-mode forward" not in logged  # so a fallback would show
+    ddp_factors = li.Factors.load(tmp_path / "influence")
+    reference = li.fit_covariances(model, DataLoader(train, batch_size=15), "classification",
+                                   progress=False)
+    for name, stat in reference.items():
+        a_cov = stat.compute()["A"]
+        q = ddp_factors.layers[name].basis_in
+        rotated = q.T @ a_cov @ q  # diagonal when q is the eigenbasis of the same A
+        off = rotated - torch.diag(torch.diagonal(rotated))
+        assert off.abs().max() <= 1e-8 * a_cov.abs().max(), name

@@ -104,6 +104,7 @@ class InfluenceStatistics(Callback):
         self.fallback_reason: str | None = None
         self._recording: _StepRecording | None = None
         self._updated_this_step = False
+        self._layer_counts: dict[str, int] | None = None
         self.covariances: dict[str, CovarianceStatistic] | None = None
         self.updates = 0
         self._last_step = -1
@@ -156,10 +157,11 @@ class InfluenceStatistics(Callback):
     def _update_from_recording(self, pl_module: Any, recording: _StepRecording) -> bool:
         """Covariances from the training step's forward; False (and a reason) when unusable."""
         batch = move_to_device(self._due_batch, _device(pl_module))
-        reason = recording.unusable_reason(self.task, batch)
+        reason = recording.unusable_reason(self.task, batch, self._layer_counts)
         if reason is None and self.reuse_verified is None:
             reason = recording.differs_from_eval(pl_module, self.task, batch)
             self.reuse_verified = reason is None
+            self._layer_counts = recording.layer_counts()
         if reason is not None:
             self.reuse_verified = False
             self.fallback_reason = reason
@@ -242,22 +244,41 @@ class _StepRecording:
     def __init__(self, tracker: LayerTracker, module: Any) -> None:
         self.tracker = tracker
         self.capture, self._detach = tracker.attach()
+        # calls of the LightningModule that call no other one inside: under DDP, Lightning
+        # calls the module once more around the training step (its forward redirected to
+        # training_step), and that wrapping call is not a model forward
         self.calls: list[tuple[tuple, dict, Any]] = []
+        self._open: list[bool] = []  # per open call: did another call start inside it
+
+        def pre_hook(_module: Any, args: tuple, kwargs: dict) -> None:
+            if self._open:
+                self._open[-1] = True
+            self._open.append(False)
 
         def hook(_module: Any, args: tuple, kwargs: dict, output: Any) -> None:
-            self.calls.append((args, kwargs, output))
-        self._handle = module.register_forward_hook(hook, with_kwargs=True)
+            wrapped_another = self._open.pop() if self._open else False
+            if not wrapped_another:
+                self.calls.append((args, kwargs, output))
+        self._handles = [module.register_forward_pre_hook(pre_hook, with_kwargs=True),
+                         module.register_forward_hook(hook, with_kwargs=True)]
 
     def stop(self) -> None:
         self._detach()
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
 
     @property
     def output(self) -> Tensor:
         return self.calls[0][2]
 
-    def unusable_reason(self, task: Task, batch: Any) -> str | None:
-        """Why this forward cannot stand in for ``task.forward(model, batch)``, or None."""
+    def layer_counts(self) -> dict[str, int]:
+        """How many times each tracked layer ran during the recording."""
+        return {name: len(acts) for name, acts in self.capture.activations.items()}
+
+    def unusable_reason(self, task: Task, batch: Any, counts: dict[str, int] | None,
+                        ) -> str | None:
+        """Why this forward cannot stand in for ``task.forward(model, batch)``, or None.
+        ``counts``: the tracked layers' run counts of the verified forward (None before)."""
         if type(task).forward is not Task.forward:
             return f"{type(task).__name__} overrides Task.forward"
         if not self.calls:
@@ -274,6 +295,8 @@ class _StepRecording:
             return "the LightningModule's output is not a tensor that requires grad"
         if not self.capture.outputs:
             return "no tracked layer produced an output that requires grad"
+        if counts is not None and self.layer_counts() != counts:
+            return "the tracked layers ran a different number of times than in the checked step"
         return None
 
     def differs_from_eval(self, module: Any, task: Task, batch: Any) -> str | None:
