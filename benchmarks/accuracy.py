@@ -165,7 +165,8 @@ def table(rows: list[dict[str, Any]], header: str) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
+def plot(rows: list[dict[str, Any]], path: Path,
+         title: str = "digits MLP: accuracy versus compute time (2 CPU threads)") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -177,7 +178,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         for prefix, color, path_label in (("lissa", "tab:gray", "LiSSA (depth grows)"),
                                           ("CG + EK-FAC", "tab:green",
                                            "CG preconditioned by EK-FAC (iterations grow)")):
-            path_rows = [r for r in rows if r["name"].startswith(prefix)]
+            path_rows = [r for r in rows if r["name"].startswith(prefix) and key in r]
+            if not path_rows:
+                continue
             ax.plot([r["seconds"] for r in path_rows], [r[key] for r in path_rows], "o-",
                     color=color, label=path_label)
             for r in path_rows:
@@ -193,7 +196,10 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, loc="lower right")
-    fig.suptitle("digits MLP: accuracy versus compute time (2 CPU threads)")
+    for ax, key in ((axes[0], "pbrf_pearson_q"), (axes[1], "lds")):
+        if not any(key in r for r in rows):
+            ax.text(0.5, 0.5, "not measured", ha="center", transform=ax.transAxes)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

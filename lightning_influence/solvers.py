@@ -150,6 +150,18 @@ class _TaskModel(nn.Module):
 
 
 # ----------------------------------------------------------------------------- G v
+def _math_attention() -> Any:
+    """Run ``F.scaled_dot_product_attention`` with its plain math kernel: the fused (flash,
+    memory-efficient) kernels have no forward-mode derivative, which the ``J v`` products
+    need, so a transformer would otherwise fail with a NotImplementedError from PyTorch."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3: the old switch
+        return torch.backends.cuda.sdp_kernel(enable_flash=False, enable_mem_efficient=False,
+                                              enable_math=True)
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 class GaussNewtonOperator:
     """Products of the Gauss-Newton matrix of the tracked layers with gradient-shaped vectors.
 
@@ -233,7 +245,7 @@ class GaussNewtonOperator:
         def outputs(p: dict[str, Tensor]) -> Tensor:
             return self._outputs(p, batch)
 
-        with evaluation_mode(self.model), torch.enable_grad():
+        with evaluation_mode(self.model), torch.enable_grad(), _math_attention():
             out, pullback = vjp(outputs, self.primals)  # [N, C...]
             hessian_product = self._output_hessian_product(out.detach(), batch)
 

@@ -76,3 +76,13 @@ def test_kronfluence_scripts(script, tmp_path):
     args = ["--queries", "4", "--epochs", "2"] if script.startswith("compare") else [
         "--num-queries", "4", "--epochs", "2"]
     run(script, *args)
+
+
+def test_language_model_accuracy_benchmark(tmp_path):
+    run("accuracy_lm.py", "--train-chunks", "48", "--queries", "3", "--epochs", "1",
+        "--subsets", "3", "--lissa-steps", "2", "--pcg-steps", "1", "--cg-iterations", "1",
+        "--threads", "1", "--out", str(tmp_path))
+    table = (tmp_path / "accuracy_lm.md").read_text()
+    for name in ("ours identity", "ours ekfac", "lissa (2 it.)", "CG + EK-FAC preconditioner"):
+        assert f"| {name}" in table, name
+    assert (tmp_path / "accuracy_lm.png").stat().st_size > 10_000

@@ -1,0 +1,204 @@
+"""Accuracy versus compute time on a tiny language model (accuracy.py's comparison, for text).
+
+    .venv/bin/python benchmarks/accuracy_lm.py
+
+Protocol: the LM recipe's character GPT (recipes/lm_influence.py), made tiny so that the ground
+truth is affordable on a CPU: ``--layers`` blocks of width ``--width``, context ``--context``,
+trained with AdamW on the first ``--train-chunks`` chunks of the recipe's corpus (Python's help
+topics and module docstrings); ``--queries`` chunks of later documents are the queries, each
+measured by its summed next-token loss. Every method solves the same damped Gauss-Newton system,
+the damping being EK-FAC's per-layer heuristic (0.1 x mean eigenvalue, the package default).
+
+Methods, timed from the trained model to the ``[Q, N]`` scores: ours ``identity`` (TracIn at one
+checkpoint), ``kfac``, ``ekfac``; LiSSA along one series; CG preconditioned by EK-FAC at a few
+iteration counts; CG run to ``--cg-iterations`` on the full system. Kronfluence is left out here:
+its language-model setup (a task class per model) has no counterpart in this protocol yet.
+
+Ground truth: LDS on ``--subsets`` models retrained on random halves of the training chunks
+(Spearman between measured and predicted query losses, mean over queries). PBRF needs an L-BFGS
+solve over all chunks per training example; it is run on ``--pbrf-examples`` chunks (0 to skip).
+
+Writes ``<out>/accuracy_lm.md``, ``<out>/accuracy_lm.json`` and ``<out>/accuracy_lm.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import accuracy  # noqa: E402  (table and plot)
+
+import lightning_influence as li  # noqa: E402
+from lightning_influence.evaluation import (  # noqa: E402
+    QueryMeasure,
+    SimpleTrainer,
+    correlations,
+    lds,
+    pbrf,
+    subset_measurements,
+)
+from lightning_influence.language import CharTokenizer, chunk_documents, python_docs  # noqa: E402
+from lightning_influence.solvers import ConjugateGradient, LiSSA  # noqa: E402
+from recipes.lm_influence import CharGPT, GPTConfig  # noqa: E402
+
+BATCH = 32
+
+
+def corpus(args: argparse.Namespace):
+    docs = python_docs()
+    tokenizer = CharTokenizer.from_texts([d.text for d in docs])
+    chunks = chunk_documents(docs, tokenizer, args.context)
+    n = min(args.train_chunks, len(chunks) - args.queries)
+    # queries: chunks of documents that have no chunk in the training set
+    last_doc = int(chunks.chunk_document[n - 1])
+    later = (chunks.chunk_document > last_doc).nonzero().flatten()
+    if len(later) < args.queries:
+        raise ValueError("Not enough later documents for the queries: lower --train-chunks.")
+    step = len(later) // args.queries
+    query_idx = later[::step][:args.queries]
+    return tokenizer, Subset(chunks, range(n)), Subset(chunks, query_idx.tolist())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--train-chunks", type=int, default=256)
+    p.add_argument("--queries", type=int, default=16)
+    p.add_argument("--context", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--subsets", type=int, default=40)
+    p.add_argument("--pbrf-examples", type=int, default=0)
+    p.add_argument("--lissa-steps", default="10,30,100,300,1000")
+    p.add_argument("--pcg-steps", default="1,3,10")
+    p.add_argument("--cg-iterations", type=int, default=100)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args()
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer, train_set, query_set = corpus(args)
+    cfg = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=args.context,
+                    n_layer=args.layers, n_head=2, n_embd=args.width)
+    task = li.CausalLMTask(pad_token_id=tokenizer.pad_id)
+
+    def make_model():
+        return CharGPT(cfg).double()
+
+    train_fn = SimpleTrainer(make_model, train_set, task, epochs=args.epochs, batch_size=BATCH,
+                             lr=3e-3, weight_decay=0.1)
+    t0 = time.perf_counter()
+    model = train_fn(None, args.seed)
+    train_seconds = time.perf_counter() - t0
+    train = DataLoader(train_set, batch_size=BATCH, shuffle=False)
+    queries = DataLoader(query_set, batch_size=BATCH, shuffle=False)
+    measure = QueryMeasure(queries, task)
+    n = len(train_set)
+    print(f"torch {torch.__version__}, {args.threads} threads, load average "
+          f"{os.getloadavg()[0]:.2f}; N={n} chunks of {args.context} tokens, Q={len(query_set)},"
+          f" {sum(p.numel() for p in model.parameters())} parameters, trained in "
+          f"{train_seconds:.1f}s, mean query loss {float(measure(model).mean()):.1f}")
+
+    def ours(strategy: str) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        factors = li.fit_factors(model, train, task, strategy=strategy, progress=False)
+        scores = li.compute_pairwise_scores(model, factors, queries, train, task, top_k=1,
+                                            keep_scores=True, progress=False).scores
+        return {"scores": scores, "seconds": time.perf_counter() - t0, "factors": factors}
+
+    ekfac = ours("ekfac")  # also the warm-up; its per-layer damping is every method's
+    damping = ekfac["factors"].damping
+    rows: list[dict[str, Any]] = []
+    for strategy in ("identity", "kfac", "ekfac"):
+        r = ours(strategy)
+        rows.append({"name": f"ours {strategy}", "scores": r["scores"], "seconds": r["seconds"]})
+
+    t0 = time.perf_counter()
+    solver = LiSSA(model, train, task, damping=damping, iterations=1, batch_size=BATCH)
+    grads = li.query_gradients(model, queries, task, solver, precondition=False, progress=False)
+    setup, elapsed = time.perf_counter() - t0, 0.0
+    steps = sorted(int(s) for s in args.lissa_steps.split(","))
+    t0 = time.perf_counter()
+    for depth, estimate in solver.series(grads, steps):
+        elapsed += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        scores = li.compute_pairwise_scores(model, solver, queries, train, task, top_k=1,
+                                            keep_scores=True, progress=False,
+                                            query_grads=estimate).scores
+        rows.append({"name": f"lissa ({depth} it.)", "scores": scores, "depth": depth,
+                     "seconds": setup + elapsed + time.perf_counter() - t1})
+        t0 = time.perf_counter()
+    print(f"LiSSA scale {solver.scale:.3g}, {rows[-1]['seconds']:.1f}s to depth {steps[-1]}")
+
+    def cg(iterations: int, preconditioned: bool) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        pre = None
+        if preconditioned:
+            pre = li.fit_factors(model, train, task, strategy="ekfac", progress=False)
+        solver = ConjugateGradient(model, train, task, damping=damping, rtol=1e-6,
+                                   max_iterations=iterations, preconditioner=pre)
+        scores = li.compute_pairwise_scores(model, solver, queries, train, task, top_k=1,
+                                            keep_scores=True, progress=False).scores
+        return {"scores": scores, "seconds": time.perf_counter() - t0,
+                "residual": float(solver.residuals.max()), "iterations": solver.iterations}
+
+    for depth in sorted(int(s) for s in args.pcg_steps.split(",")):
+        r = cg(depth, True)
+        rows.append({"name": f"CG + EK-FAC preconditioner ({depth} it.)", "depth": depth, **r})
+    r = cg(args.cg_iterations, False)
+    state = "converged" if r["residual"] <= 1e-6 else f"{r['iterations']} it."
+    rows.append({"name": f"CG ({state}, max residual {r['residual']:.0e})", **r})
+    print(f"CG: {r['iterations']} iterations, max residual {r['residual']:.1e}, "
+          f"{r['seconds']:.1f}s")
+
+    subsets = subset_measurements(train_fn, measure, n, num_subsets=args.subsets, fraction=0.5,
+                                  seed=args.seed + 2)
+    print(f"LDS: {args.subsets} subsets retrained in {subsets.seconds:.1f}s")
+    response = None
+    if args.pbrf_examples:
+        gen = torch.Generator().manual_seed(args.seed + 1)
+        picked = torch.randperm(n, generator=gen)[:args.pbrf_examples].sort().values
+        response = pbrf(model, train, queries, task, picked, damping=damping, max_iterations=100)
+        print(f"PBRF: {len(picked)} chunks, {response.seconds:.1f}s, max |grad| "
+              f"{max(response.grad_norms):.1e}")
+    for r in rows:
+        r["lds"] = lds(r["scores"], subsets).mean
+        if response is not None:
+            c = correlations(r["scores"][:, picked], response.changes)
+            r["pbrf_pearson"], r["pbrf_spearman_q"] = c["pearson"], c["spearman_per_query"]
+            r["pbrf_pearson_q"] = c["pearson_per_query"]
+
+    header = (f"character GPT ({args.layers} blocks, width {args.width}, context "
+              f"{args.context}), N={n} training chunks, Q={len(query_set)} query chunks of later "
+              f"documents, float64, damping EK-FAC's per-layer heuristic, LDS on {args.subsets} "
+              f"half-size subsets; seconds on {args.threads} CPU threads")
+    text = accuracy.table(rows, header) + "\n"
+    print()
+    print(text)
+    (out / "accuracy_lm.md").write_text(text)
+    accuracy.plot(rows, out / "accuracy_lm.png",
+                  title=f"tiny character GPT: accuracy versus compute time ({args.threads} "
+                        "CPU threads)")
+    summary = {r["name"]: {k: v for k, v in r.items() if k not in ("scores", "name")}
+               for r in rows}
+    (out / "accuracy_lm.json").write_text(json.dumps(summary, indent=2, default=float))
+    print(f"written: {out / 'accuracy_lm.md'}, {out / 'accuracy_lm.png'}")
+
+
+if __name__ == "__main__":
+    main()
