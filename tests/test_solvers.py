@@ -218,3 +218,45 @@ def test_block_diagonal_solvers_solve_the_layer_wise_system(setup):
     for solver in (explicit, cg):
         got = ref.flat_gradients(solver.precondition(as_dict(model, query)), NAMES)
         assert_close(got, expected, rtol=1e-8, atol=1e-8 * expected.abs().max().item())
+
+
+class TinyAttention(torch.nn.Module):
+    """Self-attention through F.scaled_dot_product_attention, mean-pooled to class logits."""
+
+    def __init__(self, d: int = 4, classes: int = 3) -> None:
+        super().__init__()
+        self.qkv = torch.nn.Linear(d, 3 * d)
+        self.head = torch.nn.Linear(d, classes)
+
+    def forward(self, x):  # [N, T, d]
+        q, k, v = (z.unsqueeze(1) for z in self.qkv(x).chunk(3, dim=-1))  # [N, 1 head, T, d]
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.head(y.squeeze(1).mean(dim=1))
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # the vmapped reference
+def test_solvers_run_through_scaled_dot_product_attention():
+    """The fused attention kernels have no forward-mode derivative; the products must still
+    work (and equal the brute-force GGN, built in reverse mode) on a transformer layer."""
+    torch.manual_seed(0)
+    model = TinyAttention().double().eval()
+    x = torch.randn(12, 5, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,))
+    names = ["qkv", "head"]
+    ggn = ref.exact_ggn(model, names, x)
+    query = ref.flat_gradients(ref.per_example_gradients(model, names, ref.class_nll, x[:2],
+                                                         y[:2]), names)
+    damp = 0.1 * torch.eye(ggn.shape[0], dtype=ggn.dtype)
+    expected = torch.linalg.solve(ggn + damp, query.T).T
+    solver = ExplicitGGN(model, loader(x, y, batch_size=6), "classification", damping=0.1)
+
+    def as_layers(flat):
+        out, start = {}, 0
+        for n in names:
+            o, i = ref.layer_shape(model.get_submodule(n))
+            out[n] = ref.unvec(flat[:, start:start + o * i], o, i)
+            start += o * i
+        return out
+
+    got = ref.flat_gradients(solver.precondition(as_layers(query)), names)
+    assert_close(got, expected, rtol=1e-8, atol=1e-10)
