@@ -56,9 +56,9 @@ def solve_reference(ggn, damp, vectors) -> torch.Tensor:
     return torch.linalg.solve(ggn + damp, vectors.T).T
 
 
-def as_dict(model, flat) -> dict[str, torch.Tensor]:
+def as_dict(model, flat, names=NAMES) -> dict[str, torch.Tensor]:
     out, start = {}, 0
-    for n in NAMES:
+    for n in names:
         o, i = ref.layer_shape(model.get_submodule(n))
         out[n] = ref.unvec(flat[:, start:start + o * i], o, i)
         start += o * i
@@ -250,13 +250,5 @@ def test_solvers_run_through_scaled_dot_product_attention():
     expected = torch.linalg.solve(ggn + damp, query.T).T
     solver = ExplicitGGN(model, loader(x, y, batch_size=6), "classification", damping=0.1)
 
-    def as_layers(flat):
-        out, start = {}, 0
-        for n in names:
-            o, i = ref.layer_shape(model.get_submodule(n))
-            out[n] = ref.unvec(flat[:, start:start + o * i], o, i)
-            start += o * i
-        return out
-
-    got = ref.flat_gradients(solver.precondition(as_layers(query)), names)
+    got = ref.flat_gradients(solver.precondition(as_dict(model, query, names)), names)
     assert_close(got, expected, rtol=1e-8, atol=1e-10)
