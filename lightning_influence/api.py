@@ -55,7 +55,12 @@ from lightning_influence.scores import (
     per_example_gradients,
     self_layer_scores,
 )
-from lightning_influence.statistics import CovarianceStatistic, EigenvalueStatistic, check_finite
+from lightning_influence.statistics import (
+    CovarianceStatistic,
+    EigenvalueStatistic,
+    check_finite,
+    is_finite,
+)
 from lightning_influence.task import Task, finite_or_raise, resolve_task
 from lightning_influence.tracking import Capture, LayerTracker
 
@@ -213,15 +218,13 @@ def rows_from_outputs(outputs: Tensor, cap: Capture, batch: Any, task: Task,
             f"{type(task).__name__} returned losses of shape {tuple(losses.shape)}; a task "
             "must return one summed loss per example, shape [N]."
         )
-    where = f"batch {batch_index}" if batch_index is not None else "a batch"
-    detail = ""
-    if not torch.isfinite(losses.detach().sum(dtype=torch.float64)):
+    if not is_finite(losses.detach()):
         # Name the first tracked layer whose inputs are already non-finite, if any.
         bad = [name for name, acts in cap.activations.items()
-               if any(not torch.isfinite(a).all() for a in acts)]
-        if bad:
-            detail = f"; the first non-finite activations enter layer {bad[0]!r}"
-    finite_or_raise(losses.detach(), f"{where} ({mode} loss)", detail)
+               if any(not is_finite(a) for a in acts)]
+        detail = f"; the first non-finite activations enter layer {bad[0]!r}" if bad else ""
+        where = f"batch {batch_index}" if batch_index is not None else "a batch"
+        finite_or_raise(losses.detach(), f"{where} ({mode} loss)", detail)
     rows = tracker.rows(cap, losses, retain_graph=retain_graph)
     if check:
         check_rows(rows, batch_index)

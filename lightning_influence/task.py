@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_influence.statistics import is_finite
+
 __all__ = [
     "Task",
     "ClassificationTask",
@@ -365,7 +367,7 @@ def _sampling_probs(logits: Tensor) -> Tensor:
 
 def finite_or_raise(losses: Tensor, where: str, detail: str = "") -> None:
     """Raise a clear error when a loss is NaN or infinite (``detail`` is appended)."""
-    if not bool(torch.isfinite(losses.sum(dtype=torch.float64))):
+    if not is_finite(losses):
         bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()[:8]
         raise FloatingPointError(
             f"Non-finite loss in {where} (examples {bad} of the batch{detail}). Influence needs finite "

@@ -9,9 +9,8 @@ from typing import Any
 from pytorch_lightning import Callback
 from pytorch_lightning.utilities import rank_zero_info
 
-from lightning_influence.callbacks._common import find_callback, output_dir
-from lightning_influence.callbacks.eigen_correction import EigenCorrection
-from lightning_influence.callbacks.influence_statistics import InfluenceStatistics
+from lightning_influence.callbacks._common import output_dir
+from lightning_influence.callbacks.eigen_correction import attached_curvature
 from lightning_influence.language import (
     ChunkedCorpus,
     DocumentInfluenceResult,
@@ -19,7 +18,7 @@ from lightning_influence.language import (
     queries_from_config,
 )
 from lightning_influence.memory import estimate_bytes, format_estimate
-from lightning_influence.task import CausalLMTask, resolve_task
+from lightning_influence.task import CausalLMTask
 from lightning_influence.text_reporting import log_document_influence, write_document_influence
 
 
@@ -91,19 +90,13 @@ class DocumentInfluence(Callback):
 
     def run(self, trainer: Any, pl_module: Any) -> DocumentInfluenceResult:
         """Compute, write and log. Called when fit ends; callable by hand after ``fit``."""
-        eigen = find_callback(trainer, EigenCorrection)
-        if eigen is None:
-            raise RuntimeError("DocumentInfluence needs an EigenCorrection callback in the "
-                               "Trainer's callbacks (it provides the curvature factors).")
         corpus = self.corpus if self.corpus is not None else getattr(
             getattr(trainer, "datamodule", None), "corpus", None)
         if not isinstance(corpus, ChunkedCorpus):
             raise ValueError("DocumentInfluence needs the training corpus: pass corpus=<ChunkedCorpus> "
                              "or give the datamodule a `corpus` attribute (lightning_influence."
                              "language.chunk_documents builds one).")
-        factors = eigen.ensure_factors(trainer, pl_module)
-        stats = find_callback(trainer, InfluenceStatistics)
-        task = stats.task if stats is not None else resolve_task(eigen.task_spec, pl_module)
+        eigen, factors, task = attached_curvature(trainer, pl_module, "DocumentInfluence")
         if not isinstance(task, CausalLMTask):
             raise TypeError(f"DocumentInfluence needs a CausalLMTask, got {type(task).__name__}.")
         rank_zero_info(f"lightning-influence: {len(self.queries)} queries against {len(corpus)} "

@@ -101,22 +101,27 @@ class EigenCorrection(Callback):
         self.factors = self._fit(trainer, pl_module, self.strategy, self.damping)
         return self.factors
 
-    def _fit(self, trainer: Any, pl_module: Any, strategy: str, damping: Any) -> Factors:
+    def task_and_tracker(self, trainer: Any, pl_module: Any,
+                         ) -> tuple[Task, LayerTracker, InfluenceStatistics | None]:
+        """The task and tracked layers: the InfluenceStatistics callback's when one is attached,
+        else this callback's own arguments; and that callback (or None)."""
         stats = find_callback(trainer, InfluenceStatistics)
         if stats is not None:
             stats._bind(pl_module)
-            task, tracker = stats.task, stats.tracker
-        else:
-            if strategy in ("kfac", "ekfac"):
-                why = "" if strategy == self.strategy else (
-                    f" (strategy={self.strategy!r} with the heuristic damping or the EK-FAC "
-                    "preconditioner fits EK-FAC factors first)")
-                raise RuntimeError(
-                    f"EigenCorrection(strategy={self.strategy!r}) needs an InfluenceStatistics "
-                    f"callback in the Trainer's callbacks (it accumulates the covariances){why}."
-                )
-            task = resolve_task(self.task_spec, pl_module)
-            tracker = LayerTracker(pl_module, self.layers, self.exclude)
+            return stats.task, stats.tracker, stats
+        return (resolve_task(self.task_spec, pl_module),
+                LayerTracker(pl_module, self.layers, self.exclude), None)
+
+    def _fit(self, trainer: Any, pl_module: Any, strategy: str, damping: Any) -> Factors:
+        if strategy in ("kfac", "ekfac") and find_callback(trainer, InfluenceStatistics) is None:
+            why = "" if strategy == self.strategy else (
+                f" (strategy={self.strategy!r} with the heuristic damping or the EK-FAC "
+                "preconditioner fits EK-FAC factors first)")
+            raise RuntimeError(
+                f"EigenCorrection(strategy={self.strategy!r}) needs an InfluenceStatistics "
+                f"callback in the Trainer's callbacks (it accumulates the covariances){why}."
+            )
+        task, tracker, stats = self.task_and_tracker(trainer, pl_module)
         folder = output_dir(trainer, self.output_dir)
         reuse = Factors.exists(folder) and not self.overwrite
         covariances = None
@@ -160,15 +165,7 @@ class EigenCorrection(Callback):
                                  "weight decay; pass a number.")
         if use_ekfac:
             options["preconditioner"] = ekfac
-        stats = find_callback(trainer, InfluenceStatistics)
-        if stats is not None:
-            stats._bind(pl_module)
-            task, tracker = stats.task, stats.tracker
-        else:
-            task = resolve_task(self.task_spec, pl_module)
-            tracker = LayerTracker(pl_module, self.layers, self.exclude)
-        if ekfac is not None:
-            tracker = LayerTracker(pl_module, layers=list(ekfac.shapes))
+        task, tracker, _ = self.task_and_tracker(trainer, pl_module)
         rank_zero_info(f"lightning-influence: building the {self.strategy} solver")
         try:
             solver = make_solver(self.strategy, pl_module,
@@ -186,6 +183,21 @@ class EigenCorrection(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.factors_path = state_dict.get("factors_path")
+
+
+def attached_curvature(trainer: Any, pl_module: Any, consumer: str,
+                       ) -> tuple[EigenCorrection, Factors | CurvatureSolver, Task]:
+    """For a callback that consumes the curvature: the Trainer's EigenCorrection (a clear
+    error naming ``consumer`` when there is none), its factors (fitted now if needed) and the
+    task they were fitted for."""
+    eigen = find_callback(trainer, EigenCorrection)
+    if eigen is None:
+        raise RuntimeError(f"{consumer} needs an EigenCorrection callback in the Trainer's "
+                           "callbacks (it provides the curvature factors).")
+    factors = eigen.ensure_factors(trainer, pl_module)
+    stats = find_callback(trainer, InfluenceStatistics)  # bound by ensure_factors
+    task = stats.task if stats is not None else resolve_task(eigen.task_spec, pl_module)
+    return eigen, factors, task
 
 
 def _weight_decay(trainer: Any) -> float | None:

@@ -17,17 +17,14 @@ from lightning_influence.api import (
     compute_self_scores,
 )
 from lightning_influence.callbacks._common import (
-    find_callback,
     output_dir,
     query_loader,
     training_loader,
 )
-from lightning_influence.callbacks.eigen_correction import EigenCorrection
-from lightning_influence.callbacks.influence_statistics import InfluenceStatistics
+from lightning_influence.callbacks.eigen_correction import EigenCorrection, attached_curvature
 from lightning_influence.memory import estimate_bytes, format_estimate
 from lightning_influence.reporting import ExampleLookup, log_results, write_results
 from lightning_influence.solvers import CurvatureSolver, solver_self_scores
-from lightning_influence.task import resolve_task
 from lightning_influence.tracking import LayerTracker
 
 
@@ -114,13 +111,7 @@ class InfluenceScores(Callback):
 
     def run(self, trainer: Any, pl_module: Any) -> None:
         """Compute, write and log. Called when fit ends; callable by hand after ``fit``."""
-        eigen = find_callback(trainer, EigenCorrection)
-        if eigen is None:
-            raise RuntimeError("InfluenceScores needs an EigenCorrection callback in the "
-                               "Trainer's callbacks (it provides the curvature factors).")
-        factors = eigen.ensure_factors(trainer, pl_module)
-        stats = find_callback(trainer, InfluenceStatistics)
-        task = stats.task if stats is not None else resolve_task(eigen.task_spec, pl_module)
+        eigen, factors, task = attached_curvature(trainer, pl_module, "InfluenceScores")
         tracker = LayerTracker(pl_module, layers=list(factors.shapes))
         train = training_loader(trainer, pl_module, self.batch_size)
         show = self.progress and trainer.is_global_zero

@@ -11,16 +11,13 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from lightning_influence.callbacks._common import (
-    find_callback,
     output_dir,
     query_loader,
     training_loader,
 )
-from lightning_influence.callbacks.eigen_correction import EigenCorrection
-from lightning_influence.callbacks.influence_statistics import InfluenceStatistics
+from lightning_influence.callbacks.eigen_correction import attached_curvature
 from lightning_influence.evaluation import validate_influence
 from lightning_influence.io import atomic_save_json
-from lightning_influence.task import resolve_task
 
 
 class InfluenceValidation(Callback):
@@ -82,13 +79,7 @@ class InfluenceValidation(Callback):
 
     def run(self, trainer: Any, pl_module: Any) -> dict[str, float]:
         """Compare, log and write. Called when fit ends; callable by hand after ``fit``."""
-        eigen = find_callback(trainer, EigenCorrection)
-        if eigen is None:
-            raise RuntimeError("InfluenceValidation needs an EigenCorrection callback in the "
-                               "Trainer's callbacks (it provides the factors to validate).")
-        factors = eigen.ensure_factors(trainer, pl_module)
-        stats = find_callback(trainer, InfluenceStatistics)
-        task = stats.task if stats is not None else resolve_task(eigen.task_spec, pl_module)
+        eigen, factors, task = attached_curvature(trainer, pl_module, "InfluenceValidation")
         train = training_loader(trainer, pl_module)
         queries = query_loader(trainer, pl_module, self.queries, self.num_queries)
         rank_zero_info(f"lightning-influence: validating {factors.strategy} against LiSSA"
