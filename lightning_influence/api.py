@@ -161,7 +161,8 @@ def factor_tracker(model: nn.Module, factors: Factors,
     """A tracker over the layers the factors were fitted for; a mismatch is a clear error."""
     if tracker is None:
         try:
-            tracker = LayerTracker(model, layers=list(factors.shapes))
+            tracker = LayerTracker(model, layers=list(factors.shapes),
+                                   batch_layout=getattr(factors, "extra", {}).get("batch_layout", "auto"))
         except ValueError as err:
             raise FactorMismatchError(
                 f"These factors were fitted for another model or layer set: {err} Fit factors "
@@ -238,9 +239,10 @@ def _exact_fisher_rows(outputs: Tensor, cap: Capture, batch: Any, task: Task,
     :meth:`~lightning_influence.task.Task.fisher_losses`, ``g [K*N, T, O]`` (class-major).
     Returns the pseudo-losses summed over K as the losses."""
     pseudo = task.fisher_losses(outputs, batch)
-    if pseudo.dim() != 2 or pseudo.shape[1] != outputs.shape[0]:
+    n = task.logits(outputs).shape[0]
+    if pseudo.dim() != 2 or pseudo.shape[1] != n:
         raise ValueError(f"{type(task).__name__}.fisher_losses returned shape "
-                         f"{tuple(pseudo.shape)}; it must be [K, N] (N = {outputs.shape[0]}).")
+                         f"{tuple(pseudo.shape)}; it must be [K, N] (N = {n}).")
     where = f"batch {batch_index}" if batch_index is not None else "a batch"
     finite_or_raise(pseudo.detach().sum(0), f"{where} (exact-Fisher pseudo-losses)")
     k = pseudo.shape[0]
@@ -293,16 +295,24 @@ def iterate_rows(model: nn.Module, loader: Any, task: Task, tracker: LayerTracke
 
 
 # ----------------------------------------------------------------------------------- factors
-FISHER = ("sampled", "exact")
+FISHER = ("sampled", "exact", "empirical")
+_ROW_MODES = {"sampled": "sampled", "exact": "exact", "empirical": "loss"}
 
 
 def fisher_mode(fisher: str) -> str:
-    """The row mode of a Fisher choice: ``"sampled"`` (one label sampled from the model per
-    example, as the paper and Kronfluence) or ``"exact"`` (every label, weighted by its
-    probability: no sampling noise, one backward per class)."""
+    """Validate a Fisher choice and return it: ``"sampled"`` (one label sampled from the model
+    per example, as the paper and Kronfluence: the true Fisher), ``"exact"`` (every label,
+    weighted by its probability: no sampling noise, one backward per class) or
+    ``"empirical"`` (the true labels: the empirical Fisher, Kronfluence's
+    ``use_empirical_fisher``; cheap and deterministic, but not the Gauss-Newton curvature)."""
     if fisher not in FISHER:
         raise ValueError(f"fisher={fisher!r} is not one of {list(FISHER)}.")
     return fisher
+
+
+def row_mode(fisher: str) -> str:
+    """The loss whose gradients are the rows of a Fisher choice (see :func:`batch_rows`)."""
+    return _ROW_MODES[fisher_mode(fisher)]
 
 
 def new_covariances(tracker: LayerTracker, device: torch.device | None = None,
@@ -319,7 +329,7 @@ def update_covariances(model: nn.Module, batch: Any, task: Task, tracker: LayerT
     """Add one batch to the covariances (one forward and one backward with sampled labels, or
     one backward per class with ``fisher="exact"``)."""
     with evaluation_mode(model):
-        rows, _ = batch_rows(model, batch, task, tracker, fisher_mode(fisher), generator,
+        rows, _ = batch_rows(model, batch, task, tracker, row_mode(fisher), generator,
                              batch_index)
     add_rows(covariances, rows, task.row_mask(move_to_device(batch, model_device(model))))
 
@@ -348,7 +358,7 @@ def fit_covariances(model: nn.Module, loader: Any, task: Task | str | None = Non
     tracker = _tracker(model, tracker, layers, exclude)
     check_loader(loader, "covariance")
     covs = covariances if covariances is not None else new_covariances(tracker)
-    for _, _, batch, rows, _ in iterate_rows(model, loader, task, tracker, fisher_mode(fisher),
+    for _, _, batch, rows, _ in iterate_rows(model, loader, task, tracker, row_mode(fisher),
                                           desc="influence: covariances", progress=progress,
                                           seed=seed, max_batches=max_batches):
         add_rows(covs, rows, task.row_mask(move_to_device(batch, model_device(model))))
@@ -362,7 +372,7 @@ def eigenbases(covariances: dict[str, CovarianceStatistic]) -> dict[str, dict[st
     rank ``i % W`` only, and the results are shared with every rank.
     """
     out = {}
-    computed = {name: stat.compute() for name, stat in covariances.items()}  # collective
+    computed = {name: stat.result() for name, stat in covariances.items()}  # collective
     me, world = rank(), world_size()
     for i, (name, cov) in enumerate(computed.items()):
         if float(cov["rows"]) == 0:
@@ -392,7 +402,7 @@ def fit_eigenvalues(model: nn.Module, loader: Any, task: Task, tracker: LayerTra
     With ``bases=None`` the bases are the identity: the result is the diagonal Fisher.
     """
     stats = {layer.name: EigenvalueStatistic(layer.d_in, layer.d_out) for layer in tracker}
-    for _, _, _, rows, _ in iterate_rows(model, loader, task, tracker, fisher_mode(fisher),
+    for _, _, _, rows, _ in iterate_rows(model, loader, task, tracker, row_mode(fisher),
                                          desc="influence: eigenvalue correction", progress=progress,
                                       seed=seed + 1, max_batches=max_batches):
         for name, (a, g) in rows.items():
@@ -424,7 +434,7 @@ def factors_from_statistics(tracker: LayerTracker, strategy: str,
             lam = torch.outer(b["l_s"], b["l_a"]) * b["rows_per_example"]
         elif strategy in ("ekfac", "diagonal"):
             assert eigenvalues is not None
-            computed = eigenvalues[name].compute()
+            computed = eigenvalues[name].result()
             lam = computed["eigenvalues"].double()
             num_examples = int(computed["examples"])
             if not torch.isfinite(lam).all():
@@ -452,7 +462,10 @@ def fit_factors(model: nn.Module, loader: Any, task: Task | str | None = None, *
         loader: training data, batches as the task expects them.
         task: a :class:`~lightning_influence.task.Task` or a built-in name.
         strategy: ``"identity"``, ``"diagonal"``, ``"kfac"`` or ``"ekfac"``.
-        layers, exclude: name patterns of the layers to track (default: every Linear/Conv2d).
+        layers, exclude: name patterns of the layers to track (default: every trainable
+            Linear, Conv1d, Conv2d and transformers Conv1D; pass ``tracker=LayerTracker(model,
+            include_frozen=True)`` to track frozen layers too, or to declare a
+            ``batch_layout``).
         damping: a number, ``None``/``"heuristic"`` (``damping_factor`` x mean eigenvalue per
             layer) or ``"weight_decay"`` (with ``weight_decay``).
         covariances: covariance statistics accumulated already (e.g. during training); the
@@ -465,9 +478,10 @@ def fit_factors(model: nn.Module, loader: Any, task: Task | str | None = None, *
         max_batches: cap on the batches of each pass.
         progress: show progress bars.
         fisher: ``"sampled"`` (default: one label per example sampled from the model, as in
-            the paper and Kronfluence) or ``"exact"`` (every label weighted by its probability:
+            the paper and Kronfluence), ``"exact"`` (every label weighted by its probability:
             the same curvature without sampling noise, one backward per class; classification
-            and regression).
+            and regression) or ``"empirical"`` (the true labels, as Kronfluence's
+            ``use_empirical_fisher``: deterministic, for agreement checks).
 
     Raises:
         FactorMismatchError: stored factors belong to another model, layer set or strategy.
@@ -505,6 +519,7 @@ def fit_factors(model: nn.Module, loader: Any, task: Task | str | None = None, *
     factors = factors_from_statistics(tracker, strategy, bases, eigenvalues, damping=damping,
                                       damping_factor=damping_factor, weight_decay=weight_decay)
     factors.extra["fisher"] = fisher
+    factors.extra["batch_layout"] = tracker.batch_layout
     if strategy == "identity":
         factors.num_examples = _count_examples(loader)
     if output_dir is not None and write:

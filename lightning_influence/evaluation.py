@@ -158,7 +158,7 @@ def pbrf(model: nn.Module, train_loader: Any, query_loader: Any, task: Task | st
     weights = {k: per_layer[name] for name in names for k in keys[name]}
 
     def outputs(params: dict[str, Tensor], batch: Any) -> Tensor:
-        return functional_call(wrapper, {**frozen, **params}, (batch,))
+        return task.logits(functional_call(wrapper, {**frozen, **params}, (batch,)))
 
     train = _batches(train_loader, dtype, device)
     queries = _batches(query_loader, dtype, device)

@@ -70,8 +70,19 @@ def eigendecompose(matrix: Tensor, what: str, layer: str) -> tuple[Tensor, Tenso
             f"The {what} covariance of layer {layer!r} holds NaN/Inf; the statistics pass saw "
             "non-finite activations or gradients. Check the data and the model."
         )
+    if m.dim() != 2 or m.shape[0] != m.shape[1]:
+        raise ValueError(f"The {what} covariance of layer {layer!r} has shape {tuple(m.shape)}; "
+                         "a square matrix was expected (fit the statistics again).")
     m = 0.5 * (m + m.T)
-    values, vectors = torch.linalg.eigh(m)
+    try:
+        values, vectors = torch.linalg.eigh(m)
+    except RuntimeError as err:  # torch.linalg.LinAlgError: no convergence
+        raise FloatingPointError(
+            f"The eigendecomposition of the {what} covariance of layer {layer!r} "
+            f"({m.shape[0]} x {m.shape[0]}) failed: {err}. The covariance is badly conditioned "
+            "(e.g. huge activations, or rows that are almost all equal): check the layer's "
+            "inputs, exclude the layer, or use strategy='diagonal'."
+        ) from err
     return values.clamp_min(0.0), vectors
 
 
@@ -170,7 +181,7 @@ def model_fingerprint(tracker: LayerTracker) -> dict[str, str]:
     """Digests that tie factors to a model: its tracked layers and their parameter values."""
     arch = hashlib.sha256(json.dumps(tracker.describe(), sort_keys=True).encode()).hexdigest()[:16]
     weights = hashlib.sha256()
-    for layer in tracker:
+    for layer in sorted(tracker, key=lambda layer: layer.name):  # any layer order
         for p in layer.parameters():
             weights.update(p.detach().to("cpu", torch.float64).numpy().tobytes())
     return {"architecture": arch, "weights": weights.hexdigest()[:16]}

@@ -146,7 +146,7 @@ class _TaskModel(nn.Module):
         self.task = task
 
     def forward(self, batch: Any) -> Tensor:
-        return self.task.forward(self.model, batch)
+        return self.task.logits(self.task.forward(self.model, batch))
 
 
 # ----------------------------------------------------------------------------- G v
@@ -209,13 +209,9 @@ class GaussNewtonOperator:
         """``{layer: [K, O, I]}`` -> ``{wrapper parameter name: [K, *param.shape]}``."""
         out = {}
         for layer in self.tracker:
-            v = vectors[layer.name]
             keys = self.param_names[layer.name]
-            w = self.primals[keys["weight"]]
-            cols = layer.d_in - int(layer.has_bias)
-            out[keys["weight"]] = v[..., :cols].reshape(v.shape[0], *w.shape)
-            if layer.has_bias:
-                out[keys["bias"]] = v[..., -1].reshape(v.shape[0], *self.primals[keys["bias"]].shape)
+            for kind, value in layer.split_matrix(vectors[layer.name]).items():
+                out[keys[kind]] = value
         return out
 
     def from_parameters(self, params: dict[str, Tensor]) -> Vectors:
@@ -223,12 +219,8 @@ class GaussNewtonOperator:
         out = {}
         for layer in self.tracker:
             keys = self.param_names[layer.name]
-            w = params[keys["weight"]]
-            k = w.shape[0]
-            m = w.reshape(k, layer.d_out, -1)
-            if layer.has_bias:
-                m = torch.cat([m, params[keys["bias"]].reshape(k, layer.d_out, 1)], dim=-1)
-            out[layer.name] = m
+            out[layer.name] = layer.params_to_matrix(params[keys["weight"]],
+                                                     params.get(keys.get("bias", "")))
         return out
 
     def _outputs(self, primals: dict[str, Tensor], batch: Any) -> Tensor:

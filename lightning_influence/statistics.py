@@ -130,6 +130,15 @@ class CovarianceStatistic(Metric):
             setattr(self, key, value.to(current.device, current.dtype))
         self._update_count += 1
 
+    def result(self) -> dict[str, Tensor]:
+        """:meth:`compute` with the matrices' shapes kept: torchmetrics squeezes a one-element
+        result to 0-d, which would turn the ``[1, 1]`` covariance of a layer with one output
+        (a regression head) or one input into a scalar."""
+        out = dict(self.compute())
+        out["A"] = out["A"].reshape(self.activation_sum.shape)
+        out["S"] = out["S"].reshape(self.gradient_sum.shape)
+        return out
+
     def compute(self) -> dict[str, Tensor]:
         """``{"A": [I, I], "S": [O, O], "rows": [], "examples": []}`` (summed over processes)."""
         rows = self.rows.clamp_min(1)
@@ -179,6 +188,12 @@ class EigenvalueStatistic(Metric):
                     total += per_example.square().sum(dim=0)
         self.eigenvalue_sum.add_(total)
         self.examples.add_(n)
+
+    def result(self) -> dict[str, Tensor]:
+        """:meth:`compute` with the ``[O, I]`` shape kept (see CovarianceStatistic.result)."""
+        out = dict(self.compute())
+        out["eigenvalues"] = out["eigenvalues"].reshape(self.eigenvalue_sum.shape)
+        return out
 
     def compute(self) -> dict[str, Tensor]:
         """``{"eigenvalues": [O, I], "examples": []}`` (summed over processes)."""

@@ -12,7 +12,7 @@ D regression outputs.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -37,9 +37,20 @@ class Task(ABC):
     or positions (never averaged): that is the convention the curvature and the scores assume.
     """
 
+    output_key: str | int | None = None
+    """Where the logits sit in a model output that is not a bare tensor (a key, attribute or
+    index); ``None`` looks for ``logits`` (Hugging Face ``ModelOutput``, dicts), then the first
+    element of a tuple."""
+
     def forward(self, model: nn.Module, batch: Any) -> Tensor:
         """Run the model on a batch. The default calls ``model(batch[0])``."""
         return model(self.inputs(batch))
+
+    def logits(self, outputs: Any) -> Tensor:
+        """The prediction tensor inside a model's outputs: the outputs themselves when they are a
+        tensor, else ``outputs[output_key]``, a ``logits`` key or attribute (Hugging Face
+        ``ModelOutput``, dicts), or the first element of a tuple/list."""
+        return find_logits(outputs, self.output_key, type(self).__name__)
 
     def inputs(self, batch: Any) -> Any:
         """What the model is called with. Default: the first element of a tuple/list batch."""
@@ -141,10 +152,13 @@ class ClassificationTask(Task):
 
     Args:
         image_shape: optional ``(H, W)`` or ``(C, H, W)`` to render inputs as images in W&B.
+        output_key: where the logits are in a non-tensor model output (see :meth:`Task.logits`).
     """
 
-    def __init__(self, image_shape: Sequence[int] | None = None) -> None:
+    def __init__(self, image_shape: Sequence[int] | None = None,
+                 output_key: str | int | None = None) -> None:
         self.image_shape = tuple(image_shape) if image_shape is not None else None
+        self.output_key = output_key
 
     def render(self, batch: Any, index: int) -> Any:
         if self.image_shape is None:
@@ -153,6 +167,7 @@ class ClassificationTask(Task):
         return _to_image(x.reshape(self.image_shape))
 
     def loss(self, outputs: Tensor, batch: Any) -> Tensor:
+        outputs = self.logits(outputs)
         self._check_rank(outputs, 2, "ClassificationTask.loss")
         targets = self.targets(batch).to(outputs.device)
         if targets.dim() != 1 or targets.shape[0] != outputs.shape[0]:
@@ -168,6 +183,7 @@ class ClassificationTask(Task):
         return F.cross_entropy(outputs, targets.long(), reduction="none")
 
     def sampled_loss(self, outputs: Tensor, batch: Any, generator: torch.Generator | None) -> Tensor:
+        outputs = self.logits(outputs)
         self._check_rank(outputs, 2, "ClassificationTask.sampled_loss")
         with torch.no_grad():
             probs = _sampling_probs(outputs)
@@ -181,6 +197,7 @@ class ClassificationTask(Task):
         ``sum_c p_c (p - e_c)(p - e_c)^T = diag(p) - p p^T``, the Hessian of cross-entropy, so
         the summed outer products of their gradients are exactly the expectation that one
         sampled label estimates. Costs one backward per class."""
+        outputs = self.logits(outputs)
         self._check_rank(outputs, 2, "ClassificationTask.fisher_losses")
         if outputs.shape[1] > self.max_exact_classes:
             raise ValueError(
@@ -198,8 +215,16 @@ class RegressionTask(Task):
     """Squared error ``0.5 * ||y - f(x)||^2`` (summed over output dims), Gaussian sampling.
 
     With unit noise the Fisher of this loss equals the Gauss-Newton matrix; labels are sampled as
-    ``f(x) + noise`` with standard normal noise.
+    ``f(x) + noise`` with standard normal noise. A one-output head (``nn.Linear(h, 1)``) may give
+    outputs ``[N, 1]`` for targets ``[N]``.
+
+    Args:
+        output_key: where the predictions are in a non-tensor model output (see
+            :meth:`Task.logits`).
     """
+
+    def __init__(self, output_key: str | int | None = None) -> None:
+        self.output_key = output_key
 
     def _targets_like(self, outputs: Tensor, batch: Any) -> Tensor:
         targets = self.targets(batch).to(outputs.device, outputs.dtype)
@@ -214,10 +239,12 @@ class RegressionTask(Task):
         return targets
 
     def loss(self, outputs: Tensor, batch: Any) -> Tensor:
+        outputs = self.logits(outputs)
         diff = outputs - self._targets_like(outputs, batch)
         return 0.5 * diff.pow(2).reshape(diff.shape[0], -1).sum(dim=1)
 
     def sampled_loss(self, outputs: Tensor, batch: Any, generator: torch.Generator | None) -> Tensor:
+        outputs = self.logits(outputs)
         with torch.no_grad():
             noise = torch.randn(outputs.shape, generator=generator, dtype=outputs.dtype,
                                 device="cpu").to(outputs.device)
@@ -228,6 +255,7 @@ class RegressionTask(Task):
     def fisher_losses(self, outputs: Tensor, batch: Any) -> Tensor:
         """Every output coordinate ``f_d``: the Hessian of the squared error is the identity,
         so ``sum_d J^T e_d e_d^T J = J^T J`` exactly. One backward per output dimension."""
+        outputs = self.logits(outputs)
         return outputs.reshape(outputs.shape[0], -1).T
 
 
@@ -243,9 +271,11 @@ class CausalLMTask(Task):
     the input ids), or tuples ``(input_ids, attention_mask)``.
     """
 
-    def __init__(self, pad_token_id: int | None = None, ignore_index: int = -100) -> None:
+    def __init__(self, pad_token_id: int | None = None, ignore_index: int = -100,
+                 output_key: str | int | None = None) -> None:
         self.pad_token_id = pad_token_id
         self.ignore_index = ignore_index
+        self.output_key = output_key
 
     def inputs(self, batch: Any) -> Tensor:
         if isinstance(batch, dict):
@@ -276,6 +306,7 @@ class CausalLMTask(Task):
         return shifted
 
     def loss(self, outputs: Tensor, batch: Any) -> Tensor:
+        outputs = self.logits(outputs)
         self._check_rank(outputs, 3, "CausalLMTask.loss")
         labels = self._shifted_labels(outputs, batch)
         if labels.shape != outputs.shape[:2]:
@@ -286,6 +317,7 @@ class CausalLMTask(Task):
         return losses.sum(dim=1)
 
     def sampled_loss(self, outputs: Tensor, batch: Any, generator: torch.Generator | None) -> Tensor:
+        outputs = self.logits(outputs)
         self._check_rank(outputs, 3, "CausalLMTask.sampled_loss")
         n, t, c = outputs.shape
         with torch.no_grad():
@@ -307,6 +339,42 @@ class CausalLMTask(Task):
         tokens = self.describe(batch, index)["tokens"]
         decode = getattr(self, "decode", None)
         return decode(tokens) if callable(decode) else " ".join(map(str, tokens))
+
+
+def find_logits(outputs: Any, key: str | int | None = None, who: str = "The task") -> Tensor:
+    """The prediction tensor in a model output (see :meth:`Task.logits`); a clear error naming
+    what was found otherwise."""
+    if isinstance(outputs, Tensor):
+        return outputs
+    found: Any = None
+    if key is not None:
+        if isinstance(outputs, Mapping) and key in outputs:
+            found = outputs[key]
+        elif isinstance(key, str) and hasattr(outputs, key):
+            found = getattr(outputs, key)
+        elif isinstance(key, int) and isinstance(outputs, Sequence) and -len(outputs) <= key < len(
+                outputs):
+            found = outputs[key]
+    elif isinstance(outputs, Mapping) and "logits" in outputs:
+        found = outputs["logits"]
+    elif isinstance(getattr(outputs, "logits", None), Tensor):
+        found = outputs.logits
+    elif isinstance(outputs, Sequence) and not isinstance(outputs, str | bytes) and outputs and \
+            isinstance(outputs[0], Tensor):
+        found = outputs[0]
+    if isinstance(found, Tensor):
+        return found
+    what = type(outputs).__name__
+    if isinstance(outputs, Mapping):
+        what += f" with keys {sorted(map(str, outputs))}"
+    elif isinstance(outputs, Sequence) and not isinstance(outputs, str | bytes):
+        what += f" of {len(outputs)} elements ({', '.join(type(o).__name__ for o in outputs[:4])})"
+    raise TypeError(
+        f"{who} needs the model's logits (a tensor) but the model returned a {what}"
+        + (f" in which output_key={key!r} names no tensor" if key is not None else "")
+        + ". Return a tensor, a dict or ModelOutput with 'logits', or a tuple whose first "
+        "element is the logits; or pass output_key=... to the task."
+    )
 
 
 def _to_image(x: Tensor) -> Any:

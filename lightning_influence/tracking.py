@@ -1,46 +1,83 @@
 """Which layers are tracked, and their activations and output gradients as rows.
 
-Index letters: N examples, T rows per example (tokens, or spatial positions of a convolution),
-I = d_in (+1 when the layer has a bias: a constant 1 is appended to every activation row),
-O = d_out.
+Index letters: N examples, R rows of a layer call's batch dimension (N, or a multiple of N when
+the model reshapes its batch, e.g. multiple choice ``[N, C, T] -> [N*C, T]``), T rows per example
+(tokens, or spatial positions of a convolution), I = d_in (+1 when the layer has a bias: a
+constant 1 is appended to every activation row), O = d_out.
 
 For a tracked layer, the gradient of the loss with respect to its weight matrix ``[W, b]`` of
 shape ``[O, I]`` for one example is ``G_n = sum_t g_nt a_nt^T`` where ``a`` are the activation
 rows ``[N, T, I]`` and ``g`` the output-gradient rows ``[N, T, O]`` this module hands out.
+
+How output gradients are taken. A forward hook (run before any other hook of the layer) keeps the
+layer's input and the *autograd edge* of its raw output ``z`` (``get_gradient_edge``), not the
+output tensor itself: an in-place op after the layer (``ReLU(inplace=True)``), a view, or another
+library's hook that replaces the output changes the tensor but not that edge, so the gradient is
+exactly ``dL/dz``. Forwards that run again inside a backward (gradient checkpointing's
+recomputation) are ignored, except where the first forward ran without autograd (reentrant
+checkpointing): there the recomputed call's output gradient is recorded by a tensor hook during
+one full backward, and the parameters' ``.grad`` are restored afterwards.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import logging
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-__all__ = ["SUPPORTED_MODULES", "TrackedLayer", "LayerTracker", "Capture"]
+__all__ = ["SUPPORTED_MODULES", "BATCH_LAYOUTS", "TrackedLayer", "LayerTracker", "Capture",
+           "is_supported"]
 
-SUPPORTED_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+log = logging.getLogger(__name__)
+
+SUPPORTED_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
+"""Module types tracked natively; Hugging Face ``transformers``' ``Conv1D`` (GPT-2's
+projections: a Linear whose weight is stored ``[in, out]``) is recognised as well."""
+
+BATCH_LAYOUTS = ("auto", "contiguous", "interleaved")
+
+
+def _is_transposed_linear(module: nn.Module) -> bool:
+    """``transformers.pytorch_utils.Conv1D`` (recognised without importing transformers)."""
+    return (type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+            and isinstance(getattr(module, "weight", None), Tensor) and module.weight.dim() == 2)
+
+
+def is_supported(module: nn.Module) -> bool:
+    """Whether ``module`` can be tracked (see :data:`SUPPORTED_MODULES`)."""
+    return isinstance(module, SUPPORTED_MODULES) or _is_transposed_linear(module)
 
 
 def _supported_names() -> str:
-    return ", ".join(f"nn.{cls.__name__}" for cls in SUPPORTED_MODULES)
+    return ", ".join(f"nn.{cls.__name__}" for cls in SUPPORTED_MODULES) + \
+        ", transformers Conv1D"
+
+
+def _in_backward() -> bool:
+    """Whether the caller runs inside an autograd backward (checkpoint recomputation)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 class TrackedLayer:
     """A supported module seen as a matrix ``[O, I]`` acting on activation rows."""
 
     def __init__(self, name: str, module: nn.Module) -> None:
-        if not isinstance(module, SUPPORTED_MODULES):
+        if not is_supported(module):
             raise TypeError(
                 f"Layer {name!r} is a {type(module).__name__}, which influence tracking does not "
                 f"support. Supported types: {_supported_names()}. Exclude it, or track only "
                 "supported layers (layers=None tracks every supported layer)."
             )
-        if isinstance(module, nn.Conv2d):
+        if isinstance(module, nn.Conv1d | nn.Conv2d):
             if module.groups != 1:
                 raise TypeError(f"Layer {name!r}: grouped convolutions (groups={module.groups}) "
                                 "are not supported; exclude the layer.")
@@ -49,10 +86,14 @@ class TrackedLayer:
                                 "supported (only 'zeros'); exclude the layer.")
         self.name = name
         self.module = module
-        self.has_bias = module.bias is not None
+        self.transposed = _is_transposed_linear(module)
+        self.conv_dims = 2 if isinstance(module, nn.Conv2d) else 1 if isinstance(
+            module, nn.Conv1d) else 0
+        self.has_bias = getattr(module, "bias", None) is not None
         weight = module.weight
-        self.d_out = weight.shape[0]
-        self.d_in = weight[0].numel() + int(self.has_bias)
+        self.d_out = weight.shape[1] if self.transposed else weight.shape[0]
+        in_features = weight.shape[0] if self.transposed else weight[0].numel()
+        self.d_in = in_features + int(self.has_bias)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -60,24 +101,29 @@ class TrackedLayer:
         return (self.d_out, self.d_in)
 
     def activation_rows(self, x: Tensor) -> Tensor:
-        """Module input -> activation rows ``[N, T, I]`` (bias column of ones appended)."""
+        """Module input -> activation rows ``[R, T, I]`` (bias column of ones appended)."""
         module = self.module
-        if isinstance(module, nn.Conv2d):
-            if x.dim() == 3:
+        if self.conv_dims:
+            if x.dim() == self.conv_dims + 1:  # unbatched input
                 x = x.unsqueeze(0)
+            kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
             padding = module.padding
+            if self.conv_dims == 1:  # a Conv1d is a Conv2d of height 1
+                x = x.unsqueeze(-2)
+                kernel, dilation, stride = (1, *kernel), (1, *dilation), (1, *stride)
+                padding = padding if isinstance(padding, str) else (0, *padding)
             if isinstance(padding, str):
                 if padding == "valid":
                     padding = (0, 0)
                 else:  # "same"
                     pads = []
-                    for k, d in zip(reversed(module.kernel_size), reversed(module.dilation), strict=True):
+                    for k, d in zip(reversed(kernel), reversed(dilation), strict=True):
                         total = d * (k - 1)
                         pads += [total // 2, total - total // 2]
                     x = F.pad(x, pads)
                     padding = (0, 0)
-            rows = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding,
-                            stride=module.stride).transpose(1, 2)  # [N, T, C*kh*kw]
+            rows = F.unfold(x, kernel, dilation=dilation, padding=padding,
+                            stride=stride).transpose(1, 2)  # [R, T, C*kh*kw]
         else:
             rows = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() != 2 else x.unsqueeze(1)
         if self.has_bias:
@@ -85,9 +131,9 @@ class TrackedLayer:
         return rows
 
     def gradient_rows(self, grad_output: Tensor) -> Tensor:
-        """Gradient w.r.t. the module output -> rows ``[N, T, O]``."""
-        if isinstance(self.module, nn.Conv2d):
-            if grad_output.dim() == 3:
+        """Gradient w.r.t. the module output -> rows ``[R, T, O]``."""
+        if self.conv_dims:
+            if grad_output.dim() == self.conv_dims + 1:
                 grad_output = grad_output.unsqueeze(0)
             return grad_output.flatten(2).transpose(1, 2)
         if grad_output.dim() == 2:
@@ -96,33 +142,82 @@ class TrackedLayer:
 
     def weight_matrix(self) -> Tensor:
         """The parameters as one ``[O, I]`` matrix ``[W, b]``."""
-        w = self.module.weight.reshape(self.d_out, -1)
+        bias = self.module.bias if self.has_bias else None
+        return self.params_to_matrix(self.module.weight, bias)
+
+    def params_to_matrix(self, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        """Weight ``[..., *weight.shape]`` (and bias ``[..., O]``) -> ``[..., O, I]``; any leading
+        batch dimensions are kept."""
+        lead = weight.shape[: weight.dim() - self.module.weight.dim()]
+        if self.transposed:
+            m = weight.transpose(-1, -2)
+        else:
+            m = weight.reshape(*lead, self.d_out, -1)
         if self.has_bias:
-            w = torch.cat([w, self.module.bias.reshape(-1, 1)], dim=1)
-        return w
+            m = torch.cat([m, bias.reshape(*lead, self.d_out, 1)], dim=-1)
+        return m
 
     def split_matrix(self, matrix: Tensor) -> dict[str, Tensor]:
-        """Split an ``[O, I]`` matrix back into tensors shaped like the weight (and bias)."""
-        out = {"weight": matrix[:, : self.d_in - int(self.has_bias)].reshape(
-            self.module.weight.shape)}
+        """Split ``[..., O, I]`` back into tensors shaped like the weight (and bias), leading
+        batch dimensions kept."""
+        lead = matrix.shape[:-2]
+        w = matrix[..., : self.d_in - int(self.has_bias)]
+        if self.transposed:
+            w = w.transpose(-1, -2)
+        out = {"weight": w.reshape(*lead, *self.module.weight.shape)}
         if self.has_bias:
-            out["bias"] = matrix[:, -1].reshape(self.module.bias.shape)
+            out["bias"] = matrix[..., -1].reshape(*lead, *self.module.bias.shape)
         return out
 
     def parameters(self) -> list[nn.Parameter]:
-        return [p for p in (self.module.weight, self.module.bias) if p is not None]
+        return [p for p in (self.module.weight, getattr(self.module, "bias", None))
+                if p is not None]
 
+    def input_of(self, args: tuple, kwargs: dict) -> Tensor:
+        """The input tensor of a call ``module(*args, **kwargs)`` (positional or keyword)."""
+        if args:
+            return args[0]
+        for key in ("input", "x", "hidden_states"):
+            if key in kwargs:
+                return kwargs[key]
+        tensors = [v for v in kwargs.values() if isinstance(v, Tensor)]
+        if len(tensors) == 1:
+            return tensors[0]
+        raise TypeError(f"Layer {self.name!r} was called with keywords {sorted(kwargs)}; "
+                        "influence tracking cannot tell which one is the input. Call it "
+                        "positionally or with input=...")
 
 @dataclass
 class Capture:
-    """What one forward pass recorded: per layer, activation rows and the output tensors."""
+    """What one forward pass recorded, per layer and per call of the layer (in call order).
+
+    ``activations[name][i]`` are the activation rows of call ``i`` and ``edges[name][i]`` the
+    autograd edge of its raw output, or ``None`` where that output did not require grad (a
+    frozen path, or a forward without autograd such as a reentrant checkpoint's, whose
+    recomputation during the backward fills ``recomputed``).
+    """
 
     activations: dict[str, list[Tensor]] = field(default_factory=dict)
-    outputs: dict[str, list[Tensor]] = field(default_factory=dict)
+    edges: dict[str, list[GradientEdge | None]] = field(default_factory=dict)
+    pending: dict[str, int] = field(default_factory=dict)
+    recomputed: dict[str, list[list[Any]]] = field(default_factory=dict)
+    collecting: bool = False
 
     def clear(self) -> None:
         self.activations.clear()
-        self.outputs.clear()
+        self.edges.clear()
+        self.pending.clear()
+        self.recomputed.clear()
+
+    @property
+    def outputs(self) -> dict[str, list[GradientEdge]]:
+        """Per layer, the edges of the calls whose outputs require grad."""
+        out = {name: [e for e in edges if e is not None] for name, edges in self.edges.items()}
+        return {name: edges for name, edges in out.items() if edges}
+
+    def layer_counts(self) -> dict[str, int]:
+        """How many times each tracked layer ran."""
+        return {name: len(acts) for name, acts in self.activations.items()}
 
 
 class LayerTracker:
@@ -134,20 +229,40 @@ class LayerTracker:
             ``None`` for every supported layer. A pattern that names an unsupported module, or that
             matches no supported module, raises a ``ValueError`` that lists the supported types.
         exclude: patterns of module names to leave out.
+        include_frozen: also track layers whose weight does not require grad. By default
+            only trainable layers are tracked (what a LoRA adapter or a partial fine-tune
+            trains); a layer named exactly (no wildcard) is tracked either way, and so is every
+            layer of a model that is frozen as a whole (e.g. after training; noted in the log).
+        batch_layout: how the rows of a layer call map back to the examples of the batch when
+            the model reshapes its batch dimension inside (R = k x N rows, e.g. multiple
+            choice ``[N, C, T] -> [N*C, T]``): ``"contiguous"`` (rows ``n*k .. n*k+k-1`` are
+            example ``n``: what ``x.view(N * C, ...)`` produces), ``"interleaved"`` (rows
+            ``n, n+N, n+2N, ...``: ``x.transpose(0, 1).reshape(C * N, ...)``), or ``"auto"``
+            (contiguous, verified on the first such batch by the gradient of one example's
+            loss; a model that mixes examples otherwise is refused with this advice).
+
+    Embeddings (``nn.Embedding``) are not tracked. A tracked weight that another module also
+    uses (a language model's ``lm_head`` tied to the input embedding) is tracked in its use as
+    this layer only: the tracker notes it in the log (``tracker.notes``).
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[str] | str | None = None,
-                 exclude: Sequence[str] | str | None = None) -> None:
+                 exclude: Sequence[str] | str | None = None, include_frozen: bool = False,
+                 batch_layout: str = "auto") -> None:
+        if batch_layout not in BATCH_LAYOUTS:
+            raise ValueError(f"batch_layout={batch_layout!r} is not one of {list(BATCH_LAYOUTS)}.")
         self.model = model
+        self.batch_layout = batch_layout
         patterns = [layers] if isinstance(layers, str) else list(layers or [])
         excludes = [exclude] if isinstance(exclude, str) else list(exclude or [])
         named = [(n, m) for n, m in model.named_modules() if n]
         chosen: dict[str, nn.Module] = {}
+        exact: set[str] = set()
         if not patterns:
-            chosen = {n: m for n, m in named if isinstance(m, SUPPORTED_MODULES)}
+            chosen = {n: m for n, m in named if is_supported(m)}
         for pattern in patterns:
             matches = [(n, m) for n, m in named if fnmatch.fnmatchcase(n, pattern)]
-            supported = [(n, m) for n, m in matches if isinstance(m, SUPPORTED_MODULES)]
+            supported = [(n, m) for n, m in matches if is_supported(m)]
             if not supported:
                 if matches:
                     kinds = sorted({type(m).__name__ for _, m in matches})
@@ -157,22 +272,62 @@ class LayerTracker:
                     )
                 raise ValueError(
                     f"Layer pattern {pattern!r} matches no module. Supported layers of this model: "
-                    f"{[n for n, m in named if isinstance(m, SUPPORTED_MODULES)][:20]}"
+                    f"{[n for n, m in named if is_supported(m)][:20]}"
                 )
             if not any(c in pattern for c in "*?["):
                 leaf = matches[0][1]
-                if not isinstance(leaf, SUPPORTED_MODULES):
+                if not is_supported(leaf):
                     raise ValueError(f"Layer {pattern!r} is a {type(leaf).__name__}; supported "
                                      f"types: {_supported_names()}.")
+                exact.add(pattern)
             chosen.update(supported)
         chosen = {n: m for n, m in chosen.items()
                   if not any(fnmatch.fnmatchcase(n, p) for p in excludes)}
+        frozen = [n for n, m in chosen.items()
+                  if not m.weight.requires_grad and n not in exact]
+        all_frozen = bool(chosen) and len(frozen) == len(chosen)
+        if not include_frozen and frozen and not all_frozen:
+            chosen = {n: m for n, m in chosen.items() if n not in frozen}
         if not chosen:
             raise ValueError(
                 f"No layer to track in {type(model).__name__}: influence needs at least one of "
                 f"{_supported_names()} (layers={patterns or None}, exclude={excludes or None})."
             )
         self.layers: dict[str, TrackedLayer] = {n: TrackedLayer(n, m) for n, m in chosen.items()}
+        self.frozen_skipped = frozen if not include_frozen and not all_frozen else []
+        self.notes = self._tied_weight_notes()
+        if all_frozen and not include_frozen:
+            self.notes.append(
+                "every chosen layer is frozen (requires_grad=False, e.g. a model frozen after "
+                "training): all of them are tracked; in a partly frozen model only the "
+                "trainable layers are")
+        self._layout_checked: set[str] = set()
+        log.info("lightning-influence tracks %d layers: %s%s", len(self.layers), self.names(),
+                 f" (frozen layers left out: {self.frozen_skipped}; include_frozen=True "
+                 "tracks them)" if self.frozen_skipped else "")
+        for note in self.notes:
+            log.info("lightning-influence: %s", note)
+
+    def _tied_weight_notes(self) -> list[str]:
+        """Notes on tracked weights that other modules use too (tied embeddings)."""
+        owners: dict[int, list[tuple[str, nn.Module]]] = {}
+        for name, module in self.model.named_modules(remove_duplicate=False):
+            for p in module.parameters(recurse=False):
+                owners.setdefault(id(p), []).append((name, module))
+        notes = []
+        for layer in self:
+            others = [(n, m) for n, m in owners.get(id(layer.module.weight), [])
+                      if m is not layer.module]
+            for other, module in others:
+                tracked = other in self.layers
+                notes.append(
+                    f"layer {layer.name!r} shares its weight with {other!r} "
+                    f"({type(module).__name__}, {'also tracked' if tracked else 'not tracked'}): "
+                    + ("the two uses are separate blocks of the curvature and their "
+                       "cross terms are left out" if tracked else
+                       f"influence through this weight counts its use as {layer.name!r} only")
+                )
+        return notes
 
     def __iter__(self) -> Iterator[TrackedLayer]:
         return iter(self.layers.values())
@@ -194,14 +349,34 @@ class LayerTracker:
         cap = cap if cap is not None else Capture()
 
         def make_hook(layer: TrackedLayer):
-            def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+            def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+                if not isinstance(output, Tensor):
+                    raise TypeError(f"Layer {layer.name!r} returned a {type(output).__name__}, "
+                                    "not a tensor; it cannot be tracked. Exclude it.")
+                x = layer.input_of(args, kwargs)
+                if _in_backward():
+                    # gradient checkpointing recomputes this call inside a backward: its rows
+                    # were recorded in the forward, except after a forward without autograd
+                    if cap.collecting and cap.pending.get(layer.name, 0) > 0 and \
+                            output.requires_grad:
+                        cap.pending[layer.name] -= 1
+                        slot = [layer.activation_rows(x.detach()), None]
+                        cap.recomputed.setdefault(layer.name, []).append(slot)
+
+                        def keep(grad: Tensor, slot: list = slot) -> None:
+                            slot[1] = grad.detach()
+                        output.register_hook(keep)
+                    return
                 cap.activations.setdefault(layer.name, []).append(
-                    layer.activation_rows(inputs[0].detach()))
-                if output.requires_grad:
-                    cap.outputs.setdefault(layer.name, []).append(output)
+                    layer.activation_rows(x.detach()))
+                edge = get_gradient_edge(output) if output.requires_grad else None
+                cap.edges.setdefault(layer.name, []).append(edge)
+                if edge is None and not torch.is_grad_enabled():
+                    cap.pending[layer.name] = cap.pending.get(layer.name, 0) + 1
             return hook
 
-        handles = [layer.module.register_forward_hook(make_hook(layer)) for layer in self]
+        handles = [layer.module.register_forward_hook(make_hook(layer), with_kwargs=True,
+                                                      prepend=True) for layer in self]
 
         def detach() -> None:
             for h in handles:
@@ -211,7 +386,7 @@ class LayerTracker:
 
     @contextmanager
     def capture(self) -> Iterator[Capture]:
-        """Record activation rows and output tensors of every tracked layer during forwards
+        """Record activation rows and output edges of every tracked layer during forwards
         (with gradients enabled and the tracked parameters requiring grad)."""
         previous = {}
         for layer in self:
@@ -233,45 +408,150 @@ class LayerTracker:
 
         The gradient rows are those of ``losses.sum()``: for a model whose examples do not
         interact in the forward pass (eval mode), row ``n`` holds example ``n``'s own gradient.
-        ``retain_graph`` keeps the graph for a later backward (the training step's own).
+        Several calls of one layer (a shared module) are concatenated along T. ``retain_graph``
+        keeps the graph for a later backward (the training step's own).
         """
-        names = [n for n in self.layers if n in cap.outputs]
-        flat = [o for n in names for o in cap.outputs[n]]
-        if not flat:
+        names = [n for n in self.layers if cap.activations.get(n)]
+        if not any(e is not None for n in names for e in cap.edges[n]) and \
+                not any(cap.pending.values()):
             raise RuntimeError(
                 "No tracked layer produced an output that requires grad during this pass: the "
                 "tracked layers did not run, or the forward ran under torch.no_grad()."
             )
-        grads = torch.autograd.grad(losses.sum(), flat, allow_unused=True,
-                                    retain_graph=retain_graph)
-        out: dict[str, tuple[Tensor, Tensor]] = {}
-        i = 0
         n_examples = losses.shape[0]
+        flat = [(n, i) for n in names for i, e in enumerate(cap.edges[n]) if e is not None]
+        if any(cap.pending.values()):
+            grads = self._full_backward(cap, losses, flat, retain_graph)
+        else:
+            self._check_layout(cap, losses, flat)
+            edges = [cap.edges[n][i] for n, i in flat]
+            grads = dict(zip(flat, torch.autograd.grad(losses.sum(), edges, allow_unused=True,
+                                                       retain_graph=retain_graph), strict=True))
+        out: dict[str, tuple[Tensor, Tensor]] = {}
         for name in names:
             layer = self.layers[name]
-            acts, gs = [], []
-            for a, o in zip(cap.activations[name], cap.outputs[name], strict=True):
-                g = grads[i]
-                i += 1
-                g = torch.zeros_like(o) if g is None else g
-                acts.append(a)
-                gs.append(layer.gradient_rows(g.detach()))
-            a = torch.cat(acts, dim=1) if len(acts) > 1 else acts[0]
-            g = torch.cat(gs, dim=1) if len(gs) > 1 else gs[0]
-            if a.shape[0] != n_examples or g.shape[0] != n_examples:
-                raise ValueError(
-                    f"Layer {name!r} saw {a.shape[0]} rows in the batch dimension but the task "
-                    f"returned {n_examples} losses; tracked layers must take batch-first inputs."
-                )
+            pairs = []
+            for i, (a, edge) in enumerate(zip(cap.activations[name], cap.edges[name],
+                                              strict=True)):
+                if edge is None:
+                    continue  # no gradient reaches this call (or it is recomputed below)
+                g = grads.get((name, i))
+                g = layer.gradient_rows(g.detach()) if g is not None else torch.zeros(
+                    a.shape[:-1] + (layer.d_out,), dtype=a.dtype, device=a.device)
+                pairs.append((a, g))
+            pairs += [(a, layer.gradient_rows(g)) for a, g in cap.recomputed.get(name, [])
+                      if g is not None]
+            if not pairs:
+                continue
+            pairs = [self._per_example(name, a, g, n_examples) for a, g in pairs]
+            a = torch.cat([p[0] for p in pairs], dim=1) if len(pairs) > 1 else pairs[0][0]
+            g = torch.cat([p[1] for p in pairs], dim=1) if len(pairs) > 1 else pairs[0][1]
             out[name] = (a, g)
+        if not out:
+            raise RuntimeError(
+                "No gradient reached any tracked layer in this pass. Under reentrant gradient "
+                "checkpointing (use_reentrant=True) gradients flow only when an input of the "
+                "checkpointed block requires grad: use use_reentrant=False, or call "
+                "model.enable_input_require_grads() on a Hugging Face model."
+            )
         return out
+
+    def _full_backward(self, cap: Capture, losses: Tensor, flat: list[tuple[str, int]],
+                       retain_graph: bool) -> dict[tuple[str, int], Tensor]:
+        """One ``backward()`` (no ``inputs``: reentrant checkpointing refuses them) that records
+        the output gradients of recorded edges (node pre-hooks) and of recomputed calls (tensor
+        hooks), then restores every parameter's ``.grad``."""
+        grads: dict[tuple[str, int], Tensor] = {}
+        handles = []
+        for key in flat:
+            edge = cap.edges[key[0]][key[1]]
+
+            def pre(grad_outputs: tuple, key: tuple = key, nr: int = edge.output_nr) -> None:
+                if grad_outputs[nr] is not None:
+                    grads[key] = grad_outputs[nr]
+            handles.append(edge.node.register_prehook(pre))
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        saved = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        if not losses.requires_grad:
+            raise RuntimeError(
+                "The losses do not depend on any parameter through autograd. Under reentrant "
+                "gradient checkpointing (use_reentrant=True) gradients flow only when an input of "
+                "the checkpointed block requires grad: use use_reentrant=False, or call "
+                "model.enable_input_require_grads() on a Hugging Face model."
+            )
+        cap.collecting = True
+        try:
+            losses.sum().backward(retain_graph=retain_graph)
+        finally:
+            cap.collecting = False
+            for h in handles:
+                h.remove()
+            for p, g in zip(params, saved, strict=True):
+                p.grad = g
+        return grads
+
+    def _per_example(self, name: str, a: Tensor, g: Tensor, n: int) -> tuple[Tensor, Tensor]:
+        """Fold a call's ``R = k N`` rows into ``[N, k T, *]`` by the batch layout."""
+        r = a.shape[0]
+        if r == n and g.shape[0] == n:
+            return a, g
+        if r % n or g.shape[0] != r:
+            raise ValueError(
+                f"Layer {name!r} saw {r} rows in the batch dimension but the task returned {n} "
+                "losses: its rows cannot be mapped to examples. Tracked layers must take "
+                "batch-first inputs whose leading dimension is the batch (or a whole multiple of "
+                "it, declared with batch_layout='contiguous' or 'interleaved'); exclude the "
+                "layer otherwise."
+            )
+        k = r // n
+        if self.batch_layout == "interleaved":
+            a = a.reshape(k, n, *a.shape[1:]).transpose(0, 1)
+            g = g.reshape(k, n, *g.shape[1:]).transpose(0, 1)
+        return a.reshape(n, k * a.shape[-2], a.shape[-1]), g.reshape(n, k * g.shape[-2],
+                                                                     g.shape[-1])
+
+    def _check_layout(self, cap: Capture, losses: Tensor, flat: list[tuple[str, int]]) -> None:
+        """With ``batch_layout="auto"``: on the first batch where a layer's rows are a multiple
+        k > 1 of the examples, check with one example's gradient that its rows are the
+        contiguous block ``0 .. k-1``."""
+        n = losses.shape[0]
+        todo = [(name, i) for name, i in flat if self.batch_layout == "auto" and n > 1
+                and name not in self._layout_checked
+                and cap.activations[name][i].shape[0] not in (n,)
+                and cap.activations[name][i].shape[0] % n == 0]
+        if not todo:
+            return
+        grads = torch.autograd.grad(losses[0], [cap.edges[name][i] for name, i in todo],
+                                    allow_unused=True, retain_graph=True)
+        for (name, _), grad in zip(todo, grads, strict=True):
+            if grad is None:
+                continue
+            rows = self.layers[name].gradient_rows(grad)
+            k = rows.shape[0] // n
+            touched = rows.reshape(rows.shape[0], -1).abs().sum(dim=1) > 0
+            if not bool(touched.any()):
+                continue  # inconclusive: check again on a later batch
+            if bool(touched[k:].any()):
+                interleaved = not bool(touched.reshape(k, n)[:, 1:].any())
+                hint = ("its rows are interleaved (rows n, n+N, ...): pass "
+                        "batch_layout='interleaved'" if interleaved else
+                        "its rows mix examples in a way neither layout describes: exclude it")
+                raise ValueError(
+                    f"Layer {name!r} sees {rows.shape[0]} rows for {n} examples, but the rows "
+                    f"{touched.nonzero().flatten()[:8].tolist()} carry example 0's gradient, not "
+                    f"the contiguous block 0..{k - 1}: {hint}."
+                )
+            self._layout_checked.add(name)
 
     def warn_unused(self, seen: set[str], where: str) -> None:
         """Warn about tracked layers that never ran during a pass."""
         missing = [n for n in self.layers if n not in seen]
         if missing:
             warnings.warn(
-                f"Tracked layers {missing} never ran during {where}; they get no curvature and "
-                "no influence. Exclude them (exclude=[...]) if that is expected.",
+                f"Tracked layers {missing} never ran during {where} (or no gradient reached "
+                "them); they get no curvature and no influence. Exclude them (exclude=[...]) if "
+                "that is expected.",
                 stacklevel=3,
             )

@@ -175,17 +175,21 @@ def capture_rows(model: nn.Module, names: Sequence[str], loss: Callable[..., Ten
     """``{layer: (a [N, T, I], g [N, T, O])}`` for ``loss(model(inputs), *targets).sum()``.
 
     ``a`` are the layer's input rows (a 1 appended with a bias), ``g`` the gradient of the summed
-    loss with respect to the layer's output rows.
+    loss with respect to the layer's output rows. A module called several times (shared) gets
+    the rows of every call, concatenated along T in call order. The model must not modify a
+    tracked layer's output in place (the tensor hooks would see the modified tensor).
     """
-    seen_in, seen_out, seen_grad = {}, {}, {}
+    seen_in, seen_grad = {}, {}
     handles = []
     for name in names:
         module = model.get_submodule(name)
 
         def hook(mod, args, output, name=name):
-            seen_in[name] = args[0].detach()
-            seen_out[name] = output
-            output.register_hook(lambda g, name=name: seen_grad.__setitem__(name, g.detach()))
+            seen_in.setdefault(name, []).append(args[0].detach())
+            slot = len(seen_in[name]) - 1
+            grads = seen_grad.setdefault(name, {})
+            output.register_hook(lambda g, slot=slot, grads=grads: grads.__setitem__(
+                slot, g.detach()))
 
         handles.append(module.register_forward_hook(hook))
     try:
@@ -199,17 +203,21 @@ def capture_rows(model: nn.Module, names: Sequence[str], loss: Callable[..., Ten
     out = {}
     for name in names:
         module = model.get_submodule(name)
-        x, g = seen_in[name], seen_grad[name]
-        n = x.shape[0]
-        if isinstance(module, nn.Conv2d):
-            a = conv_patches(x, module)
-            g = g.permute(0, 2, 3, 1).reshape(n, -1, g.shape[1])  # [N, H'W', O]
-        else:
-            a = x.reshape(n, -1, x.shape[-1])
-            g = g.reshape(n, -1, g.shape[-1])
-        if module.bias is not None:
-            a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
-        out[name] = (a, g)
+        a_calls, g_calls = [], []
+        for slot, x in enumerate(seen_in[name]):
+            g = seen_grad[name][slot]
+            n = x.shape[0]
+            if isinstance(module, nn.Conv2d):
+                a = conv_patches(x, module)
+                g = g.permute(0, 2, 3, 1).reshape(n, -1, g.shape[1])  # [N, H'W', O]
+            else:
+                a = x.reshape(n, -1, x.shape[-1])
+                g = g.reshape(n, -1, g.shape[-1])
+            if module.bias is not None:
+                a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+            a_calls.append(a)
+            g_calls.append(g)
+        out[name] = (torch.cat(a_calls, dim=1), torch.cat(g_calls, dim=1))
     return out
 
 

@@ -318,3 +318,91 @@ def test_exact_fisher_through_the_callbacks(tmp_path):
                             progress=False)
     for name, lf in factors.layers.items():
         torch.testing.assert_close(lf.eigenvalues, direct.layers[name].eigenvalues)
+
+
+# ----------------------------------------------------------------------------------- model shapes
+class ResNetBlockClassifier(TinyClassifier):
+    """A torchvision-style basic block (in-place ReLU, BatchNorm, residual add) on 4x4 images."""
+
+    def __init__(self) -> None:
+        pl.LightningModule.__init__(self)
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.conv1 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(64, 3)
+
+    def forward(self, x):
+        x = self.relu(self.stem(x.reshape(-1, 1, 4, 4)))
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)) + x)
+        return self.fc(out.flatten(1))
+
+
+class ScalarHeadRegressor(TinyClassifier):
+    """An MLP regression with a ``Linear(h, 1)`` head, targets ``[N]``."""
+
+    influence_task = "regression"
+
+    def __init__(self) -> None:
+        pl.LightningModule.__init__(self)
+        self.net = nn.Sequential(nn.Linear(16, 8), nn.ReLU(inplace=True), nn.Linear(8, 1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self(x).squeeze(-1), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.mse_loss(self(x).squeeze(-1), y))
+
+
+def _regression_loaders():
+    def data(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(n, 16, generator=g)
+        return TensorDataset(x, x[:, :3].sum(1) + 0.1 * torch.randn(n, generator=g))
+    return (DataLoader(data(64, 0), batch_size=16, shuffle=True),
+            DataLoader(data(12, 1), batch_size=16))
+
+
+@pytest.mark.parametrize("model_cls", [ResNetBlockClassifier, ScalarHeadRegressor])
+@pytest.mark.parametrize("mode", ["after_fit", "during_training"])
+def test_resnet_block_and_scalar_head_run_through_the_callbacks(tmp_path, model_cls, mode):
+    """End to end, and the scores equal the plain API's on the same factors."""
+    torch.manual_seed(0)
+    model = model_cls()
+    callbacks = _callbacks(mode=mode)
+    train, val = _loaders() if model_cls is ResNetBlockClassifier else _regression_loaders()
+    _trainer(tmp_path, callbacks, epochs=2).fit(model, train, val)
+    scores_cb = callbacks[2]
+    factors = callbacks[1].factors
+    assert set(factors.shapes) == {n for n, m in model.named_modules()
+                                   if isinstance(m, nn.Linear | nn.Conv2d)}
+    assert all(torch.isfinite(layer.eigenvalues).all() for layer in factors.layers.values())
+    ordered = DataLoader(train.dataset, batch_size=16)
+    queries = DataLoader(torch.utils.data.Subset(val.dataset, range(4)), batch_size=16)
+    expected = li.compute_pairwise_scores(model, factors, queries, ordered, top_k=3,
+                                          progress=False)
+    torch.testing.assert_close(scores_cb.pairwise_result.top.proponent_scores,
+                               expected.top.proponent_scores, rtol=1e-4, atol=1e-6)
+    assert (tmp_path / "influence" / "self_influence_flags.csv").exists()
+
+
+def test_during_training_tracks_a_frozen_layer_through_the_separate_pass(tmp_path):
+    """With include_frozen=True a frozen first layer runs without gradient in the training
+    step: the update falls back to the separate pass (which takes its gradient) instead of
+    reporting the layer as never run."""
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    model.net[0].requires_grad_(False)
+    callbacks = [InfluenceStatistics(mode="during_training", every_n_steps=2, progress=False,
+                                     include_frozen=True),
+                 EigenCorrection(progress=False)]
+    train, val = _loaders()
+    _trainer(tmp_path, callbacks, epochs=1).fit(model, train, val)
+    assert "ran without gradient" in callbacks[0].fallback_reason
+    assert set(callbacks[1].factors.shapes) == {"net.0", "net.2"}
+    assert not model.net[0].weight.requires_grad

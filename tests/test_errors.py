@@ -58,7 +58,7 @@ def test_unsupported_layer_by_name_lists_supported_types():
     ids = torch.randint(0, 7, (8, 3))
     data = loader(ids, torch.randint(0, 3, (8,)))
     with pytest.raises(ValueError, match=r"'emb'.*Embedding.*Supported types: nn\.Linear, "
-                                         r"nn\.Conv2d"):
+                                         r"nn\.Conv1d, nn\.Conv2d, transformers Conv1D"):
         fit_factors(Embedder(), data, "classification", layers=["emb"], progress=False)
     # Without a layer list the Embedding is skipped and the Linear head is tracked.
     assert LayerTracker(Embedder()).names() == ["head"]
@@ -78,7 +78,7 @@ def test_pattern_matching_nothing(mlp_data):
 
 def test_no_supported_layer_at_all():
     model = nn.Sequential(nn.Embedding(5, 3))
-    with pytest.raises(ValueError, match="at least one of nn.Linear, nn.Conv2d"):
+    with pytest.raises(ValueError, match="at least one of nn.Linear, nn.Conv1d, nn.Conv2d"):
         LayerTracker(model)
 
 

@@ -115,5 +115,6 @@ def test_callback_config_covers_every_constructor_argument():
         params = set(inspect.signature(cls).parameters)
         documented = set(data[key]) - {"_target_"}
         # everything a YAML can express is exposed (loaders and task objects come by override)
-        assert params - documented <= {"queries", "task", "layers", "exclude"}, (key,
+        assert params - documented <= {"queries", "task", "layers", "exclude", "include_frozen",
+                                       "batch_layout"}, (key,
                                                                                 params - documented)

@@ -47,9 +47,11 @@ class EigenCorrection(Callback):
         damping_factor: the heuristic's factor (0.1, the paper's).
         output_dir: where factor files go (default ``<default_root_dir>/influence``).
         overwrite: refit even when matching factors exist.
-        task, layers, exclude: used when no InfluenceStatistics callback is attached.
+        task, layers, exclude, include_frozen, batch_layout: used when no InfluenceStatistics
+            callback is attached (see :class:`InfluenceStatistics`).
         max_batches, batch_size, seed, progress: of the eigenvalue pass.
-        fisher: ``"sampled"`` or ``"exact"`` (see :func:`~lightning_influence.fit_factors`);
+        fisher: ``"sampled"``, ``"exact"`` or ``"empirical"`` (see
+            :func:`~lightning_influence.fit_factors`);
             ``None`` takes the InfluenceStatistics callback's (``"sampled"`` without one).
         solver_options: keyword arguments of the solver class (e.g. ``{"iterations": 2000,
             "scale": 50.0}`` for LiSSA, ``{"max_iterations": 100, "rtol": 1e-6}`` for CG); for
@@ -62,7 +64,8 @@ class EigenCorrection(Callback):
                  layers: list[str] | None = None, exclude: list[str] | None = None,
                  max_batches: int | None = None, batch_size: int | None = None, seed: int = 0,
                  progress: bool = True, solver_options: dict[str, Any] | None = None,
-                 fisher: str | None = None) -> None:
+                 fisher: str | None = None, include_frozen: bool = False,
+                 batch_layout: str = "auto") -> None:
         super().__init__()
         if strategy not in STRATEGIES and strategy not in SOLVERS:
             raise ValueError(f"EigenCorrection: strategy={strategy!r} is not one of "
@@ -81,6 +84,7 @@ class EigenCorrection(Callback):
         self.output_dir = output_dir
         self.overwrite = overwrite
         self.task_spec, self.layers, self.exclude = task, layers, exclude
+        self.include_frozen, self.batch_layout = include_frozen, batch_layout
         self.max_batches, self.batch_size, self.seed = max_batches, batch_size, seed
         self.progress = progress
         self.solver_options = dict(solver_options or {})
@@ -110,7 +114,9 @@ class EigenCorrection(Callback):
             stats._bind(pl_module)
             return stats.task, stats.tracker, stats
         return (resolve_task(self.task_spec, pl_module),
-                LayerTracker(pl_module, self.layers, self.exclude), None)
+                LayerTracker(pl_module, self.layers, self.exclude,
+                             include_frozen=self.include_frozen,
+                             batch_layout=self.batch_layout), None)
 
     def _fit(self, trainer: Any, pl_module: Any, strategy: str, damping: Any) -> Factors:
         if strategy in ("kfac", "ekfac") and find_callback(trainer, InfluenceStatistics) is None:

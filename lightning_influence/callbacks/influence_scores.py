@@ -15,6 +15,7 @@ from lightning_influence.api import (
     SelfResult,
     compute_pairwise_scores,
     compute_self_scores,
+    factor_tracker,
 )
 from lightning_influence.callbacks._common import (
     output_dir,
@@ -25,7 +26,6 @@ from lightning_influence.callbacks.eigen_correction import EigenCorrection, atta
 from lightning_influence.memory import estimate_bytes, format_estimate
 from lightning_influence.reporting import ExampleLookup, log_results, write_results
 from lightning_influence.solvers import CurvatureSolver, solver_self_scores
-from lightning_influence.tracking import LayerTracker
 
 
 class InfluenceScores(Callback):
@@ -112,7 +112,7 @@ class InfluenceScores(Callback):
     def run(self, trainer: Any, pl_module: Any) -> None:
         """Compute, write and log. Called when fit ends; callable by hand after ``fit``."""
         eigen, factors, task = attached_curvature(trainer, pl_module, "InfluenceScores")
-        tracker = LayerTracker(pl_module, layers=list(factors.shapes))
+        tracker = factor_tracker(pl_module, factors)
         train = training_loader(trainer, pl_module, self.batch_size)
         show = self.progress and trainer.is_global_zero
         queries = None

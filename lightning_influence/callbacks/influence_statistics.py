@@ -9,7 +9,6 @@ from typing import Any
 import torch
 from pytorch_lightning import Callback
 from pytorch_lightning.utilities import rank_zero_info
-from torch import Tensor
 
 from lightning_influence.api import (
     add_rows,
@@ -18,6 +17,7 @@ from lightning_influence.api import (
     fit_covariances,
     move_to_device,
     new_covariances,
+    row_mode,
     rows_from_outputs,
     update_covariances,
 )
@@ -25,7 +25,7 @@ from lightning_influence.callbacks._common import training_loader
 from lightning_influence.distributed import sampling_generator
 from lightning_influence.statistics import CovarianceStatistic
 from lightning_influence.task import Task, resolve_task
-from lightning_influence.tracking import Capture, LayerTracker
+from lightning_influence.tracking import BATCH_LAYOUTS, Capture, LayerTracker
 
 log = logging.getLogger(__name__)
 
@@ -71,17 +71,23 @@ class InfluenceStatistics(Callback):
         reuse_forward: during training, take the rows from the training step's forward
             (checked once against eval mode, see above); ``False`` always runs a separate
             eval-mode pass.
-        fisher: ``"sampled"`` (one label per example drawn from the model, as in the paper) or
+        fisher: ``"sampled"`` (one label per example drawn from the model, as in the paper),
             ``"exact"`` (every label weighted by its probability: no sampling noise, one
-            backward per class; classification and regression). EigenCorrection's eigenvalue
-            pass follows this choice.
+            backward per class; classification and regression) or ``"empirical"`` (the true
+            labels). EigenCorrection's eigenvalue pass follows this choice.
+        include_frozen: also track layers whose weight does not require grad (default: only
+            trainable layers, e.g. a LoRA adapter's).
+        batch_layout: how rows map to examples when the model reshapes its batch inside
+            (``"auto"``, ``"contiguous"``, ``"interleaved"``; see
+            :class:`~lightning_influence.LayerTracker`).
     """
 
     def __init__(self, task: Task | str | None = None, layers: Sequence[str] | None = None,
                  exclude: Sequence[str] | None = None, mode: str = "after_fit",
                  every_n_steps: int = 10, max_batches: int | None = None,
                  batch_size: int | None = None, seed: int = 0, progress: bool = True,
-                 reuse_forward: bool = True, fisher: str = "sampled") -> None:
+                 reuse_forward: bool = True, fisher: str = "sampled",
+                 include_frozen: bool = False, batch_layout: str = "auto") -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"InfluenceStatistics: mode={mode!r} is not one of {list(MODES)}.")
@@ -89,6 +95,10 @@ class InfluenceStatistics(Callback):
             raise ValueError(f"InfluenceStatistics: every_n_steps must be >= 1, got "
                              f"{every_n_steps}.")
         self.fisher = fisher_mode(fisher)
+        if batch_layout not in BATCH_LAYOUTS:
+            raise ValueError(f"InfluenceStatistics: batch_layout={batch_layout!r} is not one of "
+                             f"{list(BATCH_LAYOUTS)}.")
+        self.include_frozen, self.batch_layout = include_frozen, batch_layout
         self.task_spec = task
         self.layers = list(layers) if layers is not None else None
         self.exclude = list(exclude) if exclude is not None else None
@@ -169,7 +179,7 @@ class InfluenceStatistics(Callback):
                            f"separate eval-mode forward ({reason}).")
             return False
         rows, _ = rows_from_outputs(recording.output, recording.capture, batch, self.task,
-                                    self.tracker, self.fisher,
+                                    self.tracker, row_mode(self.fisher),
                                     sampling_generator(self.seed, self.updates),
                                     retain_graph=True)
         add_rows(self.covariances, rows, self.task.row_mask(batch))
@@ -217,7 +227,9 @@ class InfluenceStatistics(Callback):
     def _bind(self, pl_module: Any) -> None:
         if self.tracker is None or self.tracker.model is not pl_module:
             self.task = resolve_task(self.task_spec, pl_module)
-            self.tracker = LayerTracker(pl_module, self.layers, self.exclude)
+            self.tracker = LayerTracker(pl_module, self.layers, self.exclude,
+                                        include_frozen=self.include_frozen,
+                                        batch_layout=self.batch_layout)
             self.covariances = new_covariances(self.tracker, _device(pl_module))
         self._restore()
 
@@ -268,12 +280,12 @@ class _StepRecording:
             handle.remove()
 
     @property
-    def output(self) -> Tensor:
+    def output(self) -> Any:
         return self.calls[0][2]
 
     def layer_counts(self) -> dict[str, int]:
         """How many times each tracked layer ran during the recording."""
-        return {name: len(acts) for name, acts in self.capture.activations.items()}
+        return self.capture.layer_counts()
 
     def unusable_reason(self, task: Task, batch: Any, counts: dict[str, int] | None,
                         ) -> str | None:
@@ -291,10 +303,19 @@ class _StepRecording:
         if kwargs or len(args) != 1 or args[0] is not task.inputs(batch):
             return ("the training step did not call the LightningModule on exactly the task's "
                     "inputs")
-        if not isinstance(output, Tensor) or not output.requires_grad:
-            return "the LightningModule's output is not a tensor that requires grad"
+        try:
+            logits = task.logits(output)
+        except TypeError:
+            return "the task finds no logits in the LightningModule's output"
+        if not logits.requires_grad:
+            return "the LightningModule's output does not require grad"
         if not self.capture.outputs:
             return "no tracked layer produced an output that requires grad"
+        no_grad = [name for name, edges in self.capture.edges.items()
+                   if all(edge is None for edge in edges)]
+        if no_grad:
+            return (f"tracked layers {no_grad} ran without gradient in the training step "
+                    "(frozen, or under no_grad/reentrant checkpointing)")
         if counts is not None and self.layer_counts() != counts:
             return "the tracked layers ran a different number of times than in the checked step"
         return None
@@ -308,7 +329,7 @@ class _StepRecording:
                 expected = task.forward(module, batch)
             finally:
                 detach()
-        pairs = [("the model output", self.output.detach(), expected)]
+        pairs = [("the model output", task.logits(self.output).detach(), task.logits(expected))]
         for name, acts in self.capture.activations.items():
             ref = reference.activations.get(name, [])
             if len(ref) != len(acts):
