@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,7 +27,14 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    DistributedSampler,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+)
 from tqdm.auto import tqdm
 
 from lightning_influence.chunks import ChunkStore
@@ -121,11 +129,38 @@ def check_loader(loader: Any, what: str, ordered: bool = False) -> None:
             f"The {what} dataloader is empty (0 batches): influence needs data. Check the dataset "
             "size, the batch size with drop_last=True, and any filtering."
         )
-    if ordered and isinstance(getattr(loader, "sampler", None), RandomSampler):
+    problem = order_problem(loader) if ordered else None
+    if problem is not None:
         raise ValueError(
-            f"The {what} dataloader shuffles (RandomSampler): result indices would not name "
-            "examples. Pass a loader with shuffle=False (see lightning_influence.ordered_loader)."
+            f"The {what} dataloader {problem}: result indices are positions in the order it "
+            "yields, so they would not name examples of its dataset. Pass a loader with "
+            "shuffle=False and no sampler (see lightning_influence.ordered_loader)."
         )
+
+
+def order_problem(loader: Any, whole_dataset_ok: bool = False) -> str | None:
+    """Why a DataLoader does not yield its dataset in the dataset's own order, or None.
+
+    Other iterables (a list of batches) and iterable-style datasets count as ordered: their
+    order is the one they yield. With ``whole_dataset_ok``, samplers that visit the whole
+    dataset once in another order (``RandomSampler`` without replacement, a shuffling
+    ``DistributedSampler``) are accepted: a caller that rebuilds an ordered loader over the
+    same dataset (the callbacks) only needs the set of examples to be the dataset's.
+    """
+    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
+        return None
+    batch_sampler = loader.batch_sampler
+    if batch_sampler is not None and type(batch_sampler) is not BatchSampler:
+        return f"uses a custom batch_sampler ({type(batch_sampler).__name__})"
+    sampler = batch_sampler.sampler if batch_sampler is not None else loader.sampler
+    if isinstance(sampler, SequentialSampler):
+        return None
+    whole = (isinstance(sampler, RandomSampler) and not sampler.replacement
+             and sampler.num_samples == len(sampler.data_source)) or (
+        isinstance(sampler, DistributedSampler) and not sampler.drop_last)
+    if whole_dataset_ok and whole:
+        return None
+    return (f"draws with a {type(sampler).__name__}" + (" (it shuffles)" if whole else ""))
 
 
 def ordered_loader(loader: DataLoader, batch_size: int | None = None) -> DataLoader:
@@ -439,8 +474,17 @@ def factors_from_statistics(tracker: LayerTracker, strategy: str,
             num_examples = int(computed["examples"])
             if not torch.isfinite(lam).all():
                 raise FloatingPointError(f"Non-finite eigenvalues for layer {name!r}.")
-        layers[name] = LayerFactors(lam, q_a, q_s, resolve_damping(damping, lam, damping_factor,
-                                                                   weight_decay))
+        layer_damping = resolve_damping(damping, lam, damping_factor, weight_decay)
+        if lam is not None and not layer_damping > 0 and not bool((lam > 0).all()):
+            raise FloatingPointError(
+                f"Layer {name!r} has " + ("no curvature at all (every eigenvalue is 0: it never ran "
+                "in the pass, or its output does not affect the loss, e.g. a head the loss "
+                "ignores or a language model whose labels are all ignored)" if not bool((lam > 0).any()) else
+                "zero eigenvalues (e.g. dead units)") + f" and damping {layer_damping}: every "
+                "score would be NaN or infinite. Exclude the layer (exclude=[...]) or pass a "
+                "positive damping (a number, or 'weight_decay')."
+            )
+        layers[name] = LayerFactors(lam, q_a, q_s, layer_damping)
     return Factors(strategy, layers, tracker.describe(), model_fingerprint(tracker), num_examples,
                    {"damping_rule": damping if damping is not None else "heuristic",
                     "damping_factor": damping_factor})
@@ -547,17 +591,33 @@ def query_gradients(model: nn.Module, loader: Any, task: Task | str | None, fact
     factors.check_matches(tracker, check_weights=False)
     check_loader(loader, "query")
     chunks: dict[str, list[Tensor]] = {name: [] for name in factors.shapes}
-    for _, _, _, rows, _ in iterate_rows(model, loader, task, tracker, "measurement", shard=False,
-                                         desc="influence: query gradients", progress=progress):
+    for _, offset, _, rows, _ in iterate_rows(model, loader, task, tracker, "measurement",
+                                              shard=False, desc="influence: query gradients",
+                                              progress=progress):
         grads = {}
         for name, (a, g) in rows.items():
             grad = per_example_gradients(a, g)
             grads[name] = grad if grad.dtype in (torch.float32, torch.float64) else grad.float()
+        _warn_zero_queries(grads, offset)
         if precondition:  # all layers at once: a preconditioner may couple them
             grads = factors.precondition(grads)
         for name, grad in grads.items():
             chunks[name].append(grad)
     return {name: torch.cat(parts) for name, parts in chunks.items() if parts}
+
+
+def _warn_zero_queries(grads: dict[str, Tensor], offset: int) -> None:
+    """Warn about queries whose measurement has a zero gradient in every tracked layer (e.g.
+    every label ignored): their scores are all 0 and their top-k lists arbitrary."""
+    norms = sum(g.reshape(g.shape[0], -1).abs().sum(dim=1) for g in grads.values())
+    zero = (norms == 0).nonzero().flatten()
+    if len(zero):
+        warnings.warn(
+            f"Queries {(zero + offset).tolist()[:10]} have a zero gradient in every tracked "
+            "layer (a measurement that does not depend on the weights, e.g. every label -100): "
+            "their scores are all 0 and their top-k lists carry no information.",
+            stacklevel=3,
+        )
 
 
 @dataclass

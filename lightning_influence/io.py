@@ -1,7 +1,9 @@
 """Atomic files: write to a temporary file in the target folder, then rename over the target.
 
 A reader (or a rerun after a crash) sees either the previous file or the complete new one, never
-a half-written one.
+a half-written one. Files get the permissions the process's umask gives any new file (the
+temporary file's private 0600 is not kept), and CSV cells from text that a spreadsheet would run
+as a formula are escaped.
 """
 
 from __future__ import annotations
@@ -17,7 +19,33 @@ from typing import Any
 from safetensors.torch import save_file
 from torch import Tensor
 
-__all__ = ["atomic_write", "atomic_save_safetensors", "atomic_save_json", "atomic_save_csv"]
+__all__ = ["atomic_write", "atomic_save_safetensors", "atomic_save_json", "atomic_save_csv",
+           "check_writable", "csv_safe"]
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def check_writable(folder: str | Path, what: str) -> Path:
+    """Create ``folder`` and check that a file can be written there, before any expensive work;
+    a clear error naming the folder and the fix otherwise."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise PermissionError(
+            f"{what}: cannot write to {folder} ({err.strerror or err}). Point output_dir at a "
+            "writable folder, or fix the folder's permissions, before the passes run."
+        ) from err
+    return folder
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
@@ -27,6 +55,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # as open() would create it, not mkstemp's 0600
         write(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
@@ -51,10 +80,20 @@ def atomic_save_json(obj: Any, path: str | Path) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def csv_safe(value: Any) -> Any:
+    """A text cell that starts like a spreadsheet formula (``=``, ``+``, ``-``, ``@``, tab, CR)
+    gets a leading ``'`` so that spreadsheets show it as text (OWASP's CSV-injection advice);
+    numbers and other values are kept as they are."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
 def atomic_save_csv(rows: Iterable[Mapping[str, Any]], path: str | Path,
                     columns: list[str]) -> Path:
-    """Save rows of dicts as CSV with the given columns, atomically."""
-    rows = list(rows)
+    """Save rows of dicts as CSV with the given columns, atomically; text cells are escaped
+    with :func:`csv_safe`."""
+    rows = [{k: csv_safe(v) for k, v in row.items()} for row in rows]
 
     def write(tmp: str) -> None:
         with open(tmp, "w", newline="") as fh:

@@ -66,9 +66,10 @@ def test_overflowing_covariance_names_the_layer():
 
 def test_layers_that_never_run_are_named():
     x, y = _data()
-    with pytest.warns(UserWarning, match=r"\['spare'\] never ran"):
+    with pytest.warns(UserWarning, match=r"\['spare'\] never ran"), pytest.raises(
+            FloatingPointError, match="'spare' has no curvature at all .*never ran.*Exclude"):
         li.fit_factors(Net(unused=True), _loader(x, y), "classification", strategy="diagonal",
-                       progress=False)
+                       progress=False)  # zero eigenvalues, zero damping: refused, not NaN
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(ValueError, match="'spare' has no covariance rows.*Exclude it"):

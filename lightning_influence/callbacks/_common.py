@@ -10,7 +10,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader, Subset
 
-from lightning_influence.api import ordered_loader
+from lightning_influence.api import order_problem, ordered_loader
 
 __all__ = ["training_loader", "query_loader", "output_dir", "find_callback", "single_loader"]
 
@@ -37,6 +37,15 @@ def training_loader(trainer: Any, pl_module: Any, batch_size: int | None = None)
         datamodule = getattr(trainer, "datamodule", None)
         source = datamodule if datamodule is not None else pl_module
         loader = single_loader(source.train_dataloader(), "training")
+    problem = order_problem(loader, whole_dataset_ok=True)
+    if problem is not None:
+        raise ValueError(
+            f"The Trainer's training loader {problem}, so it does not train on its whole dataset "
+            "with each example once per epoch; the influence callbacks score loader.dataset in "
+            "its own order and their indices would name examples it never trained on. Train on "
+            "a torch.utils.data.Subset of exactly the examples to use (shuffle=True is fine), or "
+            "call the functions (lightning_influence.fit_factors, ...) with loaders of your own."
+        )
     return ordered_loader(loader, batch_size)
 
 

@@ -12,6 +12,7 @@ from lightning_influence.api import fisher_mode, fit_factors
 from lightning_influence.callbacks._common import find_callback, output_dir, training_loader
 from lightning_influence.callbacks.influence_statistics import InfluenceStatistics
 from lightning_influence.factors import STRATEGIES, Factors
+from lightning_influence.io import check_writable
 from lightning_influence.memory import estimate_bytes, format_estimate
 from lightning_influence.solvers import SOLVERS, CurvatureSolver, make_solver
 from lightning_influence.task import Task, resolve_task
@@ -91,6 +92,10 @@ class EigenCorrection(Callback):
         self.fisher = fisher_mode(fisher) if fisher is not None else None
         self.factors: Factors | CurvatureSolver | None = None
         self.factors_path: str | None = None
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit" and trainer.is_global_zero:  # before training, not after both passes
+            check_writable(output_dir(trainer, self.output_dir), "EigenCorrection")
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self.ensure_factors(trainer, pl_module)
@@ -188,7 +193,9 @@ class EigenCorrection(Callback):
         return {"factors_path": self.factors_path, "strategy": self.strategy}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.factors_path = state_dict.get("factors_path")
+        """Nothing to restore: where files go comes from this run's configuration, never from
+        a checkpoint (a run resumed elsewhere must not write into the original run's folder;
+        the factors are reused from this run's folder when they match)."""
 
 
 def attached_curvature(trainer: Any, pl_module: Any, consumer: str,
