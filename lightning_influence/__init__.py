@@ -20,7 +20,14 @@ from lightning_influence.callbacks import (
     InfluenceStatistics,
     influence_callbacks,
 )
-from lightning_influence.factors import STRATEGIES, FactorMismatchError, Factors, LayerFactors
+from lightning_influence.chunks import ChunkMismatchError
+from lightning_influence.factors import (
+    STRATEGIES,
+    CorruptFactorsError,
+    FactorMismatchError,
+    Factors,
+    LayerFactors,
+)
 from lightning_influence.ranking import StreamingTopK, detection_report, flag_top_fraction
 from lightning_influence.task import (
     CausalLMTask,
@@ -35,6 +42,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "STRATEGIES",
+    "ChunkMismatchError",
+    "CorruptFactorsError",
     "SUPPORTED_MODULES",
     "CausalLMTask",
     "EigenCorrection",

@@ -37,7 +37,7 @@ from torch.utils.data import (
 )
 from tqdm.auto import tqdm
 
-from lightning_influence.chunks import ChunkStore
+from lightning_influence.chunks import ChunkStore, data_fingerprint
 from lightning_influence.distributed import (
     all_gather_objects,
     barrier,
@@ -119,7 +119,13 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
 
 
 def check_loader(loader: Any, what: str, ordered: bool = False) -> None:
-    """Clear errors for empty or (when order matters) shuffled dataloaders."""
+    """Clear errors for one-shot iterators, empty or (when order matters) shuffled loaders."""
+    if iter(loader) is loader:
+        raise TypeError(
+            f"The {what} data is a one-shot iterator ({type(loader).__name__}): influence "
+            "iterates it several times (covariances, eigenvalues, scores). Pass something "
+            "re-iterable: a DataLoader, or a list of batches."
+        )
     try:
         length = len(loader)
     except TypeError:
@@ -164,10 +170,12 @@ def order_problem(loader: Any, whole_dataset_ok: bool = False) -> str | None:
 
 
 def ordered_loader(loader: DataLoader, batch_size: int | None = None) -> DataLoader:
-    """A non-shuffling copy of ``loader`` over the same dataset (same collate_fn, workers)."""
+    """A non-shuffling copy of ``loader`` over the same dataset (same collate_fn, workers). A
+    loader without automatic batching (``batch_size=None``: each item is a batch already)
+    stays so, whatever ``batch_size`` says."""
     return DataLoader(
         loader.dataset,
-        batch_size=batch_size or loader.batch_size or 1,
+        batch_size=None if loader.batch_size is None else batch_size or loader.batch_size,
         shuffle=False,
         collate_fn=loader.collate_fn,
         num_workers=loader.num_workers,
@@ -371,9 +379,14 @@ def update_covariances(model: nn.Module, batch: Any, task: Task, tracker: LayerT
 
 def add_rows(covariances: dict[str, CovarianceStatistic], rows: dict[str, tuple[Tensor, Tensor]],
              mask: Tensor | None) -> None:
-    """Add every layer's rows ``(a, g)`` (with the task's row mask) to its covariances."""
+    """Add every layer's rows ``(a, g)`` (with the task's row mask) to its covariances. A
+    tracked layer that did not run on this batch still counts its examples: its curvature is
+    a mean over every training example, and those contribute zero."""
     for name, (a, g) in rows.items():
         covariances[name].accumulate(a, g, mask)
+    n = next(iter(rows.values()))[0].shape[0] if rows else 0
+    for name in covariances.keys() - rows.keys():
+        covariances[name].examples.add_(n)
 
 
 def fit_covariances(model: nn.Module, loader: Any, task: Task | str | None = None, *,
@@ -445,6 +458,9 @@ def fit_eigenvalues(model: nn.Module, loader: Any, task: Task, tracker: LayerTra
                 a = a @ bases[name]["q_a"].to(a.dtype)
                 g = g @ bases[name]["q_s"].to(g.dtype)
             stats[name].update(a, g)
+        n = next(iter(rows.values()))[0].shape[0]
+        for name in stats.keys() - rows.keys():  # did not run: zero gradient, still examples
+            stats[name].examples.add_(n)
     return stats
 
 
@@ -565,13 +581,23 @@ def fit_factors(model: nn.Module, loader: Any, task: Task | str | None = None, *
     factors.extra["fisher"] = fisher
     factors.extra["batch_layout"] = tracker.batch_layout
     if strategy == "identity":
-        factors.num_examples = _count_examples(loader)
+        factors.num_examples = count_examples(loader)
     if output_dir is not None and write:
-        factors.save(output_dir)
+        try:
+            factors.save(output_dir)
+        except OSError as err:  # the fit is not thrown away because its file could not be written
+            warnings.warn(
+                f"Could not save the fitted factors to {output_dir} ({err}). They are kept in "
+                "memory for this run; save them once the folder is fixed with "
+                "factors.save(folder), or they are fitted again next time.",
+                stacklevel=2,
+            )
     return factors
 
 
-def _count_examples(loader: Any) -> int:
+def count_examples(loader: Any) -> int:
+    """The number of examples behind a loader, or 0 when it cannot be known without a pass (an
+    iterable-style dataset, a list of batches)."""
     try:
         return len(loader.dataset)
     except (AttributeError, TypeError):
@@ -595,8 +621,14 @@ def query_gradients(model: nn.Module, loader: Any, task: Task | str | None, fact
                                               shard=False, desc="influence: query gradients",
                                               progress=progress):
         grads = {}
-        for name, (a, g) in rows.items():
-            grad = per_example_gradients(a, g)
+        n = next(iter(rows.values()))[0].shape[0]
+        for name, shape in factors.shapes.items():
+            if name not in rows:  # the layer did not run for these queries: zero gradient
+                dtype = next(iter(rows.values()))[0].dtype
+                grads[name] = torch.zeros(n, *shape, dtype=torch.promote_types(
+                    dtype, torch.float32), device=next(iter(rows.values()))[0].device)
+                continue
+            grad = per_example_gradients(*rows[name])
             grads[name] = grad if grad.dtype in (torch.float32, torch.float64) else grad.float()
         _warn_zero_queries(grads, offset)
         if precondition:  # all layers at once: a preconditioner may couple them
@@ -604,6 +636,20 @@ def query_gradients(model: nn.Module, loader: Any, task: Task | str | None, fact
         for name, grad in grads.items():
             chunks[name].append(grad)
     return {name: torch.cat(parts) for name, parts in chunks.items() if parts}
+
+
+def _normalization(factors: Any, normalize: bool) -> float:
+    """``1 / N`` with ``normalize`` (N: the training examples the factors were fitted on)."""
+    if not normalize:
+        return 1.0
+    if not factors.num_examples:
+        raise ValueError(
+            "normalize=True divides by the number of training examples, which these factors do "
+            "not know (fitted from data without a length, e.g. an iterable dataset, with "
+            "strategy='identity'). Pass normalize=False and divide by N yourself, or set "
+            "factors.num_examples = N."
+        )
+    return 1.0 / factors.num_examples
 
 
 def _warn_zero_queries(grads: dict[str, Tensor], offset: int) -> None:
@@ -687,7 +733,7 @@ def compute_pairwise_scores(model: nn.Module, factors: Factors, query_loader: An
                                       progress=progress)
     names = list(query_grads)
     num_queries = next(iter(query_grads.values())).shape[0]
-    scale = 1.0 / factors.num_examples if normalize and factors.num_examples else 1.0
+    scale = _normalization(factors, normalize)
     topk = StreamingTopK(num_queries, top_k, len(names) if per_layer else 0)
     kept: list[dict[str, Tensor]] = []
 
@@ -699,7 +745,7 @@ def compute_pairwise_scores(model: nn.Module, factors: Factors, query_loader: An
     if scores_dir is not None:
         store = ChunkStore(scores_dir, "pairwise", _signature(
             factors, query_losses, top_k=top_k, per_layer=per_layer, scale=scale,
-            autocast=str(autocast)), chunk_batches)
+            autocast=str(autocast), train=data_fingerprint(train_loader)), chunk_batches)
     skip = _resume(store, fold)
     for b, offset, _, rows, losses in iterate_rows(
             model, train_loader, task, tracker, "loss", desc="influence: pairwise scores",
@@ -823,12 +869,13 @@ def compute_self_scores(model: nn.Module, factors: Factors, train_loader: Any,
     factors.check_matches(tracker)
     check_loader(train_loader, "training", ordered=True)
     names = list(factors.shapes)
-    scale = 1.0 / factors.num_examples if normalize and factors.num_examples else 1.0
+    scale = _normalization(factors, normalize)
     kept: list[dict[str, Tensor]] = []
     store = None
     if scores_dir is not None:
-        store = ChunkStore(scores_dir, "self", _signature(factors, None, scale=scale,
-                                                          autocast=str(autocast)), chunk_batches)
+        store = ChunkStore(scores_dir, "self", _signature(
+            factors, None, scale=scale, autocast=str(autocast),
+            train=data_fingerprint(train_loader)), chunk_batches)
     skip = _resume(store, kept.append)
     for b, offset, _, rows, losses in iterate_rows(
             model, train_loader, task, tracker, "loss", desc="influence: self-influence",

@@ -4,26 +4,61 @@ Index letters: Q queries, L layers, n training examples in a chunk.
 
 A scoring pass hands its per-batch results to a :class:`ChunkStore`, which writes one
 safetensors file per group of ``chunk_batches`` batches, atomically. A rerun of the same pass
-(same factors, queries and options: the *signature*) finds the finished batches, skips them and
-reads their scores back instead, so a run killed in the middle resumes from its last finished
-chunk and ends with the same scores as an uninterrupted run. Files whose signature differs are
-refused with a message that says so.
+(same factors, queries, options and training data: the *signature*) finds the finished batches,
+skips them and reads their scores back instead, so a run killed in the middle resumes from its
+last finished chunk and ends with the same scores as an uninterrupted run. Files whose signature
+differs are refused with a message that says so; a chunk whose contents fail their checksum
+(a damaged file) is ignored and its batches are scored again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Iterator
+import logging
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from torch import Tensor
 
 from lightning_influence.distributed import rank
-from lightning_influence.io import atomic_save_safetensors
+from lightning_influence.io import atomic_save_safetensors, tensors_checksum
 
-__all__ = ["ChunkStore", "ChunkMismatchError"]
+__all__ = ["ChunkStore", "ChunkMismatchError", "data_fingerprint"]
+
+log = logging.getLogger(__name__)
+
+
+def data_fingerprint(loader: Any) -> str:
+    """An identity of a training set as a loader yields it: the number of batches and a SHA-256
+    over every batch's contents in order (tensor bytes, shapes and dtypes; other values by
+    ``repr``). One pass over the data, no model."""
+    digest = hashlib.sha256()
+    count = 0
+
+    def feed(value: Any) -> None:
+        if isinstance(value, Tensor):
+            t = value.detach().cpu().contiguous()
+            digest.update(f"T{t.dtype}{list(t.shape)}".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, Mapping):
+            for key in sorted(value, key=str):
+                digest.update(f"K{key}".encode())
+                feed(value[key])
+        elif isinstance(value, Sequence) and not isinstance(value, str | bytes):
+            digest.update(f"L{len(value)}".encode())
+            for item in value:
+                feed(item)
+        else:
+            digest.update(f"V{value!r}".encode())
+
+    for batch in loader:
+        count += 1
+        feed(batch)
+    return f"{count}:{digest.hexdigest()[:24]}"
 
 
 class ChunkMismatchError(ValueError):
@@ -57,25 +92,44 @@ class ChunkStore:
     def _check(self, path: Path, metadata: dict[str, str]) -> None:
         if metadata.get("signature") != self.signature:
             raise ChunkMismatchError(
-                f"{path} holds {self.kind} scores of another pass (other factors, queries or "
-                f"options). Delete the chunk files in {self.folder}, or score into another folder."
+                f"{path} holds {self.kind} scores of another pass (other factors, queries, "
+                f"options or training data). Delete the chunk files in {self.folder}, or score "
+                "into another folder."
             )
 
+    def _read(self, path: Path) -> dict[str, Tensor] | None:
+        """A chunk's tensors, or None (logged) when the file is damaged; raises for a chunk of
+        another pass."""
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                metadata = fh.metadata() or {}
+                tensors = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118
+        except Exception as err:  # safetensors' own error types for truncated or bad files
+            log.warning("Score chunk %s is unreadable (%s); its batches are scored again.", path,
+                        err)
+            return None
+        self._check(path, metadata)
+        if metadata.get("checksum") != tensors_checksum(tensors, self.signature):
+            log.warning("Score chunk %s fails its checksum (a damaged file); its batches are "
+                        "scored again.", path)
+            return None
+        return tensors
+
     def done_batches(self) -> set[int]:
-        """Batch indices whose scores are already on disk."""
+        """Batch indices whose scores are already on disk (in chunks that pass their check)."""
         done: set[int] = set()
         for path in self.files():
-            with safe_open(str(path), framework="pt") as fh:
-                self._check(path, fh.metadata() or {})
-                done.update(fh.get_tensor("batches").tolist())
+            tensors = self._read(path)
+            if tensors is not None:
+                done.update(tensors["batches"].tolist())
         return done
 
     def load(self) -> Iterator[dict[str, Tensor]]:
-        """Every finished chunk as a dict of tensors (``indices [n]``, ``scores``, ...)."""
+        """Every finished, intact chunk as a dict of tensors (``indices [n]``, ``scores``...)."""
         for path in self.files():
-            with safe_open(str(path), framework="pt") as fh:
-                self._check(path, fh.metadata() or {})
-                yield {key: fh.get_tensor(key) for key in fh.keys()}
+            tensors = self._read(path)
+            if tensors is not None:
+                yield tensors
 
     def add(self, batch_index: int, **tensors: Tensor) -> None:
         """Buffer one batch's results (the last axis indexes its examples); flush when full."""
@@ -92,6 +146,8 @@ class ChunkStore:
         tensors = {key: torch.cat(parts, dim=-1) for key, parts in self._buffer.items()}
         tensors["batches"] = torch.tensor(self._batches, dtype=torch.long)
         name = f"{self.kind}-chunk-r{rank():03d}-b{self._batches[0]:08d}.safetensors"
-        atomic_save_safetensors(tensors, self.folder / name, metadata={"signature": self.signature})
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        atomic_save_safetensors(tensors, self.folder / name, metadata={
+            "signature": self.signature, "checksum": tensors_checksum(tensors, self.signature)})
         self._buffer = {}
         self._batches = []

@@ -32,10 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 from torch import Tensor
 
-from lightning_influence.io import atomic_save_json, atomic_save_safetensors
+from lightning_influence.io import atomic_save_json, atomic_save_safetensors, tensors_checksum
 from lightning_influence.tracking import LayerTracker
 
 __all__ = [
@@ -49,11 +49,25 @@ __all__ = [
 ]
 
 STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_HEADER_KEY = "lightning_influence"
+_TENSORS = {"identity": (), "diagonal": ("eigenvalues",),
+            "kfac": ("eigenvalues", "basis_in", "basis_out"),
+            "ekfac": ("eigenvalues", "basis_in", "basis_out")}
 
 
 class FactorMismatchError(ValueError):
     """Factors on disk (or in memory) were fitted for another model, layer set or strategy."""
+
+
+class CorruptFactorsError(FactorMismatchError):
+    """A factor file that cannot be trusted: unreadable, truncated, edited or inconsistent."""
+
+
+def content_checksum(tensors: dict[str, Tensor], meta: dict[str, Any]) -> str:
+    """Checksum of the tensors and the metadata (canonical JSON without its ``checksum``)."""
+    body = {k: v for k, v in meta.items() if k != "checksum"}
+    return tensors_checksum(tensors, json.dumps(body, sort_keys=True, default=str))
 
 
 def check_strategy(strategy: str) -> str:
@@ -112,8 +126,8 @@ def resolve_damping(damping: float | str | None, eigenvalues: Tensor | None,
     if isinstance(damping, str):
         raise ValueError(f"damping={damping!r} is not a number nor one of 'heuristic', "
                          "'weight_decay'.")
-    if damping < 0:
-        raise ValueError(f"damping must be >= 0, got {damping}.")
+    if not 0 <= float(damping) < float("inf"):
+        raise ValueError(f"damping must be >= 0, got {damping} (a finite number is needed).")
     return float(damping)
 
 
@@ -265,43 +279,111 @@ class Factors:
                 )
 
     def save(self, directory: str | Path, stem: str | None = None) -> Path:
-        """Write ``<stem>.safetensors`` and ``<stem>.json`` atomically; returns the tensor path."""
+        """Write ``<stem>.safetensors`` atomically, the metadata and a checksum of everything in
+        its header: one file, one rename, so a reader never pairs one fit's tensors with
+        another's metadata. ``<stem>.json`` is a readable copy of the metadata (never read
+        back). Returns the tensor path."""
         directory = Path(directory)
         stem = stem or self.FILE_STEM
         tensors: dict[str, Tensor] = {}
         for name, lf in self.layers.items():
             tensors.update(lf.tensors(name))
+        meta = self.metadata()
+        meta["checksum"] = content_checksum(tensors, meta)
         path = directory / f"{stem}.safetensors"
-        atomic_save_safetensors(tensors, path)
-        atomic_save_json(self.metadata(), directory / f"{stem}.json")
+        atomic_save_safetensors(tensors, path, metadata={_HEADER_KEY: json.dumps(
+            meta, sort_keys=True, default=str)})
+        atomic_save_json(meta, directory / f"{stem}.json")
         return path
 
     @classmethod
     def exists(cls, directory: str | Path, stem: str | None = None) -> bool:
-        stem = stem or cls.FILE_STEM
-        d = Path(directory)
-        return (d / f"{stem}.json").is_file() and (d / f"{stem}.safetensors").is_file()
+        return (Path(directory) / f"{stem or cls.FILE_STEM}.safetensors").is_file()
 
     @classmethod
     def load(cls, directory: str | Path, stem: str | None = None) -> Factors:
-        """Read factors written by :meth:`save`."""
-        directory = Path(directory)
-        stem = stem or cls.FILE_STEM
-        meta_path = directory / f"{stem}.json"
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"No factors at {meta_path}; fit them first.")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise FactorMismatchError(f"{meta_path} has format version "
-                                      f"{meta.get('format_version')}, expected {FORMAT_VERSION}.")
-        tensors = load_file(str(directory / f"{stem}.safetensors"))
+        """Read factors written by :meth:`save`, checking everything before trusting it.
+
+        Raises:
+            FileNotFoundError: no factor file.
+            CorruptFactorsError: unreadable or truncated file, metadata from another version,
+                unknown strategy, missing or misshapen tensors, NaN/Inf or negative values,
+                invalid damping, or a checksum that does not match the contents (a flipped byte,
+                an edited field). The message names the file; ``overwrite=True`` refits.
+        """
+        path = Path(directory) / f"{stem or cls.FILE_STEM}.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"No factors at {path}; fit them first.")
+
+        def corrupt(why: str) -> CorruptFactorsError:
+            return CorruptFactorsError(
+                f"The factor file {path} cannot be trusted: {why}. Refit it (overwrite=True, or "
+                "delete the file)."
+            )
+
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                header = (fh.metadata() or {}).get(_HEADER_KEY)
+                tensors = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118
+        except Exception as err:  # safetensors raises its own error types for bad files
+            raise corrupt(f"it is not a readable safetensors file (truncated or damaged: "
+                          f"{type(err).__name__}: {err})") from err
+        if header is None:
+            raise corrupt("it has no lightning-influence metadata (written by an older version "
+                          "or another tool)")
+        try:
+            meta = json.loads(header)
+        except json.JSONDecodeError as err:
+            raise corrupt(f"its metadata is not valid JSON ({err})") from err
+        if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+            version = meta.get("format_version") if isinstance(meta, dict) else None
+            raise corrupt(f"format version {version}, this version reads {FORMAT_VERSION}")
+        if meta.get("checksum") != content_checksum(tensors, meta):
+            raise corrupt("its checksum does not match its contents (flipped bytes, or an "
+                          "edited field)")
+        return cls._validated(meta, tensors, corrupt)
+
+    @classmethod
+    def _validated(cls, meta: dict[str, Any], tensors: dict[str, Tensor], corrupt) -> Factors:
+        """Factors from checked metadata and tensors; ``corrupt(why)`` makes the error."""
+        strategy = meta.get("strategy")
+        if strategy not in STRATEGIES:
+            raise corrupt(f"unknown strategy {strategy!r} (known: {list(STRATEGIES)})")
+        shapes, damping = meta.get("layers"), meta.get("damping")
+        if not isinstance(shapes, dict) or not shapes or not isinstance(damping, dict):
+            raise corrupt("its layer list or damping is missing")
+        num_examples = meta.get("num_examples")
+        if not isinstance(num_examples, int) or num_examples < 0:
+            raise corrupt(f"num_examples={num_examples!r} is not a count")
+        expected_keys = {f"{name}.{kind}" for name in shapes for kind in _TENSORS[strategy]}
+        if set(tensors) != expected_keys:
+            missing, extra = sorted(expected_keys - set(tensors)), sorted(set(tensors) - expected_keys)
+            raise corrupt(f"tensors missing: {missing[:5]}, unexpected: {extra[:5]}")
         layers = {}
-        for name in meta["layers"]:
+        for name, shape in shapes.items():
+            if not (isinstance(shape, list) and len(shape) == 2
+                    and all(isinstance(d, int) and d > 0 for d in shape)):
+                raise corrupt(f"layer {name!r} has shape {shape!r}")
+            o, i = shape
+            want = {"eigenvalues": (o, i), "basis_in": (i, i), "basis_out": (o, o)}
+            for kind in _TENSORS[strategy]:
+                t = tensors[f"{name}.{kind}"]
+                if tuple(t.shape) != want[kind] or not t.is_floating_point():
+                    raise corrupt(f"{name}.{kind} is {t.dtype} {tuple(t.shape)}, expected a "
+                                  f"float {want[kind]}")
+                if not bool(torch.isfinite(t).all()):
+                    raise corrupt(f"{name}.{kind} holds NaN or Inf")
+                if kind == "eigenvalues" and bool((t < 0).any()):
+                    raise corrupt(f"{name}.eigenvalues holds negative values")
+            d = damping.get(name)
+            if not isinstance(d, int | float) or not 0 <= d < float("inf"):
+                raise corrupt(f"layer {name!r} has damping {d!r} (a finite number >= 0 is "
+                              "needed)")
             layers[name] = LayerFactors(
                 eigenvalues=tensors.get(f"{name}.eigenvalues"),
                 basis_in=tensors.get(f"{name}.basis_in"),
                 basis_out=tensors.get(f"{name}.basis_out"),
-                damping=float(meta["damping"][name]),
+                damping=float(d),
             )
-        return cls(meta["strategy"], layers, meta["layers"], meta["fingerprint"],
-                   int(meta["num_examples"]), meta.get("extra", {}))
+        return cls(strategy, layers, shapes, meta.get("fingerprint", {}), num_examples,
+                   meta.get("extra", {}))

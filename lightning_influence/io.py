@@ -9,6 +9,7 @@ as a formula are escaped.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import tempfile
@@ -16,11 +17,12 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
 __all__ = ["atomic_write", "atomic_save_safetensors", "atomic_save_json", "atomic_save_csv",
-           "check_writable", "csv_safe"]
+           "check_writable", "csv_safe", "tensors_checksum"]
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
@@ -29,6 +31,18 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def tensors_checksum(tensors: Mapping[str, Tensor], text: str = "") -> str:
+    """SHA-256 over tensors (name, dtype, shape and bytes, sorted by name) and ``text``: any
+    flipped byte, missing tensor or edited field changes it."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{t.dtype}|{list(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest.update(text.encode())
+    return digest.hexdigest()
 
 
 def check_writable(folder: str | Path, what: str) -> Path:

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.data import IterableDataset
 
 from lightning_influence.api import PairwiseResult, SelfResult
 from lightning_influence.io import atomic_save_csv, atomic_save_json, atomic_save_safetensors
@@ -27,22 +28,48 @@ SELF_COLUMN = "self_influence (high = suspicious)"
 
 
 class ExampleLookup:
-    """Describe and render dataset examples by index, through the loader's collate_fn."""
+    """Describe and render dataset examples by index, through the loader's collate_fn.
 
-    def __init__(self, loader: Any, task: Task) -> None:
+    An iterable-style dataset has no index access: the examples at ``indices`` are collected
+    in one pass over its stream; any other index describes as ``None``. A loader without
+    automatic batching (``batch_size=None``: each item is a whole batch) has no item per
+    example either: its examples describe as ``None``.
+    """
+
+    def __init__(self, loader: Any, task: Task, indices: Any = None) -> None:
         self.dataset = loader.dataset
         self.collate = loader.collate_fn
         self.task = task
+        self.streamed: dict[int, Any] | None = None
+        if getattr(loader, "batch_size", 1) is None and getattr(loader, "batch_sampler",
+                                                                  None) is None:
+            self.streamed = {}
+        elif isinstance(self.dataset, IterableDataset):
+            wanted = {int(i) for i in (indices if indices is not None else [])}
+            self.streamed = {}
+            if wanted:
+                for i, item in enumerate(self.dataset):
+                    if i in wanted:
+                        self.streamed[i] = item
+                        if len(self.streamed) == len(wanted):
+                            break
 
     def batch(self, index: int) -> Any:
+        if self.streamed is not None:
+            item = self.streamed.get(int(index))
+            return None if item is None else self.collate([item])
         return self.collate([self.dataset[int(index)]])
 
     def label(self, index: int) -> Any:
-        info = self.task.describe(self.batch(index), 0)
+        batch = self.batch(index)
+        if batch is None:
+            return None
+        info = self.task.describe(batch, 0)
         return info.get("label", info.get("tokens"))
 
     def render(self, index: int) -> Any:
-        return self.task.render(self.batch(index), 0)
+        batch = self.batch(index)
+        return None if batch is None else self.task.render(batch, 0)
 
 
 def _top_rows(result: PairwiseResult, queries: ExampleLookup, train: ExampleLookup,

@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, RandomSampler, Subset
 
 from lightning_influence.api import (
     SelfResult,
+    count_examples,
     evaluation_mode,
     factor_tracker,
     iterate_rows,
@@ -109,13 +110,6 @@ def _cast(batch: Any, dtype: torch.dtype, device: torch.device) -> Any:
     if isinstance(batch, list | tuple):
         return type(batch)(_cast(v, dtype, device) for v in batch)
     return batch
-
-
-def _count_examples(loader: Any) -> int:
-    try:
-        return len(loader.dataset)
-    except (AttributeError, TypeError):
-        return 0
 
 
 def layer_damping(damping: float | Mapping[str, float] | Factors, names: Sequence[str],
@@ -354,7 +348,7 @@ class CurvatureSolver:
         self.shapes = tracker.describe()
         self.names = list(self.shapes)
         self.fingerprint = model_fingerprint(tracker)
-        self.num_examples = _count_examples(loader)
+        self.num_examples = count_examples(loader)
         self.progress = progress
         self.block_diagonal = block_diagonal
         self._damping = self._resolve_damping(damping)

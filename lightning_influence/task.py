@@ -175,6 +175,12 @@ class ClassificationTask(Task):
                 f"ClassificationTask: targets of shape {tuple(targets.shape)} do not fit logits of "
                 f"shape {tuple(outputs.shape)}; expected class indices of shape [{outputs.shape[0]}]."
             )
+        if targets.is_floating_point() and not bool((targets == targets.round()).all()):
+            raise ValueError(
+                "ClassificationTask: labels must be class indices, but they hold fractions (e.g. "
+                f"{targets[targets != targets.round()][0].item()}); soft or probabilistic labels "
+                "need a Task of your own (subclass Task and write its loss)."
+            )
         if targets.numel() and (int(targets.max()) >= outputs.shape[1] or int(targets.min()) < 0):
             raise ValueError(
                 f"ClassificationTask: a label is outside [0, {outputs.shape[1]}) for logits with "

@@ -125,6 +125,12 @@ class TrackedLayer:
             rows = F.unfold(x, kernel, dilation=dilation, padding=padding,
                             stride=stride).transpose(1, 2)  # [R, T, C*kh*kw]
         else:
+            if x.dim() < 2:
+                raise ValueError(
+                    f"Layer {self.name!r} got an input of shape {tuple(x.shape)}, without a "
+                    "batch dimension: influence needs batched inputs (a DataLoader with "
+                    "batch_size=None must yield whole batches)."
+                )
             rows = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() != 2 else x.unsqueeze(1)
         if self.has_bias:
             rows = torch.cat([rows, rows.new_ones(rows.shape[:-1] + (1,))], dim=-1)

@@ -155,9 +155,13 @@ def test_empty_dataloader(mlp_data):
     with pytest.raises(ValueError, match="(empty|no batch)"):
         compute_pairwise_scores(model, factors, empty, loader(x, y), "classification",
                                 progress=False)
-    # A loader without len() that yields nothing.
+    # A re-iterable loader without len() that yields nothing.
+    class NoBatches:
+        def __iter__(self):
+            return iter([])
+
     with pytest.raises(ValueError, match="yielded no batch"):
-        fit_factors(model, iter([]), "classification", progress=False)
+        fit_factors(model, NoBatches(), "classification", progress=False)
 
 
 def test_shuffled_training_loader_is_refused_for_scores(mlp_data):

@@ -158,3 +158,248 @@ def test_no_warning_for_ordinary_queries():
         warnings.simplefilter("error", UserWarning)
         li.compute_pairwise_scores(model, factors, loader, loader, "classification",
                                    progress=False)
+
+
+# ----------------------------------------------------------------------------------- factor files
+@pytest.fixture()
+def saved_factors(tmp_path):
+    ds = _data(16)
+    factors = li.fit_factors(ref.mlp(), DataLoader(ds, batch_size=4), "classification",
+                             progress=False, output_dir=tmp_path)
+    return tmp_path, factors
+
+
+def _rewrite(path, edit_tensors=None, edit_meta=None):
+    """Rewrite a factor file with edited tensors or metadata (the checksum left as it was)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+    if edit_tensors:
+        edit_tensors(tensors)
+    body = json.loads(meta["lightning_influence"])
+    if edit_meta:
+        edit_meta(body)
+    save_file(tensors, str(path), metadata={"lightning_influence": json.dumps(body)})
+
+
+def test_factors_round_trip_and_the_json_is_only_a_readable_copy(saved_factors):
+    folder, factors = saved_factors
+    (folder / "factors.json").write_text('{"strategy": "identity"}')  # another fit's metadata
+    loaded = li.Factors.load(folder)
+    assert loaded.strategy == "ekfac" and loaded.shapes == factors.shapes
+    for name, layer in factors.layers.items():
+        assert torch.equal(loaded.layers[name].eigenvalues, layer.eigenvalues)
+        assert loaded.layers[name].damping == layer.damping
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]), "not a readable"),
+    (lambda p: p.write_bytes(b""), "not a readable"),
+    (lambda p: p.write_bytes(p.read_bytes()[:-9] + bytes([p.read_bytes()[-9] ^ 1])
+                             + p.read_bytes()[-8:]), "checksum"),
+    (lambda p: _rewrite(p, edit_meta=lambda m: m.update(num_examples=m["num_examples"] + 1)),
+     "checksum"),
+    (lambda p: _rewrite(p, edit_tensors=lambda t: t.pop(next(iter(sorted(t))))), "checksum"),
+    (lambda p: _rewrite(p, edit_meta=lambda m: m.pop("checksum")), "checksum"),
+])
+def test_damaged_or_edited_factor_files_are_refused_naming_the_file(saved_factors, damage,
+                                                                    message):
+    folder, _ = saved_factors
+    path = folder / "factors.safetensors"
+    damage(path)
+    with pytest.raises(li.CorruptFactorsError, match=rf"{path}.*{message}.*overwrite=True"):
+        li.Factors.load(folder)
+    ds = _data(16)
+    with pytest.raises(li.CorruptFactorsError):  # a rerun does not reuse it silently
+        li.fit_factors(ref.mlp(), DataLoader(ds, batch_size=4), "classification",
+                       progress=False, output_dir=folder)
+    li.fit_factors(ref.mlp(), DataLoader(ds, batch_size=4), "classification", progress=False,
+                   output_dir=folder, overwrite=True)
+    li.Factors.load(folder)
+
+
+@pytest.mark.parametrize("corrupt_field, message", [
+    (lambda f: setattr(f, "strategy", "magic"), "unknown strategy 'magic'"),
+    (lambda f: f.layers["0"].eigenvalues.__setitem__((0, 0), float("nan")), "NaN or Inf"),
+    (lambda f: setattr(f.layers["0"], "damping", float("nan")), "damping nan"),
+    (lambda f: setattr(f.layers["0"], "damping", -1.0), "damping -1.0"),
+    (lambda f: setattr(f.layers["2"], "basis_in", None), r"tensors missing: \['2.basis_in'\]"),
+])
+def test_factor_files_with_impossible_contents_are_refused(saved_factors, corrupt_field,
+                                                           message):
+    folder, factors = saved_factors
+    corrupt_field(factors)
+    factors.save(folder)  # a consistent checksum over impossible contents
+    with pytest.raises(li.CorruptFactorsError, match=message):
+        li.Factors.load(folder)
+
+
+def test_factor_files_of_the_old_format_ask_for_a_refit(saved_factors):
+    folder, _ = saved_factors
+    from safetensors.torch import save_file
+    save_file({"0.eigenvalues": torch.ones(4, 6, dtype=torch.float64)},
+              str(folder / "factors.safetensors"))
+    with pytest.raises(li.CorruptFactorsError, match="older version.*overwrite=True"):
+        li.Factors.load(folder)
+
+
+def test_fitted_factors_are_kept_when_only_their_file_fails(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    ds = _data(16)
+    with pytest.warns(UserWarning, match=r"Could not save the fitted factors to .*file.*kept in "):
+        factors = li.fit_factors(ref.mlp(), DataLoader(ds, batch_size=4), "classification",
+                                 progress=False, output_dir=blocker / "factors")
+    assert set(factors.layers) == {"0", "2"}
+
+
+# ----------------------------------------------------------------------------------- score chunks
+def _chunked_self_scores(model, factors, ds, folder):
+    return li.compute_self_scores(model, factors, DataLoader(ds, batch_size=4),
+                                  "classification", progress=False, scores_dir=folder,
+                                  chunk_batches=1).scores
+
+
+def test_score_chunks_of_another_training_set_are_refused(tmp_path):
+    model = ref.mlp()
+    ds, other = _data(12, seed=0), _data(12, seed=1)  # same size, other contents
+    factors = li.fit_factors(model, DataLoader(ds, batch_size=4), "classification",
+                             progress=False)
+    _chunked_self_scores(model, factors, ds, tmp_path)
+    with pytest.raises(li.ChunkMismatchError, match="training data"):
+        _chunked_self_scores(model, factors, other, tmp_path)
+    reordered = torch.utils.data.Subset(ds, list(range(11, -1, -1)))
+    with pytest.raises(li.ChunkMismatchError):
+        _chunked_self_scores(model, factors, reordered, tmp_path)
+
+
+def test_a_damaged_score_chunk_is_scored_again(tmp_path, caplog):
+    model = ref.mlp()
+    ds = _data(12)
+    factors = li.fit_factors(model, DataLoader(ds, batch_size=4), "classification",
+                             progress=False)
+    want = _chunked_self_scores(model, factors, ds, tmp_path / "fresh")
+    _chunked_self_scores(model, factors, ds, tmp_path)
+    chunks = sorted(tmp_path.glob("self-chunk-*.safetensors"))
+    assert len(chunks) == 3
+    raw = bytearray(chunks[1].read_bytes())
+    raw[-3] ^= 0xFF  # a flipped byte in the scores
+    chunks[1].write_bytes(bytes(raw))
+    chunks[2].write_bytes(chunks[2].read_bytes()[:40])  # truncated
+    got = _chunked_self_scores(model, factors, ds, tmp_path)
+    assert torch.equal(got, want)
+    assert "fails its checksum" in caplog.text and "unreadable" in caplog.text
+    assert torch.equal(_chunked_self_scores(model, factors, ds, tmp_path), want)  # rewritten
+
+
+# ----------------------------------------------------------------------------------- loaders
+class _Stream(torch.utils.data.IterableDataset):
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __iter__(self):
+        return (self.ds[i] for i in range(len(self.ds)))
+
+
+def test_callbacks_score_an_iterable_dataset(tmp_path):
+    torch.manual_seed(0)
+    train_set, val = _loaders()[0].dataset, _loaders()[1]
+    callbacks = _callbacks()
+    _trainer(tmp_path, callbacks, epochs=1).fit(TinyClassifier(),
+                                                DataLoader(_Stream(train_set), batch_size=16), val)
+    flags = list(csv.DictReader((tmp_path / "influence" / "self_influence_flags.csv").open()))
+    assert len(flags) == round(0.1 * len(train_set))
+    n = int(flags[0]["train_index"])
+    assert flags[0]["label"] == str(int(train_set[n][1]))  # labels from the stream
+    assert callbacks[2].self_result.scores.shape == (len(train_set),)
+
+
+def test_callbacks_keep_a_loader_that_yields_whole_batches(tmp_path):
+    torch.manual_seed(0)
+    train_set, val = _loaders()[0].dataset, _loaders()[1]
+    batches = [train_set[i:i + 16] for i in range(0, len(train_set), 16)]
+    callbacks = _callbacks()
+    _trainer(tmp_path, callbacks, epochs=1).fit(TinyClassifier(),
+                                                DataLoader(batches, batch_size=None), val)
+    assert callbacks[2].self_result.scores.shape == (len(train_set),)
+
+
+def test_one_shot_iterators_and_unbatched_items_are_named():
+    ds = _data(12)
+    model = ref.mlp()
+    batches = (ds[i:i + 4] for i in range(0, 12, 4))
+    with pytest.raises(TypeError, match="one-shot iterator.*re-iterable"):
+        li.fit_factors(model, batches, "classification", progress=False)
+    with pytest.raises(ValueError, match="Layer '0' got an input of shape \\(5,\\)"):
+        li.fit_factors(model, DataLoader(ds, batch_size=None), "classification", progress=False)
+
+
+# ----------------------------------------------------------------------------------- numerics, 2
+class Gated(nn.Module):
+    """``extra`` runs only on batches whose examples all have x[:, 0] > 0."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(5, 4).double()
+        self.extra = nn.Linear(4, 4).double()
+        self.head = nn.Linear(4, 3).double()
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        if bool((x[:, 0] > 0).all()):
+            h = h + self.extra(h)
+        return self.head(h)
+
+
+def _gated_data():
+    x, y = ref.classification_data(12, seed=3)
+    x[:4, 0] = x[:4, 0].abs() + 0.1   # batch 0: extra runs
+    x[4:, 0] = -x[4:, 0].abs() - 0.1  # batches 1 and 2: it does not
+    return x, y
+
+
+def test_a_layer_that_skips_batches_is_averaged_over_every_example():
+    x, y = _gated_data()
+    model = Gated()
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    factors = li.fit_factors(model, loader, "classification", strategy="diagonal",
+                             fisher="empirical", damping=1e-3, progress=False)
+    grads = []  # per example, by plain autograd (vmap cannot follow the data-dependent branch)
+    for n in range(12):
+        w, b = torch.autograd.grad(ref.class_nll(model(x[n:n + 1]), y[n:n + 1]).sum(),
+                                   [model.extra.weight, model.extra.bias], allow_unused=True)
+        grads.append(torch.zeros(4, 5, dtype=torch.float64) if w is None
+                     else torch.cat([w, b[:, None]], 1))
+    grads = torch.stack(grads)
+    assert factors.num_examples == 12
+    torch.testing.assert_close(factors.layers["extra"].eigenvalues, grads.square().mean(0))
+    ekfac = li.fit_factors(model, loader, "classification", progress=False)
+    assert ekfac.num_examples == 12
+    # queries on which the layer never runs: zero gradient there, not a stacking error
+    queries = DataLoader(TensorDataset(x[4:6], y[4:6]), batch_size=2)
+    both = DataLoader(TensorDataset(x[:6], y[:6]), batch_size=4)
+    for q in (queries, both):
+        result = li.compute_pairwise_scores(model, ekfac, q, loader, "classification",
+                                            progress=False)
+        assert torch.isfinite(result.scores).all()
+
+
+def test_fractional_class_labels_and_unknown_counts_are_refused():
+    x, _ = ref.classification_data(8)
+    soft = torch.tensor([0.0, 1.0, 2.0, 0.5, 1.0, 0.0, 2.0, 1.0], dtype=torch.float64)
+    loader = DataLoader(TensorDataset(x, soft), batch_size=4)
+    with pytest.raises(ValueError, match=r"fractions \(e.g. 0.5\)"):
+        li.fit_factors(ref.mlp(), loader, "classification", fisher="empirical", progress=False)
+    whole = DataLoader(TensorDataset(x, soft.round()), batch_size=4)
+    li.fit_factors(ref.mlp(), whole, "classification", fisher="empirical", progress=False)
+    stream = DataLoader(_Stream(TensorDataset(x, soft.round().long())), batch_size=4)
+    factors = li.fit_factors(ref.mlp(), stream, "classification", strategy="identity",
+                             progress=False)
+    with pytest.raises(ValueError, match="normalize=True .* do not know"):
+        li.compute_self_scores(ref.mlp(), factors, stream, "classification", normalize=True,
+                               progress=False)

@@ -15,6 +15,7 @@ from lightning_influence.api import (
     SelfResult,
     compute_pairwise_scores,
     compute_self_scores,
+    count_examples,
     factor_tracker,
 )
 from lightning_influence.callbacks._common import (
@@ -24,6 +25,7 @@ from lightning_influence.callbacks._common import (
 )
 from lightning_influence.callbacks.eigen_correction import EigenCorrection, attached_curvature
 from lightning_influence.memory import estimate_bytes, format_estimate
+from lightning_influence.ranking import flag_top_fraction
 from lightning_influence.reporting import ExampleLookup, log_results, write_results
 from lightning_influence.solvers import CurvatureSolver, solver_self_scores
 
@@ -119,11 +121,12 @@ class InfluenceScores(Callback):
         if self.pairwise:
             queries = query_loader(trainer, pl_module, self.queries, self.num_queries,
                                    self.batch_size)
-            rank_zero_info(f"lightning-influence: scoring {len(queries.dataset)} queries against "
-                           f"{len(train.dataset)} training examples")
+            num_train = count_examples(train)
+            rank_zero_info(f"lightning-influence: scoring {count_examples(queries)} queries "
+                           f"against {num_train or 'the stream of'} training examples")
             rank_zero_info("lightning-influence: " + format_estimate(estimate_bytes(
-                factors.shapes, factors.strategy, num_queries=len(queries.dataset),
-                batch_size=train.batch_size or 1, num_train=len(train.dataset),
+                factors.shapes, factors.strategy, num_queries=count_examples(queries),
+                batch_size=train.batch_size or 1, num_train=num_train,
                 keep_scores=self.keep_scores)))
             self.pairwise_result = compute_pairwise_scores(
                 pl_module, factors, queries, train, task, top_k=self.top_k,
@@ -145,7 +148,7 @@ class InfluenceScores(Callback):
         if not trainer.is_global_zero:
             return
         folder = output_dir(trainer, self.output_dir or eigen.factors_path)
-        train_lookup = ExampleLookup(train, task)
+        train_lookup = ExampleLookup(train, task, self._shown_indices())
         query_lookup = ExampleLookup(queries, task) if queries is not None else None
         paths = write_results(folder, self.pairwise_result, self.self_result, query_lookup,
                               train_lookup, self.flag_fraction,
@@ -155,6 +158,17 @@ class InfluenceScores(Callback):
                                        query_lookup, train_lookup, self.flag_fraction,
                                        render=self.render)
         rank_zero_info(f"lightning-influence: results written to {folder}")
+
+    def _shown_indices(self) -> list[int]:
+        """Training examples the tables show: top-k entries and flags."""
+        shown: set[int] = set()
+        if self.pairwise_result is not None:
+            top = self.pairwise_result.top
+            shown.update(top.proponent_indices.flatten().tolist())
+            shown.update(top.opponent_indices.flatten().tolist())
+        if self.self_result is not None:
+            shown.update(flag_top_fraction(self.self_result.scores, self.flag_fraction).tolist())
+        return sorted(shown)
 
     def _autocast(self, trainer: Any) -> torch.dtype | None:
         """The score pass's autocast dtype: from ``precision``, or the Trainer's with "auto"."""

@@ -10,6 +10,7 @@ from pytorch_lightning import Callback
 from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
+from lightning_influence.api import count_examples
 from lightning_influence.callbacks._common import (
     output_dir,
     query_loader,
@@ -84,7 +85,7 @@ class InfluenceValidation(Callback):
         queries = query_loader(trainer, pl_module, self.queries, self.num_queries)
         rank_zero_info(f"lightning-influence: validating {factors.strategy} against LiSSA"
                        f"{' and PBRF' if self.pbrf_examples else ''} on {self.num_train} "
-                       f"training examples and {len(queries.dataset)} queries")
+                       f"training examples and {count_examples(queries)} queries")
         self.metrics = validate_influence(
             pl_module, factors, queries, train, task, num_train=self.num_train, seed=self.seed,
             lissa=self.lissa_options, pbrf_examples=self.pbrf_examples,
