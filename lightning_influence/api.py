@@ -229,7 +229,14 @@ def batch_rows(model: nn.Module, batch: Any, task: Task, tracker: LayerTracker, 
     batch = move_to_device(batch, device)
     with tracker.capture() as cap, torch.autocast(device.type, dtype=autocast or torch.bfloat16,
                                                   enabled=autocast is not None):
-        outputs = task.forward(model, batch)
+        try:
+            outputs = task.forward(model, batch)
+        except Exception as err:  # the model's own error, with where it happened
+            if hasattr(err, "add_note"):
+                where = f"batch {batch_index}" if batch_index is not None else "a batch"
+                err.add_note(f"lightning-influence: raised by the model's forward on {where} "
+                             f"({type(task).__name__}.forward).")
+            raise
         rows, losses = rows_from_outputs(outputs, cap, batch, task, tracker, mode, generator,
                                          batch_index, check=autocast is None)
     if autocast is not None:

@@ -169,7 +169,16 @@ class ClassificationTask(Task):
     def loss(self, outputs: Tensor, batch: Any) -> Tensor:
         outputs = self.logits(outputs)
         self._check_rank(outputs, 2, "ClassificationTask.loss")
-        targets = self.targets(batch).to(outputs.device)
+        targets = self.targets(batch)
+        if not isinstance(targets, Tensor):
+            kinds = sorted({type(t).__name__ for t in targets}) if isinstance(
+                targets, Sequence) else [type(targets).__name__]
+            raise TypeError(
+                f"ClassificationTask: labels must be a tensor of class indices, got a "
+                f"{type(targets).__name__} of {', '.join(kinds)}. Map the labels to integers in "
+                "the dataset (e.g. with a dict from names to indices)."
+            )
+        targets = targets.to(outputs.device)
         if targets.dim() != 1 or targets.shape[0] != outputs.shape[0]:
             raise ValueError(
                 f"ClassificationTask: targets of shape {tuple(targets.shape)} do not fit logits of "

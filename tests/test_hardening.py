@@ -403,3 +403,16 @@ def test_fractional_class_labels_and_unknown_counts_are_refused():
     with pytest.raises(ValueError, match="normalize=True .* do not know"):
         li.compute_self_scores(ref.mlp(), factors, stream, "classification", normalize=True,
                                progress=False)
+
+
+def test_string_labels_and_model_errors_name_the_problem():
+    x, y = ref.classification_data(8)
+    named = DataLoader(list(zip(x, ["a", "b", "c", "a", "b", "c", "a", "b"], strict=True)),
+                       batch_size=4)
+    with pytest.raises(TypeError, match="labels must be a tensor of class indices, got a "
+                                        "tuple of str"):
+        li.fit_factors(ref.mlp(), named, "classification", fisher="empirical", progress=False)
+    with pytest.raises(RuntimeError) as info:  # the model's own error, plus where
+        li.fit_factors(ref.mlp().float(), DataLoader(TensorDataset(x, y), batch_size=4),
+                       "classification", progress=False)
+    assert "on batch 0" in "".join(getattr(info.value, "__notes__", ["on batch 0"]))
