@@ -43,7 +43,7 @@ from lightning_influence.language import (  # noqa: E402
     python_docs,
     queries_from_config,
 )
-from lightning_influence.lowrank import build_query_store  # noqa: E402
+from lightning_influence.scoring import build_query_store  # noqa: E402
 from recipes.lm_influence import CharGPT, GPTConfig  # noqa: E402
 
 CONFIG = ROOT / "lightning_influence" / "conf" / "lm.yaml"

@@ -4,16 +4,6 @@ Sign convention: a positive score means the training example is a *proponent* (h
 up-weighting it lowers the query's loss. Negative scores are opponents.
 """
 
-from lightning_influence.api import (
-    PairwiseResult,
-    SelfResult,
-    compute_pairwise_scores,
-    compute_self_scores,
-    fit_covariances,
-    fit_factors,
-    ordered_loader,
-    query_gradients,
-)
 from lightning_influence.callbacks import (
     EigenCorrection,
     InfluenceScores,
@@ -28,7 +18,16 @@ from lightning_influence.factors import (
     Factors,
     LayerFactors,
 )
+from lightning_influence.fitting import fit_covariances, fit_factors
+from lightning_influence.passes import ordered_loader
 from lightning_influence.ranking import StreamingTopK, detection_report, flag_top_fraction
+from lightning_influence.scoring import (
+    PairwiseResult,
+    SelfResult,
+    compute_pairwise_scores,
+    compute_self_scores,
+    query_gradients,
+)
 from lightning_influence.task import (
     CausalLMTask,
     ClassificationTask,

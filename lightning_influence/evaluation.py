@@ -40,13 +40,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, Subset
 
-from lightning_influence.api import (
-    compute_pairwise_scores,
-    evaluation_mode,
-    move_to_device,
-    query_gradients,
-)
 from lightning_influence.factors import Factors
+from lightning_influence.passes import evaluation_mode, move_to_device
+from lightning_influence.scoring import compute_pairwise_scores, query_gradients
 from lightning_influence.solvers import LiSSA, _cast, _TaskModel, layer_damping
 from lightning_influence.task import ClassificationTask, Task, resolve_task
 from lightning_influence.tracking import LayerTracker

@@ -39,7 +39,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from lightning_influence.lowrank import QueryStore, build_query_store
+from lightning_influence.lowrank import QueryStore
+from lightning_influence.scoring import build_query_store
 
 __all__ = [
     "Document",
@@ -406,7 +407,7 @@ def token_scores(model: nn.Module, store: Mapping[str, Any], loader: Any, task: 
     Token t of example n carries ``sum_layers g_nt^T P_q a_nt``: summing over tokens gives the
     example's pairwise score; padding tokens carry exactly zero.
     """
-    from lightning_influence.api import batch_rows, evaluation_mode
+    from lightning_influence.passes import batch_rows, evaluation_mode
     from lightning_influence.scores import token_layer_scores
 
     names = list(store)
@@ -621,7 +622,7 @@ def document_influence(model: nn.Module, factors: Any, corpus: ChunkedCorpus,
         tracker: a tracker over the factors' layers (built when ``None``).
         progress: show progress bars.
     """
-    from lightning_influence.api import compute_pairwise_scores, factor_tracker
+    from lightning_influence.scoring import compute_pairwise_scores, factor_tracker
     from lightning_influence.task import CausalLMTask
 
     queries = list(queries)

@@ -9,15 +9,10 @@ query gradients ``P_q [O, I]`` (per layer) are held in memory at once. For large
 (truncated SVD) ``P_q ~ L_q R_q`` with ``L_q [O, R]`` and ``R_q [R, I]``: ``R (O + I)`` numbers per
 query and layer, and R = 32 keeps the scores' correlation with full rank high.
 
-The score of a training example against a low-rank query is contracted from the example's
-activation rows ``a [N, T, I]`` and output-gradient rows ``g [N, T, O]``::
-
-    <L R, G_n> = sum_t (g_nt^T L)(R a_nt),
-
-which costs ``N T Q R (O + I)`` multiply-adds. With long sequences and many queries it is cheaper
-to form ``P = L R`` for a bounded chunk of queries of one layer at a time and contract densely
-(``Q R O I + N T O I + N Q O I``); :func:`low_rank_layer_scores` picks the cheaper, both exact. The
-store never holds more than its ``Q R (O + I)`` numbers per layer plus that one bounded chunk.
+The contractions of training rows against a low-rank store live beside the dense ones in
+:mod:`lightning_influence.scores` (``low_rank_layer_scores``, ``low_rank_token_scores``), and the
+store is built by :func:`lightning_influence.scoring.build_query_store`; this module holds the
+data: :class:`LowRankGradient`, :func:`truncate` and :class:`QueryStore`.
 """
 
 from __future__ import annotations
@@ -28,16 +23,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-__all__ = [
-    "LowRankGradient",
-    "QueryStore",
-    "truncate",
-    "build_query_store",
-    "low_rank_layer_scores",
-    "low_rank_token_scores",
-]
+__all__ = ["LowRankGradient", "QueryStore", "truncate"]
 
 log = logging.getLogger(__name__)
 
@@ -162,123 +150,3 @@ class QueryStore(dict):
         return cls(out, stores[0].rank)
 
 
-def build_query_store(model: nn.Module, query_loader: Any, task: Any, factors: Any, *,
-                      rank: int | None = 32, tracker: Any = None,
-                      progress: bool = False) -> QueryStore:
-    """Preconditioned query gradients of every query, truncated to ``rank`` per layer.
-
-    Query batches are preconditioned and truncated one at a time, so no more than one batch of
-    full ``[B, O, I]`` matrices is ever held. ``rank=None`` keeps the full matrices.
-
-    Args:
-        model: the trained model.
-        query_loader: batches of queries (their measurement's gradient is taken).
-        task: a :class:`~lightning_influence.Task` or built-in name.
-        factors: the fitted :class:`~lightning_influence.Factors`.
-        rank: the rank R kept per layer (clipped to ``min(O, I)``), or ``None``.
-        tracker: a tracker over the factors' layers (built when ``None``).
-        progress: show progress bars.
-    """
-    from lightning_influence.api import factor_tracker, query_gradients
-
-    tracker = factor_tracker(model, factors, tracker)
-    parts = []
-    for batch in query_loader:
-        grads = query_gradients(model, [batch], task, factors, tracker=tracker, progress=progress)
-        if rank is not None:
-            grads = {name: truncate(g, rank) for name, g in grads.items()}
-        parts.append(QueryStore(grads, rank))
-    if not parts:
-        raise ValueError("The query dataloader yielded no batch: influence needs queries.")
-    store = QueryStore.concatenate(parts)
-    log.info("query store: %d queries, rank %s, %.1f MiB (%.3f of full rank)", store.num_queries,
-             rank, store.memory_bytes() / 2**20, store.memory_ratio())
-    return store
-
-
-def _row_factors(p: LowRankGradient, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-    """``u = g L [N, T, Q, R]`` and ``v = R a [N, T, Q, R]`` for every query at once."""
-    q, o, r = p.left.shape
-    i = p.right.shape[2]
-    left = p.left.to(g.dtype).permute(1, 0, 2).reshape(o, q * r)  # [O, Q*R]
-    right = p.right.to(a.dtype).permute(2, 0, 1).reshape(i, q * r)  # [I, Q*R]
-    n, t = a.shape[:2]
-    u = (g.reshape(n * t, o) @ left).reshape(n, t, q, r)
-    v = (a.reshape(n * t, i) @ right).reshape(n, t, q, r)
-    return u, v
-
-
-def _row_steps(p: LowRankGradient, a: Tensor, max_elements: int) -> int:
-    """Examples per step so that one ``[n, T, Q, R]`` intermediate stays under max_elements."""
-    per_example = a.shape[1] * p.left.shape[0] * p.rank
-    return max(1, max_elements // max(per_example, 1))
-
-
-def _rebuild_is_cheaper(p: LowRankGradient, a: Tensor, token_wise: bool) -> bool:
-    """Multiply-adds of the row contraction against rebuilding ``P`` chunk by chunk.
-
-    Rows: ``N T Q R (O + I)``. Rebuild: ``Q R O I`` to form P, then the dense contraction,
-    ``N T O I + N Q O I`` for sequence scores (via the per-example gradient) or ``N T Q O I``
-    token by token. Short sequences and narrow layers favour rows, long sequences and many
-    queries favour rebuilding.
-    """
-    q, o, r = p.left.shape
-    i = p.right.shape[2]
-    n, t = a.shape[:2]
-    rows = n * t * q * r * (o + i)
-    dense = n * t * q * o * i if token_wise else (n * t * o * i + n * q * o * i)
-    return q * r * o * i + dense < rows
-
-
-def _query_steps(p: LowRankGradient, max_elements: int) -> int:
-    """Queries per rebuilt chunk so that ``[q, O, I]`` stays under max_elements."""
-    return max(1, max_elements // max(p.shape[1] * p.shape[2], 1))
-
-
-def low_rank_layer_scores(p: LowRankGradient, a: Tensor, g: Tensor,
-                          max_elements: int = 2**24, path: str = "auto") -> Tensor:
-    """One layer's scores ``[Q, N]`` of low-rank queries: ``sum_t (g_nt^T L_q)(R_q a_nt)``.
-
-    Two exact ways to contract, chosen by their multiply-add counts (``path="auto"``):
-    ``"rows"`` forms ``g L`` and ``R a`` for every row and query; ``"rebuild"`` forms
-    ``P_q = L_q R_q`` for a chunk of queries at a time (at most ``max_elements`` numbers, one layer
-    at a time, freed after the batch) and contracts it densely. The store itself stays low-rank
-    either way, so query memory is ``Q R (O + I)`` plus one bounded chunk.
-
-    Args:
-        p: the queries' low-rank preconditioned gradients (``left [Q, O, R]``, ``right [Q, R, I]``).
-        a: activation rows ``[N, T, I]``.
-        g: output-gradient rows ``[N, T, O]``.
-        max_elements: cap on any intermediate (examples or queries are chunked to fit).
-        path: ``"auto"``, ``"rows"`` or ``"rebuild"``.
-    """
-    if path == "rebuild" or (path == "auto" and _rebuild_is_cheaper(p, a, token_wise=False)):
-        from lightning_influence.scores import pairwise_layer_scores
-
-        step = _query_steps(p, max_elements)
-        return torch.cat([pairwise_layer_scores(p[s:s + step].dense().to(a.dtype), a, g)
-                          for s in range(0, p.shape[0], step)])
-    step = _row_steps(p, a, max_elements)
-    out = []
-    for s in range(0, a.shape[0], step):
-        u, v = _row_factors(p, a[s:s + step], g[s:s + step])
-        out.append(torch.einsum("ntqr,ntqr->qn", u, v))
-    return torch.cat(out, dim=1)
-
-
-def low_rank_token_scores(p: LowRankGradient, a: Tensor, g: Tensor,
-                          max_elements: int = 2**24, path: str = "auto") -> Tensor:
-    """One layer's per-token scores ``[Q, N, T]``: ``(g_nt^T L_q)(R_q a_nt)``; summing T gives
-    :func:`low_rank_layer_scores`. ``max_elements`` and ``path`` as there."""
-    if path == "rebuild" or (path == "auto" and _rebuild_is_cheaper(p, a, token_wise=True)):
-        from lightning_influence.scores import token_layer_scores
-
-        step = _query_steps(p, max_elements)
-        return torch.cat([token_layer_scores(p[s:s + step].dense().to(a.dtype), a, g, max_elements)
-                          for s in range(0, p.shape[0], step)])
-    step = _row_steps(p, a, max_elements)
-    out = []
-    for s in range(0, a.shape[0], step):
-        u, v = _row_factors(p, a[s:s + step], g[s:s + step])
-        out.append(torch.einsum("ntqr,ntqr->qnt", u, v))
-    return torch.cat(out, dim=1)

@@ -14,9 +14,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import IterableDataset
 
-from lightning_influence.api import PairwiseResult, SelfResult
 from lightning_influence.io import atomic_save_csv, atomic_save_json, atomic_save_safetensors
 from lightning_influence.ranking import flag_top_fraction
+from lightning_influence.scoring import PairwiseResult, SelfResult
 from lightning_influence.task import Task
 
 __all__ = ["ExampleLookup", "write_results", "log_results", "SCORE_COLUMN"]

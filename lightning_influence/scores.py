@@ -24,10 +24,10 @@ import torch
 from torch import Tensor
 
 from lightning_influence.factors import LayerFactors
-from lightning_influence.lowrank import LowRankGradient, low_rank_layer_scores, low_rank_token_scores
+from lightning_influence.lowrank import LowRankGradient
 
 __all__ = ["per_example_gradients", "pairwise_layer_scores", "token_layer_scores",
-           "self_layer_scores"]
+           "self_layer_scores", "low_rank_layer_scores", "low_rank_token_scores"]
 
 # Pairwise scores of single-row layers go through one GEMM against per-example gradients when
 # there are at least this many queries and the batch's gradients hold at most this many numbers.
@@ -112,3 +112,89 @@ def self_layer_scores(factors: LayerFactors, a: Tensor, g: Tensor,
         rot = per_example_gradients(a_rot[s:s + step], g_rot[s:s + step]).square()
         out[s:s + step] = rot.flatten(1).sum(-1) if inv is None else (rot * inv).flatten(1).sum(-1)
     return out
+
+
+# ------------------------------------------------------------------ low-rank queries
+def _row_factors(p: LowRankGradient, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """``u = g L [N, T, Q, R]`` and ``v = R a [N, T, Q, R]`` for every query at once."""
+    q, o, r = p.left.shape
+    i = p.right.shape[2]
+    left = p.left.to(g.dtype).permute(1, 0, 2).reshape(o, q * r)  # [O, Q*R]
+    right = p.right.to(a.dtype).permute(2, 0, 1).reshape(i, q * r)  # [I, Q*R]
+    n, t = a.shape[:2]
+    u = (g.reshape(n * t, o) @ left).reshape(n, t, q, r)
+    v = (a.reshape(n * t, i) @ right).reshape(n, t, q, r)
+    return u, v
+
+
+def _row_steps(p: LowRankGradient, a: Tensor, max_elements: int) -> int:
+    """Examples per step so that one ``[n, T, Q, R]`` intermediate stays under max_elements."""
+    per_example = a.shape[1] * p.left.shape[0] * p.rank
+    return max(1, max_elements // max(per_example, 1))
+
+
+def _rebuild_is_cheaper(p: LowRankGradient, a: Tensor, token_wise: bool) -> bool:
+    """Multiply-adds of the row contraction against rebuilding ``P`` chunk by chunk.
+
+    Rows: ``N T Q R (O + I)``. Rebuild: ``Q R O I`` to form P, then the dense contraction,
+    ``N T O I + N Q O I`` for sequence scores (via the per-example gradient) or ``N T Q O I``
+    token by token. Short sequences and narrow layers favour rows, long sequences and many
+    queries favour rebuilding.
+    """
+    q, o, r = p.left.shape
+    i = p.right.shape[2]
+    n, t = a.shape[:2]
+    rows = n * t * q * r * (o + i)
+    dense = n * t * q * o * i if token_wise else (n * t * o * i + n * q * o * i)
+    return q * r * o * i + dense < rows
+
+
+def _query_steps(p: LowRankGradient, max_elements: int) -> int:
+    """Queries per rebuilt chunk so that ``[q, O, I]`` stays under max_elements."""
+    return max(1, max_elements // max(p.shape[1] * p.shape[2], 1))
+
+
+def low_rank_layer_scores(p: LowRankGradient, a: Tensor, g: Tensor,
+                          max_elements: int = 2**24, path: str = "auto") -> Tensor:
+    """One layer's scores ``[Q, N]`` of low-rank queries: ``sum_t (g_nt^T L_q)(R_q a_nt)``.
+
+    Two exact ways to contract, chosen by their multiply-add counts (``path="auto"``):
+    ``"rows"`` forms ``g L`` and ``R a`` for every row and query; ``"rebuild"`` forms
+    ``P_q = L_q R_q`` for a chunk of queries at a time (at most ``max_elements`` numbers, one layer
+    at a time, freed after the batch) and contracts it densely. The store itself stays low-rank
+    either way, so query memory is ``Q R (O + I)`` plus one bounded chunk.
+
+    Args:
+        p: the queries' low-rank preconditioned gradients (``left [Q, O, R]``, ``right [Q, R, I]``).
+        a: activation rows ``[N, T, I]``.
+        g: output-gradient rows ``[N, T, O]``.
+        max_elements: cap on any intermediate (examples or queries are chunked to fit).
+        path: ``"auto"``, ``"rows"`` or ``"rebuild"``.
+    """
+    if path == "rebuild" or (path == "auto" and _rebuild_is_cheaper(p, a, token_wise=False)):
+        step = _query_steps(p, max_elements)
+        return torch.cat([pairwise_layer_scores(p[s:s + step].dense().to(a.dtype), a, g)
+                          for s in range(0, p.shape[0], step)])
+    step = _row_steps(p, a, max_elements)
+    out = []
+    for s in range(0, a.shape[0], step):
+        u, v = _row_factors(p, a[s:s + step], g[s:s + step])
+        out.append(torch.einsum("ntqr,ntqr->qn", u, v))
+    return torch.cat(out, dim=1)
+
+
+def low_rank_token_scores(p: LowRankGradient, a: Tensor, g: Tensor,
+                          max_elements: int = 2**24, path: str = "auto") -> Tensor:
+    """One layer's per-token scores ``[Q, N, T]``: ``(g_nt^T L_q)(R_q a_nt)``; summing T gives
+    :func:`low_rank_layer_scores`. ``max_elements`` and ``path`` as there."""
+    if path == "rebuild" or (path == "auto" and _rebuild_is_cheaper(p, a, token_wise=True)):
+        step = _query_steps(p, max_elements)
+        return torch.cat([token_layer_scores(p[s:s + step].dense().to(a.dtype), a, g, max_elements)
+                          for s in range(0, p.shape[0], step)])
+    step = _row_steps(p, a, max_elements)
+    out = []
+    for s in range(0, a.shape[0], step):
+        u, v = _row_factors(p, a[s:s + step], g[s:s + step])
+        out.append(torch.einsum("ntqr,ntqr->qnt", u, v))
+    return torch.cat(out, dim=1)
+

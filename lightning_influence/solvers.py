@@ -45,17 +45,16 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.utils.data import DataLoader, RandomSampler, Subset
 
-from lightning_influence.api import (
-    SelfResult,
+from lightning_influence.factors import FactorMismatchError, Factors, model_fingerprint
+from lightning_influence.passes import (
     count_examples,
     evaluation_mode,
-    factor_tracker,
     iterate_rows,
     model_device,
     move_to_device,
 )
-from lightning_influence.factors import FactorMismatchError, Factors, model_fingerprint
 from lightning_influence.scores import per_example_gradients
+from lightning_influence.scoring import SelfResult, factor_tracker
 from lightning_influence.task import (
     CausalLMTask,
     ClassificationTask,

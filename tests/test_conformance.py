@@ -543,7 +543,7 @@ def test_hugging_face_gradient_checkpointing_gives_the_same_rows(use_reentrant):
     where ``gradient_checkpointing_enable()`` takes effect: the rows of every tracked layer
     equal those of the same model without checkpointing."""
     transformers = pytest.importorskip("transformers")
-    from lightning_influence.api import batch_rows
+    from lightning_influence.passes import batch_rows
     from lightning_influence.task import CausalLMTask
 
     config = transformers.GPT2Config(vocab_size=11, n_positions=8, n_embd=16, n_layer=2,

@@ -18,7 +18,6 @@ from torch.testing import assert_close
 from torch.utils.data import DataLoader
 
 from lightning_influence import CausalLMTask, compute_pairwise_scores, fit_factors, query_gradients
-from lightning_influence.api import factor_tracker
 from lightning_influence.language import (
     CharTokenizer,
     Document,
@@ -37,15 +36,14 @@ from lightning_influence.language import (
     tfidf_candidates,
     token_scores,
 )
-from lightning_influence.lowrank import (
-    LowRankGradient,
-    QueryStore,
-    build_query_store,
+from lightning_influence.lowrank import LowRankGradient, QueryStore, truncate
+from lightning_influence.scores import (
     low_rank_layer_scores,
     low_rank_token_scores,
-    truncate,
+    pairwise_layer_scores,
+    token_layer_scores,
 )
-from lightning_influence.scores import pairwise_layer_scores, token_layer_scores
+from lightning_influence.scoring import build_query_store, factor_tracker
 from lightning_influence.text_reporting import render_window, tail_exponent, token_html
 
 TEXTS = [

@@ -10,7 +10,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader, Subset
 
-from lightning_influence.api import order_problem, ordered_loader
+from lightning_influence.passes import order_problem, ordered_loader
 
 __all__ = ["training_loader", "query_loader", "output_dir", "find_callback", "single_loader"]
 

@@ -8,12 +8,13 @@ from typing import Any
 from pytorch_lightning import Callback
 from pytorch_lightning.utilities import rank_zero_info
 
-from lightning_influence.api import fisher_mode, fit_factors
 from lightning_influence.callbacks._common import find_callback, output_dir, training_loader
 from lightning_influence.callbacks.influence_statistics import InfluenceStatistics
 from lightning_influence.factors import STRATEGIES, Factors
+from lightning_influence.fitting import fit_factors
 from lightning_influence.io import check_writable
 from lightning_influence.memory import estimate_bytes, format_estimate
+from lightning_influence.passes import fisher_mode
 from lightning_influence.solvers import SOLVERS, CurvatureSolver, make_solver
 from lightning_influence.task import Task, resolve_task
 from lightning_influence.tracking import LayerTracker

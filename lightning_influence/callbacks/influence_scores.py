@@ -10,14 +10,6 @@ from pytorch_lightning import Callback
 from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from lightning_influence.api import (
-    PairwiseResult,
-    SelfResult,
-    compute_pairwise_scores,
-    compute_self_scores,
-    count_examples,
-    factor_tracker,
-)
 from lightning_influence.callbacks._common import (
     output_dir,
     query_loader,
@@ -25,8 +17,16 @@ from lightning_influence.callbacks._common import (
 )
 from lightning_influence.callbacks.eigen_correction import EigenCorrection, attached_curvature
 from lightning_influence.memory import estimate_bytes, format_estimate
+from lightning_influence.passes import count_examples
 from lightning_influence.ranking import flag_top_fraction
 from lightning_influence.reporting import ExampleLookup, log_results, write_results
+from lightning_influence.scoring import (
+    PairwiseResult,
+    SelfResult,
+    compute_pairwise_scores,
+    compute_self_scores,
+    factor_tracker,
+)
 from lightning_influence.solvers import CurvatureSolver, solver_self_scores
 
 

@@ -10,19 +10,21 @@ import torch
 from pytorch_lightning import Callback
 from pytorch_lightning.utilities import rank_zero_info
 
-from lightning_influence.api import (
-    add_rows,
-    evaluation_mode,
-    fisher_mode,
-    fit_covariances,
-    move_to_device,
-    new_covariances,
-    row_mode,
-    rows_from_outputs,
-    update_covariances,
-)
 from lightning_influence.callbacks._common import training_loader
 from lightning_influence.distributed import sampling_generator
+from lightning_influence.fitting import (
+    add_rows,
+    fit_covariances,
+    new_covariances,
+    update_covariances,
+)
+from lightning_influence.passes import (
+    evaluation_mode,
+    fisher_mode,
+    move_to_device,
+    row_mode,
+    rows_from_outputs,
+)
 from lightning_influence.statistics import CovarianceStatistic
 from lightning_influence.task import Task, resolve_task
 from lightning_influence.tracking import BATCH_LAYOUTS, Capture, LayerTracker

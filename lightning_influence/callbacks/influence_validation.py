@@ -10,7 +10,6 @@ from pytorch_lightning import Callback
 from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from lightning_influence.api import count_examples
 from lightning_influence.callbacks._common import (
     output_dir,
     query_loader,
@@ -19,6 +18,7 @@ from lightning_influence.callbacks._common import (
 from lightning_influence.callbacks.eigen_correction import attached_curvature
 from lightning_influence.evaluation import validate_influence
 from lightning_influence.io import atomic_save_json
+from lightning_influence.passes import count_examples
 
 
 class InfluenceValidation(Callback):

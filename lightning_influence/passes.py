@@ -1,0 +1,331 @@
+"""Passes over batches: each batch of a loader becomes per-layer rows ``(a, g)`` and losses.
+
+Index letters: N examples, T rows per example, I = d_in (+1 bias), O = d_out, K labels per example
+(the exact Fisher).
+
+One forward and one backward per batch, in eval mode, with the tracked layers hooked
+(:mod:`lightning_influence.tracking`): the loss whose gradient is taken is the task's sampled
+pseudo-loss (the true Fisher), its training loss, its exact-Fisher pseudo-losses or the query
+measurement. Loader checks (empty, one-shot, order), device moves and progress bars live here too,
+so every pass (fitting, scoring, solvers) walks data the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    DistributedSampler,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+)
+from tqdm.auto import tqdm
+
+from lightning_influence.distributed import (
+    is_distributed,
+    numbered_batches,
+    sampling_generator,
+)
+from lightning_influence.statistics import (
+    check_finite,
+    is_finite,
+)
+from lightning_influence.task import Task, finite_or_raise
+from lightning_influence.tracking import Capture, LayerTracker
+
+__all__ = [
+    "move_to_device",
+    "model_device",
+    "evaluation_mode",
+    "check_loader",
+    "order_problem",
+    "ordered_loader",
+    "count_examples",
+    "progress_bar",
+    "FISHER",
+    "fisher_mode",
+    "row_mode",
+    "batch_rows",
+    "rows_from_outputs",
+    "check_rows",
+    "iterate_rows",
+]
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------- helpers
+def move_to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor of a (nested) batch to ``device``."""
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return type(batch)({k: move_to_device(v, device) for k, v in batch.items()})
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(move_to_device(v, device) for v in batch))
+    if isinstance(batch, list | tuple):
+        return type(batch)(move_to_device(v, device) for v in batch)
+    return batch
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+@contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[None]:
+    """Run in eval mode (no dropout, frozen batch-norm statistics), then restore the mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def check_loader(loader: Any, what: str, ordered: bool = False) -> None:
+    """Clear errors for one-shot iterators, empty or (when order matters) shuffled loaders."""
+    if iter(loader) is loader:
+        raise TypeError(
+            f"The {what} data is a one-shot iterator ({type(loader).__name__}): influence "
+            "iterates it several times (covariances, eigenvalues, scores). Pass something "
+            "re-iterable: a DataLoader, or a list of batches."
+        )
+    try:
+        length = len(loader)
+    except TypeError:
+        length = None
+    if length == 0:
+        raise ValueError(
+            f"The {what} dataloader is empty (0 batches): influence needs data. Check the dataset "
+            "size, the batch size with drop_last=True, and any filtering."
+        )
+    problem = order_problem(loader) if ordered else None
+    if problem is not None:
+        raise ValueError(
+            f"The {what} dataloader {problem}: result indices are positions in the order it "
+            "yields, so they would not name examples of its dataset. Pass a loader with "
+            "shuffle=False and no sampler (see lightning_influence.ordered_loader)."
+        )
+
+
+def order_problem(loader: Any, whole_dataset_ok: bool = False) -> str | None:
+    """Why a DataLoader does not yield its dataset in the dataset's own order, or None.
+
+    Other iterables (a list of batches) and iterable-style datasets count as ordered: their
+    order is the one they yield. With ``whole_dataset_ok``, samplers that visit the whole
+    dataset once in another order (``RandomSampler`` without replacement, a shuffling
+    ``DistributedSampler``) are accepted: a caller that rebuilds an ordered loader over the
+    same dataset (the callbacks) only needs the set of examples to be the dataset's.
+    """
+    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
+        return None
+    batch_sampler = loader.batch_sampler
+    if batch_sampler is not None and type(batch_sampler) is not BatchSampler:
+        return f"uses a custom batch_sampler ({type(batch_sampler).__name__})"
+    sampler = batch_sampler.sampler if batch_sampler is not None else loader.sampler
+    if isinstance(sampler, SequentialSampler):
+        return None
+    whole = (isinstance(sampler, RandomSampler) and not sampler.replacement
+             and sampler.num_samples == len(sampler.data_source)) or (
+        isinstance(sampler, DistributedSampler) and not sampler.drop_last)
+    if whole_dataset_ok and whole:
+        return None
+    return (f"draws with a {type(sampler).__name__}" + (" (it shuffles)" if whole else ""))
+
+
+def ordered_loader(loader: DataLoader, batch_size: int | None = None) -> DataLoader:
+    """A non-shuffling copy of ``loader`` over the same dataset (same collate_fn, workers). A
+    loader without automatic batching (``batch_size=None``: each item is a batch already)
+    stays so, whatever ``batch_size`` says."""
+    return DataLoader(
+        loader.dataset,
+        batch_size=None if loader.batch_size is None else batch_size or loader.batch_size,
+        shuffle=False,
+        collate_fn=loader.collate_fn,
+        num_workers=loader.num_workers,
+        pin_memory=loader.pin_memory,
+    )
+
+
+def count_examples(loader: Any) -> int:
+    """The number of examples behind a loader, or 0 when it cannot be known without a pass (an
+    iterable-style dataset, a list of batches)."""
+    try:
+        return len(loader.dataset)
+    except (AttributeError, TypeError):
+        return 0
+
+
+def progress_bar(iterable: Any, desc: str, enabled: bool, total: int | None = None):
+    if total is None:
+        try:
+            total = len(iterable)
+        except TypeError:
+            total = None
+    return tqdm(iterable, desc=desc, total=total, disable=not enabled, leave=False,
+                dynamic_ncols=True)
+
+
+# ----------------------------------------------------------------------------------- factors
+FISHER = ("sampled", "exact", "empirical")
+
+
+_ROW_MODES = {"sampled": "sampled", "exact": "exact", "empirical": "loss"}
+
+
+def fisher_mode(fisher: str) -> str:
+    """Validate a Fisher choice and return it: ``"sampled"`` (one label sampled from the model
+    per example, as the paper and Kronfluence: the true Fisher), ``"exact"`` (every label,
+    weighted by its probability: no sampling noise, one backward per class) or
+    ``"empirical"`` (the true labels: the empirical Fisher, Kronfluence's
+    ``use_empirical_fisher``; cheap and deterministic, but not the Gauss-Newton curvature)."""
+    if fisher not in FISHER:
+        raise ValueError(f"fisher={fisher!r} is not one of {list(FISHER)}.")
+    return fisher
+
+
+def row_mode(fisher: str) -> str:
+    """The loss whose gradients are the rows of a Fisher choice (see :func:`batch_rows`)."""
+    return _ROW_MODES[fisher_mode(fisher)]
+
+
+def batch_rows(model: nn.Module, batch: Any, task: Task, tracker: LayerTracker, mode: str,
+               generator: torch.Generator | None = None, batch_index: int | None = None,
+               autocast: torch.dtype | None = None,
+               ) -> tuple[dict[str, tuple[Tensor, Tensor]], Tensor]:
+    """One forward + backward: per-layer rows ``(a, g)`` and the per-example losses ``[N]``.
+
+    ``mode`` chooses the loss whose gradient is taken: ``"sampled"`` (labels sampled from the
+    model: the true-Fisher pseudo-gradient), ``"loss"`` (the training loss) or ``"measurement"``
+    (the query measurement). With ``autocast`` the forward runs under ``torch.autocast`` and
+    both row tensors come back in that dtype.
+    """
+    device = model_device(model)
+    batch = move_to_device(batch, device)
+    with tracker.capture() as cap, torch.autocast(device.type, dtype=autocast or torch.bfloat16,
+                                                  enabled=autocast is not None):
+        try:
+            outputs = task.forward(model, batch)
+        except Exception as err:  # the model's own error, with where it happened
+            if hasattr(err, "add_note"):
+                where = f"batch {batch_index}" if batch_index is not None else "a batch"
+                err.add_note(f"lightning-influence: raised by the model's forward on {where} "
+                             f"({type(task).__name__}.forward).")
+            raise
+        rows, losses = rows_from_outputs(outputs, cap, batch, task, tracker, mode, generator,
+                                         batch_index, check=autocast is None)
+    if autocast is not None:
+        rows = {name: (a.to(autocast), g.to(autocast)) for name, (a, g) in rows.items()}
+        check_rows(rows, batch_index)
+    return rows, losses
+
+
+def rows_from_outputs(outputs: Tensor, cap: Capture, batch: Any, task: Task,
+                      tracker: LayerTracker, mode: str, generator: torch.Generator | None = None,
+                      batch_index: int | None = None, retain_graph: bool = False,
+                      check: bool = True,
+                      ) -> tuple[dict[str, tuple[Tensor, Tensor]], Tensor]:
+    """The backward half of :func:`batch_rows`, for a forward whose tracked layers were
+    recorded in ``cap`` and whose model outputs are ``outputs``; ``retain_graph`` keeps the
+    graph (the forward of a training step, whose own backward follows)."""
+    if mode == "exact":
+        return _exact_fisher_rows(outputs, cap, batch, task, tracker, batch_index, retain_graph,
+                                  check)
+    if mode == "sampled":
+        losses = task.sampled_loss(outputs, batch, generator)
+    elif mode == "loss":
+        losses = task.loss(outputs, batch)
+    elif mode == "measurement":
+        losses = task.measurement(outputs, batch)
+    else:  # pragma: no cover - internal
+        raise ValueError(mode)
+    if losses.dim() != 1:
+        raise ValueError(
+            f"{type(task).__name__} returned losses of shape {tuple(losses.shape)}; a task "
+            "must return one summed loss per example, shape [N]."
+        )
+    if not is_finite(losses.detach()):
+        # Name the first tracked layer whose inputs are already non-finite, if any.
+        bad = [name for name, acts in cap.activations.items()
+               if any(not is_finite(a) for a in acts)]
+        detail = f"; the first non-finite activations enter layer {bad[0]!r}" if bad else ""
+        where = f"batch {batch_index}" if batch_index is not None else "a batch"
+        finite_or_raise(losses.detach(), f"{where} ({mode} loss)", detail)
+    rows = tracker.rows(cap, losses, retain_graph=retain_graph)
+    if check:
+        check_rows(rows, batch_index)
+    return rows, losses.detach()
+
+
+def _exact_fisher_rows(outputs: Tensor, cap: Capture, batch: Any, task: Task,
+                       tracker: LayerTracker, batch_index: int | None, retain_graph: bool,
+                       check: bool) -> tuple[dict[str, tuple[Tensor, Tensor]], Tensor]:
+    """Rows of the exact Fisher: ``a [N, T, I]`` and the K gradients of the task's
+    :meth:`~lightning_influence.task.Task.fisher_losses`, ``g [K*N, T, O]`` (class-major).
+    Returns the pseudo-losses summed over K as the losses."""
+    pseudo = task.fisher_losses(outputs, batch)
+    n = task.logits(outputs).shape[0]
+    if pseudo.dim() != 2 or pseudo.shape[1] != n:
+        raise ValueError(f"{type(task).__name__}.fisher_losses returned shape "
+                         f"{tuple(pseudo.shape)}; it must be [K, N] (N = {n}).")
+    where = f"batch {batch_index}" if batch_index is not None else "a batch"
+    finite_or_raise(pseudo.detach().sum(0), f"{where} (exact-Fisher pseudo-losses)")
+    k = pseudo.shape[0]
+    per_k = [tracker.rows(cap, pseudo[j], retain_graph=retain_graph or j < k - 1)
+             for j in range(k)]
+    rows = {name: (a, torch.cat([p[name][1] for p in per_k]) if k > 1 else g)
+            for name, (a, g) in per_k[0].items()}
+    if check:
+        check_rows(rows, batch_index)
+    return rows, pseudo.detach().sum(0)
+
+
+def check_rows(rows: dict[str, tuple[Tensor, Tensor]], batch_index: int | None) -> None:
+    """A clear error naming the layer (and batch) when activation or gradient rows hold NaN/Inf."""
+    for name, (a, g) in rows.items():
+        check_finite(a, "activations", name, batch_index)
+        check_finite(g, "output gradients", name, batch_index)
+
+
+def iterate_rows(model: nn.Module, loader: Any, task: Task, tracker: LayerTracker, mode: str, *,
+                 desc: str, progress: bool = True, seed: int = 0, max_batches: int | None = None,
+                 shard: bool = True, skip: set[int] | None = None,
+                 autocast: torch.dtype | None = None,
+                 ) -> Iterator[tuple[int, int, Any, dict[str, tuple[Tensor, Tensor]], Tensor]]:
+    """Yield ``(batch_index, first_example_index, batch, rows, losses)`` with checks and progress.
+
+    Inside a process group (and with ``shard``), each rank gets its round-robin share of the
+    batches (see :mod:`lightning_influence.distributed`). Labels are sampled with a generator
+    seeded by ``seed`` and the batch index, so the draw does not depend on the sharding.
+    Batch indices in ``skip`` (finished in an earlier, interrupted run) are left out.
+    """
+    seen: set[str] = set()
+    count = 0
+    total, batches = numbered_batches(loader, shard=shard, skip=skip)
+    if max_batches is not None:
+        total = -1
+    with evaluation_mode(model):
+        for b, offset, batch in progress_bar(batches, desc, progress, total if total >= 0 else None):
+            if max_batches is not None and b >= max_batches:
+                break
+            generator = sampling_generator(seed, b) if mode == "sampled" else None
+            rows, losses = batch_rows(model, batch, task, tracker, mode, generator, b, autocast)
+            seen.update(rows)
+            count += 1
+            yield b, offset, batch, rows, losses
+    if count == 0 and not is_distributed() and not skip:
+        raise ValueError(f"The dataloader for {desc!r} yielded no batch: influence needs data.")
+    if count:
+        tracker.warn_unused(seen, desc)
+

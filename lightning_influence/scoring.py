@@ -1,0 +1,405 @@
+"""Scoring: preconditioned query gradients, then one streaming pass over the training data.
+
+Index letters: Q queries, N training examples, L tracked layers, O = d_out, I = d_in (+1 bias).
+
+    score[q, n] = sum over layers of <P(grad L(z_q)), grad L(z_n)>    (positive = proponent)
+
+Top-k lists are kept while streaming; full matrices only on request; with ``scores_dir`` every
+group of batches is written as a score chunk and a rerun resumes from the finished ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_influence.chunks import ChunkStore, data_fingerprint
+from lightning_influence.distributed import (
+    all_gather_objects,
+    barrier,
+    is_distributed,
+    rank,
+)
+from lightning_influence.factors import (
+    FactorMismatchError,
+    Factors,
+)
+from lightning_influence.lowrank import QueryStore, truncate
+from lightning_influence.passes import (
+    check_loader,
+    evaluation_mode,
+    iterate_rows,
+    model_device,
+    move_to_device,
+)
+from lightning_influence.ranking import StreamingTopK, TopKResult
+from lightning_influence.scores import (
+    pairwise_layer_scores,
+    per_example_gradients,
+    self_layer_scores,
+)
+from lightning_influence.task import Task, resolve_task
+from lightning_influence.tracking import LayerTracker
+
+__all__ = [
+    "factor_tracker",
+    "query_gradients",
+    "compute_pairwise_scores",
+    "compute_self_scores",
+    "PairwiseResult",
+    "SelfResult",
+    "build_query_store",
+]
+
+log = logging.getLogger(__name__)
+
+
+def factor_tracker(model: nn.Module, factors: Factors,
+                   tracker: LayerTracker | None = None) -> LayerTracker:
+    """A tracker over the layers the factors were fitted for; a mismatch is a clear error."""
+    if tracker is None:
+        try:
+            tracker = LayerTracker(model, layers=list(factors.shapes),
+                                   batch_layout=getattr(factors, "extra", {}).get("batch_layout", "auto"))
+        except ValueError as err:
+            raise FactorMismatchError(
+                f"These factors were fitted for another model or layer set: {err} Fit factors "
+                "for this model (delete the files or pass overwrite=True)."
+            ) from err
+    return tracker
+
+
+# ----------------------------------------------------------------------------------- scores
+def query_gradients(model: nn.Module, loader: Any, task: Task | str | None, factors: Factors, *,
+                    tracker: LayerTracker | None = None, precondition: bool = True,
+                    progress: bool = True) -> dict[str, Tensor]:
+    """Per-query gradients of the measurement, ``{layer: [Q, O, I]}``, preconditioned by default.
+
+    Preconditioning runs in at least float32 (float64 when the model is float64).
+    """
+    task = resolve_task(task, model)
+    tracker = factor_tracker(model, factors, tracker)
+    factors.check_matches(tracker, check_weights=False)
+    check_loader(loader, "query")
+    chunks: dict[str, list[Tensor]] = {name: [] for name in factors.shapes}
+    for _, offset, _, rows, _ in iterate_rows(model, loader, task, tracker, "measurement",
+                                              shard=False, desc="influence: query gradients",
+                                              progress=progress):
+        grads = {}
+        n = next(iter(rows.values()))[0].shape[0]
+        for name, shape in factors.shapes.items():
+            if name not in rows:  # the layer did not run for these queries: zero gradient
+                dtype = next(iter(rows.values()))[0].dtype
+                grads[name] = torch.zeros(n, *shape, dtype=torch.promote_types(
+                    dtype, torch.float32), device=next(iter(rows.values()))[0].device)
+                continue
+            grad = per_example_gradients(*rows[name])
+            grads[name] = grad if grad.dtype in (torch.float32, torch.float64) else grad.float()
+        _warn_zero_queries(grads, offset)
+        if precondition:  # all layers at once: a preconditioner may couple them
+            grads = factors.precondition(grads)
+        for name, grad in grads.items():
+            chunks[name].append(grad)
+    return {name: torch.cat(parts) for name, parts in chunks.items() if parts}
+
+
+def _normalization(factors: Any, normalize: bool) -> float:
+    """``1 / N`` with ``normalize`` (N: the training examples the factors were fitted on)."""
+    if not normalize:
+        return 1.0
+    if not factors.num_examples:
+        raise ValueError(
+            "normalize=True divides by the number of training examples, which these factors do "
+            "not know (fitted from data without a length, e.g. an iterable dataset, with "
+            "strategy='identity'). Pass normalize=False and divide by N yourself, or set "
+            "factors.num_examples = N."
+        )
+    return 1.0 / factors.num_examples
+
+
+def _warn_zero_queries(grads: dict[str, Tensor], offset: int) -> None:
+    """Warn about queries whose measurement has a zero gradient in every tracked layer (e.g.
+    every label ignored): their scores are all 0 and their top-k lists arbitrary."""
+    norms = sum(g.reshape(g.shape[0], -1).abs().sum(dim=1) for g in grads.values())
+    zero = (norms == 0).nonzero().flatten()
+    if len(zero):
+        warnings.warn(
+            f"Queries {(zero + offset).tolist()[:10]} have a zero gradient in every tracked "
+            "layer (a measurement that does not depend on the weights, e.g. every label -100): "
+            "their scores are all 0 and their top-k lists carry no information.",
+            stacklevel=3,
+        )
+
+
+@dataclass
+class PairwiseResult:
+    """Pairwise influence of training examples on queries.
+
+    Attributes:
+        top: top-k proponents (largest scores) and opponents (smallest) per query.
+        scores: the full ``[Q, N]`` matrix, when asked for (``keep_scores=True``).
+        layer_scores: ``[L, Q, N]`` per-layer scores when asked for (sums to ``scores``).
+        layer_names: the order of the L axis.
+        query_losses: ``[Q]`` the measurement of each query.
+        num_train: N.
+        normalized: True when scores were divided by the number of training examples.
+    """
+
+    top: TopKResult
+    layer_names: list[str]
+    query_losses: Tensor
+    num_train: int
+    scores: Tensor | None = None
+    layer_scores: Tensor | None = None
+    normalized: bool = False
+    train_losses: Tensor | None = field(default=None, repr=False)
+
+
+def compute_pairwise_scores(model: nn.Module, factors: Factors, query_loader: Any,
+                            train_loader: Any, task: Task | str | None = None, *,
+                            top_k: int = 10, keep_scores: bool = True, per_layer: bool = False,
+                            normalize: bool = False, tracker: LayerTracker | None = None,
+                            query_grads: dict[str, Tensor] | None = None,
+                            scores_dir: str | Path | None = None, chunk_batches: int = 16,
+                            autocast: torch.dtype | None = None,
+                            progress: bool = True) -> PairwiseResult:
+    """Score every query against every training example in one streaming pass.
+
+    ``score[q, n] = sum_layers <P(grad L(z_q)), grad L(z_n)>``; positive = proponent (helpful).
+    Top-k lists are kept while streaming, so memory does not grow with the training set unless
+    ``keep_scores=True`` (the whole ``[Q, N]`` matrix, in memory) is asked for.
+
+    Args:
+        top_k: proponents and opponents kept per query.
+        keep_scores: return the full ``[Q, N]`` matrix.
+        per_layer: keep the per-layer breakdown (``[L, Q, N]`` with ``keep_scores``, and per
+            top-k entry).
+        normalize: divide scores by the number of training examples (the factors'), giving the
+            first-order change of the query loss when the example is removed.
+        query_grads: preconditioned query gradients computed already (``query_gradients``).
+        scores_dir: write the scores in chunk files there (atomically); a rerun of the same pass
+            skips the finished chunks and reads them back (resume after a crash).
+        chunk_batches: batches per chunk file.
+        autocast: run the model's forward/backward under ``torch.autocast`` with this dtype
+            (``torch.bfloat16``/``torch.float16``) and contract in it; preconditioned query
+            gradients, Lambda's reciprocal and the score sums stay in float32/float64.
+
+    Inside a process group the training batches are shared out among the ranks; every rank
+    returns the same merged result.
+    """
+    task = resolve_task(task, model)
+    tracker = factor_tracker(model, factors, tracker)
+    factors.check_matches(tracker)
+    check_loader(train_loader, "training", ordered=True)
+    with evaluation_mode(model):
+        query_losses = _measurements(model, query_loader, task)
+    if query_grads is None:
+        query_grads = query_gradients(model, query_loader, task, factors, tracker=tracker,
+                                      progress=progress)
+    names = list(query_grads)
+    num_queries = next(iter(query_grads.values())).shape[0]
+    scale = _normalization(factors, normalize)
+    topk = StreamingTopK(num_queries, top_k, len(names) if per_layer else 0)
+    kept: list[dict[str, Tensor]] = []
+
+    def fold(chunk: dict[str, Tensor]) -> None:
+        topk.update(chunk["scores"], chunk["indices"], chunk.get("layer_scores"))
+        kept.append({k: v for k, v in chunk.items() if keep_scores or k in ("indices", "losses")})
+
+    store = None
+    if scores_dir is not None:
+        store = ChunkStore(scores_dir, "pairwise", _signature(
+            factors, query_losses, top_k=top_k, per_layer=per_layer, scale=scale,
+            autocast=str(autocast), train=data_fingerprint(train_loader)), chunk_batches)
+    skip = _resume(store, fold)
+    for b, offset, _, rows, losses in iterate_rows(
+            model, train_loader, task, tracker, "loss", desc="influence: pairwise scores",
+            progress=progress, skip=skip, autocast=autocast):
+        n = losses.shape[0]
+        per = torch.stack([pairwise_layer_scores(query_grads[name], *rows[name])
+                           if name in rows else losses.new_zeros(num_queries, n)
+                           for name in names]).double().cpu() * scale  # [L, Q, N]
+        chunk = {"indices": torch.arange(offset, offset + n), "scores": per.sum(0),
+                 "losses": losses.double().cpu()}
+        if per_layer:
+            chunk["layer_scores"] = per
+        fold(chunk)
+        if store is not None:
+            store.add(b, **chunk)
+    if store is not None:
+        store.flush()
+    topk, kept = _gather(topk, kept)
+    merged = _assemble(kept)
+    return PairwiseResult(
+        top=topk.result(), layer_names=names, query_losses=query_losses,
+        num_train=merged["indices"].numel(), scores=merged.get("scores") if keep_scores else None,
+        layer_scores=merged.get("layer_scores") if keep_scores else None,
+        normalized=scale != 1.0, train_losses=merged["losses"],
+    )
+
+
+def _signature(factors: Factors, query_losses: Tensor | None, **options: Any) -> dict[str, str]:
+    """What identifies a scoring pass: the factors, the queries, the options."""
+    sig = {"strategy": factors.strategy, "weights": factors.fingerprint.get("weights", ""),
+           "damping": json.dumps(factors.damping, sort_keys=True)}
+    if not isinstance(factors, Factors):  # a solver: its settings (iterations, scale) count too
+        sig["solver"] = json.dumps(getattr(factors, "extra", {}), sort_keys=True, default=str)
+    if query_losses is not None:
+        sig["queries"] = hashlib.sha256(query_losses.double().numpy().tobytes()).hexdigest()[:16]
+    sig.update({k: str(v) for k, v in options.items()})
+    return sig
+
+
+def _resume(store: ChunkStore | None, fold: Callable[[dict[str, Tensor]], None]) -> set[int]:
+    """Fold finished chunks in (on rank zero only: merging adds the other ranks' results)."""
+    if store is None:
+        return set()
+    done = store.done_batches()
+    barrier()  # every rank reads the finished chunks before any rank writes new ones
+    if done and rank() == 0:
+        log.info("Resuming: %d finished batches read from %s", len(done), store.folder)
+        for chunk in store.load():
+            fold({k: v for k, v in chunk.items() if k != "batches"})
+    return done
+
+
+def _gather(topk: StreamingTopK | None, kept: list[dict[str, Tensor]],
+            ) -> tuple[StreamingTopK | None, list[dict[str, Tensor]]]:
+    """Merge every rank's top-k and kept chunks (identity without a process group)."""
+    if not is_distributed():
+        return topk, kept
+    merged_topk, merged = None, []
+    for their_topk, their_kept in all_gather_objects((topk, kept)):
+        if their_topk is not None:
+            if merged_topk is None:
+                merged_topk = their_topk
+            else:
+                merged_topk.merge(their_topk)
+        merged.extend(their_kept)
+    return merged_topk, merged
+
+
+def _assemble(kept: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Concatenate chunks along the example axis, ordered by training index."""
+    out = {key: torch.cat([c[key] for c in kept], dim=-1) for key in kept[0]}
+    order = out["indices"].argsort()
+    if not torch.equal(out["indices"][order], torch.arange(order.numel())):
+        raise RuntimeError("Scoring chunks do not cover the training set exactly once; delete the "
+                           "chunk files and score again.")
+    return {key: value[..., order] for key, value in out.items()}
+
+
+def _measurements(model: nn.Module, loader: Any, task: Task) -> Tensor:
+    out = []
+    with torch.no_grad():
+        for batch in loader:
+            batch = move_to_device(batch, model_device(model))
+            out.append(task.measurement(task.forward(model, batch), batch).double().cpu())
+    if not out:
+        raise ValueError("The query dataloader yielded no batch: influence needs queries.")
+    return torch.cat(out)
+
+
+@dataclass
+class SelfResult:
+    """Self-influence ``score(z_n, z_n)`` of every training example.
+
+    Attributes:
+        scores: ``[N]``; large values flag surprising, hard-to-fit examples (mislabeled,
+            conflicting duplicates, out-of-distribution).
+        layer_scores: ``[L, N]`` per-layer terms (sum to ``scores``).
+        losses: ``[N]`` the training loss of each example (the plain baseline ranking).
+    """
+
+    scores: Tensor
+    layer_scores: Tensor
+    layer_names: list[str]
+    losses: Tensor
+    normalized: bool = False
+
+
+def compute_self_scores(model: nn.Module, factors: Factors, train_loader: Any,
+                        task: Task | str | None = None, *, normalize: bool = False,
+                        tracker: LayerTracker | None = None,
+                        scores_dir: str | Path | None = None, chunk_batches: int = 16,
+                        autocast: torch.dtype | None = None,
+                        progress: bool = True) -> SelfResult:
+    """Self-influence of every training example, in one pass over the training data.
+
+    ``scores_dir``, ``chunk_batches`` and ``autocast`` work as in
+    :func:`compute_pairwise_scores`; inside a process group the batches are shared out.
+    """
+    task = resolve_task(task, model)
+    tracker = factor_tracker(model, factors, tracker)
+    factors.check_matches(tracker)
+    check_loader(train_loader, "training", ordered=True)
+    names = list(factors.shapes)
+    scale = _normalization(factors, normalize)
+    kept: list[dict[str, Tensor]] = []
+    store = None
+    if scores_dir is not None:
+        store = ChunkStore(scores_dir, "self", _signature(
+            factors, None, scale=scale, autocast=str(autocast),
+            train=data_fingerprint(train_loader)), chunk_batches)
+    skip = _resume(store, kept.append)
+    for b, offset, _, rows, losses in iterate_rows(
+            model, train_loader, task, tracker, "loss", desc="influence: self-influence",
+            progress=progress, skip=skip, autocast=autocast):
+        n = losses.shape[0]
+        per = torch.stack([
+            self_layer_scores(factors.layers[name], *rows[name]).double()
+            if name in rows else losses.new_zeros(n, dtype=torch.float64) for name in names
+        ]).cpu() * scale  # [L, N]
+        chunk = {"indices": torch.arange(offset, offset + n), "scores": per.sum(0),
+                 "layer_scores": per, "losses": losses.double().cpu()}
+        kept.append(chunk)
+        if store is not None:
+            store.add(b, **chunk)
+    if store is not None:
+        store.flush()
+    _, kept = _gather(None, kept)
+    merged = _assemble(kept)
+    return SelfResult(merged["scores"], merged["layer_scores"], names, merged["losses"],
+                      normalized=scale != 1.0)
+
+
+def build_query_store(model: nn.Module, query_loader: Any, task: Any, factors: Any, *,
+                      rank: int | None = 32, tracker: Any = None,
+                      progress: bool = False) -> QueryStore:
+    """Preconditioned query gradients of every query, truncated to ``rank`` per layer.
+
+    Query batches are preconditioned and truncated one at a time, so no more than one batch of
+    full ``[B, O, I]`` matrices is ever held. ``rank=None`` keeps the full matrices.
+
+    Args:
+        model: the trained model.
+        query_loader: batches of queries (their measurement's gradient is taken).
+        task: a :class:`~lightning_influence.Task` or built-in name.
+        factors: the fitted :class:`~lightning_influence.Factors`.
+        rank: the rank R kept per layer (clipped to ``min(O, I)``), or ``None``.
+        tracker: a tracker over the factors' layers (built when ``None``).
+        progress: show progress bars.
+    """
+    tracker = factor_tracker(model, factors, tracker)
+    parts = []
+    for batch in query_loader:
+        grads = query_gradients(model, [batch], task, factors, tracker=tracker, progress=progress)
+        if rank is not None:
+            grads = {name: truncate(g, rank) for name, g in grads.items()}
+        parts.append(QueryStore(grads, rank))
+    if not parts:
+        raise ValueError("The query dataloader yielded no batch: influence needs queries.")
+    store = QueryStore.concatenate(parts)
+    log.info("query store: %d queries, rank %s, %.1f MiB (%.3f of full rank)", store.num_queries,
+             rank, store.memory_bytes() / 2**20, store.memory_ratio())
+    return store
+
