@@ -17,6 +17,7 @@ from lightning_influence.factors import (
     FactorMismatchError,
     Factors,
     LayerFactors,
+    Preconditioner,
 )
 from lightning_influence.fitting import fit_covariances, fit_factors
 from lightning_influence.passes import ordered_loader
@@ -41,6 +42,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "STRATEGIES",
+    "Preconditioner",
     "ChunkMismatchError",
     "CorruptFactorsError",
     "SUPPORTED_MODULES",

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, Subset
 
-from lightning_influence.factors import Factors
+from lightning_influence.factors import Factors, Preconditioner
 from lightning_influence.passes import evaluation_mode, move_to_device
 from lightning_influence.scoring import compute_pairwise_scores, query_gradients
 from lightning_influence.solvers import LiSSA, _cast, _TaskModel, layer_damping
@@ -135,8 +135,8 @@ def pbrf(model: nn.Module, train_loader: Any, query_loader: Any, task: Task | st
         tolerance: stop when the largest gradient entry of the (eps-scaled) objective is below.
     """
     task = resolve_task(task, model)
-    tracker = tracker or (LayerTracker(model, layers=list(damping.shapes))
-                          if isinstance(damping, Factors) else LayerTracker(model, layers=layers))
+    tracker = tracker or (damping.tracker(model) if isinstance(damping, Preconditioner)
+                          else LayerTracker(model, layers=layers))
     names = tracker.names()
     per_layer = layer_damping(damping, names, "pbrf")
     device = next(model.parameters()).device

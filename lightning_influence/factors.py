@@ -29,11 +29,11 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from safetensors import safe_open
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_influence.io import atomic_save_json, atomic_save_safetensors, tensors_checksum
 from lightning_influence.tracking import LayerTracker
@@ -43,6 +43,8 @@ __all__ = [
     "LayerFactors",
     "Factors",
     "FactorMismatchError",
+    "Preconditioner",
+    "PreconditionerBase",
     "eigendecompose",
     "model_fingerprint",
     "resolve_damping",
@@ -201,8 +203,112 @@ def model_fingerprint(tracker: LayerTracker) -> dict[str, str]:
     return {"architecture": arch, "weights": weights.hexdigest()[:16]}
 
 
+@runtime_checkable
+class Preconditioner(Protocol):
+    """Anything that applies ``(G + damping)^-1`` to per-layer gradients: the fitted
+    :class:`Factors` (EK-FAC, K-FAC, diagonal, identity) and every solver of
+    :mod:`lightning_influence.solvers`. The scoring functions take one and need nothing else.
+
+    ``layerwise`` says whether the inverse is block-diagonal over layers with per-layer factors
+    in ``layers`` (``{name: LayerFactors}``): self-influence then contracts each layer's rows
+    directly; a coupled solver (``layerwise=False``) preconditions all layers at once.
+    """
+
+    strategy: str
+    shapes: dict[str, list[int]]
+    fingerprint: dict[str, str]
+    num_examples: int
+    extra: dict[str, Any]
+    layerwise: bool
+
+    @property
+    def damping(self) -> dict[str, float]: ...
+
+    def precondition(self, gradients: dict[str, Tensor]) -> dict[str, Tensor]: ...
+
+    def signature(self) -> dict[str, str]: ...
+
+    def tracker(self, model: nn.Module) -> LayerTracker: ...
+
+    def check_fits(self, tracker: LayerTracker, strategy: str | None = None,
+                   check_weights: bool = True, source: str | None = None) -> None: ...
+
+
+class PreconditionerBase:
+    """What every :class:`Preconditioner` shares: its tracker, the fit check and the signature
+    of a scoring pass."""
+
+    strategy: str
+    shapes: dict[str, list[int]]
+    fingerprint: dict[str, str]
+    extra: dict[str, Any]
+    layerwise = False
+
+    def precondition(self, gradients: dict[str, Tensor]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    @property
+    def damping(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def tracker(self, model: nn.Module) -> LayerTracker:
+        """A tracker over the layers this preconditioner was made for; a model without them is
+        a :class:`FactorMismatchError`."""
+        try:
+            return LayerTracker(model, layers=list(self.shapes),
+                                batch_layout=self.extra.get("batch_layout", "auto"))
+        except ValueError as err:
+            raise FactorMismatchError(
+                f"These factors were fitted for another model or layer set: {err} Fit factors "
+                "for this model (delete the files or pass overwrite=True)."
+            ) from err
+
+    def signature(self) -> dict[str, str]:
+        """What a scoring pass's results depend on, for resumable score files: the strategy,
+        the weights, the damping and any other setting (a solver's iterations)."""
+        settings = {k: v for k, v in self.extra.items() if k not in ("fisher", "batch_layout")}
+        return {"strategy": self.strategy, "weights": self.fingerprint.get("weights", ""),
+                "damping": json.dumps(self.damping, sort_keys=True),
+                "settings": json.dumps(settings, sort_keys=True, default=str)}
+
+    def check_fits(self, tracker: LayerTracker, strategy: str | None = None,
+                   check_weights: bool = True, source: str | None = None) -> None:
+        """Raise :class:`FactorMismatchError` when this preconditioner was made for another
+        model, layer set, weights or strategy (``source`` names it in the message)."""
+        source = source or ("these factors" if self.layerwise else
+                            f"this {self.strategy} solver")
+        if strategy is not None and strategy != self.strategy:
+            raise FactorMismatchError(
+                f"{source} use strategy {self.strategy!r} but {strategy!r} was asked for. Fit "
+                "again (delete the files or pass overwrite=True) or ask for the stored strategy."
+            )
+        if self.shapes != tracker.describe():
+            theirs, ours = set(self.shapes), set(tracker.describe())
+            detail = []
+            if theirs - ours:
+                detail.append(f"layers not in this model: {sorted(theirs - ours)[:5]}")
+            if ours - theirs:
+                detail.append(f"layers missing from the factors: {sorted(ours - theirs)[:5]}")
+            shape_diff = [n for n in theirs & ours if self.shapes[n] != tracker.describe()[n]]
+            if shape_diff:
+                detail.append(f"layers whose shapes differ: {shape_diff[:5]}")
+            raise FactorMismatchError(
+                f"{source} were fitted for another model or layer set ({'; '.join(detail)}). "
+                "Fit factors for this model (delete the files or pass overwrite=True)."
+            )
+        if check_weights:
+            ours = model_fingerprint(tracker)
+            if ours["weights"] != self.fingerprint.get("weights"):
+                raise FactorMismatchError(
+                    f"{source} were fitted for the same architecture with different weights "
+                    "(the model was retrained or changed since). Fit again for these weights "
+                    "(delete the files or pass overwrite=True)."
+                )
+
+
+
 @dataclass
-class Factors:
+class Factors(PreconditionerBase):
     """Curvature factors of every tracked layer, plus the metadata that ties them to a model."""
 
     strategy: str
@@ -213,6 +319,7 @@ class Factors:
     extra: dict[str, Any] = field(default_factory=dict)
 
     FILE_STEM = "factors"
+    layerwise = True
 
     @property
     def damping(self) -> dict[str, float]:
@@ -246,37 +353,6 @@ class Factors:
             "num_examples": self.num_examples,
             "extra": self.extra,
         }
-
-    def check_matches(self, tracker: LayerTracker, strategy: str | None = None,
-                      check_weights: bool = True, source: str = "these factors") -> None:
-        """Raise :class:`FactorMismatchError` when the factors do not belong to this model."""
-        if strategy is not None and strategy != self.strategy:
-            raise FactorMismatchError(
-                f"{source} use strategy {self.strategy!r} but {strategy!r} was asked for. Fit "
-                "again (delete the files or pass overwrite=True) or ask for the stored strategy."
-            )
-        if self.shapes != tracker.describe():
-            theirs, ours = set(self.shapes), set(tracker.describe())
-            detail = []
-            if theirs - ours:
-                detail.append(f"layers not in this model: {sorted(theirs - ours)[:5]}")
-            if ours - theirs:
-                detail.append(f"layers missing from the factors: {sorted(ours - theirs)[:5]}")
-            shape_diff = [n for n in theirs & ours if self.shapes[n] != tracker.describe()[n]]
-            if shape_diff:
-                detail.append(f"layers whose shapes differ: {shape_diff[:5]}")
-            raise FactorMismatchError(
-                f"{source} were fitted for another model or layer set ({'; '.join(detail)}). "
-                "Fit factors for this model (delete the files or pass overwrite=True)."
-            )
-        if check_weights:
-            ours = model_fingerprint(tracker)
-            if ours["weights"] != self.fingerprint.get("weights"):
-                raise FactorMismatchError(
-                    f"{source} were fitted for the same architecture with different weights "
-                    "(the model was retrained or changed since). Fit again for these weights "
-                    "(delete the files or pass overwrite=True)."
-                )
 
     def save(self, directory: str | Path, stem: str | None = None) -> Path:
         """Write ``<stem>.safetensors`` atomically, the metadata and a checksum of everything in

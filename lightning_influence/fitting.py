@@ -269,7 +269,7 @@ def fit_factors(model: nn.Module, loader: Any, task: Task | str | None = None, *
     tracker = _tracker(model, tracker, layers, exclude)
     if output_dir is not None and not overwrite and Factors.exists(output_dir):
         stored = Factors.load(output_dir)
-        stored.check_matches(tracker, strategy, source=f"The factors in {output_dir}")
+        stored.check_fits(tracker, strategy, source=f"The factors in {output_dir}")
         stored_fisher = stored.extra.get("fisher", "sampled")
         if strategy != "identity" and stored_fisher != fisher:
             raise FactorMismatchError(

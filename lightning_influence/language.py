@@ -622,12 +622,12 @@ def document_influence(model: nn.Module, factors: Any, corpus: ChunkedCorpus,
         tracker: a tracker over the factors' layers (built when ``None``).
         progress: show progress bars.
     """
-    from lightning_influence.scoring import compute_pairwise_scores, factor_tracker
+    from lightning_influence.scoring import compute_pairwise_scores
     from lightning_influence.task import CausalLMTask
 
     queries = list(queries)
     task = task if task is not None else CausalLMTask(pad_token_id=corpus.tokenizer.pad_id)
-    tracker = factor_tracker(model, factors, tracker)
+    tracker = tracker or factors.tracker(model)
     timings: dict[str, float] = {}
     query_set = QueryDataset(queries, corpus.tokenizer)
     query_loader = _loader(query_set, batch_size)

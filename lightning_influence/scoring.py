@@ -11,7 +11,6 @@ group of batches is written as a score chunk and a rerun resumes from the finish
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import warnings
 from collections.abc import Callable
@@ -29,10 +28,7 @@ from lightning_influence.distributed import (
     is_distributed,
     rank,
 )
-from lightning_influence.factors import (
-    FactorMismatchError,
-    Factors,
-)
+from lightning_influence.factors import Preconditioner
 from lightning_influence.lowrank import QueryStore, truncate
 from lightning_influence.passes import (
     check_loader,
@@ -51,10 +47,10 @@ from lightning_influence.task import Task, resolve_task
 from lightning_influence.tracking import LayerTracker
 
 __all__ = [
-    "factor_tracker",
     "query_gradients",
     "compute_pairwise_scores",
     "compute_self_scores",
+    "self_terms",
     "PairwiseResult",
     "SelfResult",
     "build_query_store",
@@ -63,23 +59,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-def factor_tracker(model: nn.Module, factors: Factors,
-                   tracker: LayerTracker | None = None) -> LayerTracker:
-    """A tracker over the layers the factors were fitted for; a mismatch is a clear error."""
-    if tracker is None:
-        try:
-            tracker = LayerTracker(model, layers=list(factors.shapes),
-                                   batch_layout=getattr(factors, "extra", {}).get("batch_layout", "auto"))
-        except ValueError as err:
-            raise FactorMismatchError(
-                f"These factors were fitted for another model or layer set: {err} Fit factors "
-                "for this model (delete the files or pass overwrite=True)."
-            ) from err
-    return tracker
-
-
 # ----------------------------------------------------------------------------------- scores
-def query_gradients(model: nn.Module, loader: Any, task: Task | str | None, factors: Factors, *,
+def query_gradients(model: nn.Module, loader: Any, task: Task | str | None,
+                    factors: Preconditioner, *,
                     tracker: LayerTracker | None = None, precondition: bool = True,
                     progress: bool = True) -> dict[str, Tensor]:
     """Per-query gradients of the measurement, ``{layer: [Q, O, I]}``, preconditioned by default.
@@ -87,8 +69,8 @@ def query_gradients(model: nn.Module, loader: Any, task: Task | str | None, fact
     Preconditioning runs in at least float32 (float64 when the model is float64).
     """
     task = resolve_task(task, model)
-    tracker = factor_tracker(model, factors, tracker)
-    factors.check_matches(tracker, check_weights=False)
+    tracker = tracker or factors.tracker(model)
+    factors.check_fits(tracker, check_weights=False)
     check_loader(loader, "query")
     chunks: dict[str, list[Tensor]] = {name: [] for name in factors.shapes}
     for _, offset, _, rows, _ in iterate_rows(model, loader, task, tracker, "measurement",
@@ -164,7 +146,7 @@ class PairwiseResult:
     train_losses: Tensor | None = field(default=None, repr=False)
 
 
-def compute_pairwise_scores(model: nn.Module, factors: Factors, query_loader: Any,
+def compute_pairwise_scores(model: nn.Module, factors: Preconditioner, query_loader: Any,
                             train_loader: Any, task: Task | str | None = None, *,
                             top_k: int = 10, keep_scores: bool = True, per_layer: bool = False,
                             normalize: bool = False, tracker: LayerTracker | None = None,
@@ -197,8 +179,8 @@ def compute_pairwise_scores(model: nn.Module, factors: Factors, query_loader: An
     returns the same merged result.
     """
     task = resolve_task(task, model)
-    tracker = factor_tracker(model, factors, tracker)
-    factors.check_matches(tracker)
+    tracker = tracker or factors.tracker(model)
+    factors.check_fits(tracker)
     check_loader(train_loader, "training", ordered=True)
     with evaluation_mode(model):
         query_losses = _measurements(model, query_loader, task)
@@ -247,12 +229,10 @@ def compute_pairwise_scores(model: nn.Module, factors: Factors, query_loader: An
     )
 
 
-def _signature(factors: Factors, query_losses: Tensor | None, **options: Any) -> dict[str, str]:
-    """What identifies a scoring pass: the factors, the queries, the options."""
-    sig = {"strategy": factors.strategy, "weights": factors.fingerprint.get("weights", ""),
-           "damping": json.dumps(factors.damping, sort_keys=True)}
-    if not isinstance(factors, Factors):  # a solver: its settings (iterations, scale) count too
-        sig["solver"] = json.dumps(getattr(factors, "extra", {}), sort_keys=True, default=str)
+def _signature(factors: Preconditioner, query_losses: Tensor | None, **options: Any,
+               ) -> dict[str, str]:
+    """What identifies a scoring pass: the preconditioner, the queries, the options."""
+    sig = factors.signature()
     if query_losses is not None:
         sig["queries"] = hashlib.sha256(query_losses.double().numpy().tobytes()).hexdigest()[:16]
     sig.update({k: str(v) for k, v in options.items()})
@@ -309,6 +289,32 @@ def _measurements(model: nn.Module, loader: Any, task: Task) -> Tensor:
     return torch.cat(out)
 
 
+def self_terms(preconditioner: Preconditioner, rows: dict[str, tuple[Tensor, Tensor]],
+               n: int) -> Tensor:
+    """Per-layer self-influence terms ``[L, N]`` (float64, layers in ``shapes`` order) of one
+    batch's rows; they sum to ``score(z_n, z_n)``.
+
+    A layerwise preconditioner (the fitted factors) contracts each layer's rows with its own
+    factors (no per-example gradient for single-row layers); a coupled one (a solver)
+    preconditions the batch's per-example gradients of every layer at once, and its terms
+    ``g_l . P(g)_l`` may be negative. A layer missing from ``rows`` (it did not run) has a zero
+    gradient.
+    """
+    like = next(iter(rows.values()))[0]
+    if preconditioner.layerwise:
+        return torch.stack([
+            self_layer_scores(preconditioner.layers[name], *rows[name]).double()
+            if name in rows else torch.zeros(n, dtype=torch.float64, device=like.device)
+            for name in preconditioner.shapes])
+    dtype = torch.promote_types(like.dtype, torch.float32)
+    grads = {name: per_example_gradients(*rows[name]).to(dtype) if name in rows
+             else like.new_zeros(n, *shape, dtype=dtype)
+             for name, shape in preconditioner.shapes.items()}
+    solved = preconditioner.precondition(grads)
+    return torch.stack([(solved[name].double() * grads[name].double()).flatten(1).sum(1)
+                        for name in preconditioner.shapes])
+
+
 @dataclass
 class SelfResult:
     """Self-influence ``score(z_n, z_n)`` of every training example.
@@ -327,7 +333,7 @@ class SelfResult:
     normalized: bool = False
 
 
-def compute_self_scores(model: nn.Module, factors: Factors, train_loader: Any,
+def compute_self_scores(model: nn.Module, factors: Preconditioner, train_loader: Any,
                         task: Task | str | None = None, *, normalize: bool = False,
                         tracker: LayerTracker | None = None,
                         scores_dir: str | Path | None = None, chunk_batches: int = 16,
@@ -339,8 +345,8 @@ def compute_self_scores(model: nn.Module, factors: Factors, train_loader: Any,
     :func:`compute_pairwise_scores`; inside a process group the batches are shared out.
     """
     task = resolve_task(task, model)
-    tracker = factor_tracker(model, factors, tracker)
-    factors.check_matches(tracker)
+    tracker = tracker or factors.tracker(model)
+    factors.check_fits(tracker)
     check_loader(train_loader, "training", ordered=True)
     names = list(factors.shapes)
     scale = _normalization(factors, normalize)
@@ -354,11 +360,8 @@ def compute_self_scores(model: nn.Module, factors: Factors, train_loader: Any,
     for b, offset, _, rows, losses in iterate_rows(
             model, train_loader, task, tracker, "loss", desc="influence: self-influence",
             progress=progress, skip=skip, autocast=autocast):
+        per = self_terms(factors, rows, losses.shape[0]).cpu() * scale  # [L, N]
         n = losses.shape[0]
-        per = torch.stack([
-            self_layer_scores(factors.layers[name], *rows[name]).double()
-            if name in rows else losses.new_zeros(n, dtype=torch.float64) for name in names
-        ]).cpu() * scale  # [L, N]
         chunk = {"indices": torch.arange(offset, offset + n), "scores": per.sum(0),
                  "layer_scores": per, "losses": losses.double().cpu()}
         kept.append(chunk)
@@ -389,7 +392,7 @@ def build_query_store(model: nn.Module, query_loader: Any, task: Any, factors: A
         tracker: a tracker over the factors' layers (built when ``None``).
         progress: show progress bars.
     """
-    tracker = factor_tracker(model, factors, tracker)
+    tracker = tracker or factors.tracker(model)
     parts = []
     for batch in query_loader:
         grads = query_gradients(model, [batch], task, factors, tracker=tracker, progress=progress)

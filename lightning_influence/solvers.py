@@ -24,12 +24,10 @@ The product ``G v`` is never formed from G: ``J v`` comes from forward mode (``t
   ``h_j = v + (I - (G_j + D) / scale) h_{j-1}``, ``(G + D)^-1 v ~ h_J / scale``, with ``G_j`` the
   product on the j-th random mini-batch.
 
-Each exposes the interface of :class:`~lightning_influence.factors.Factors` that scoring uses
-(``precondition``, ``shapes``, ``num_examples``, ``check_matches``, ``strategy``,
-``fingerprint``, ``damping``), so ``compute_pairwise_scores`` and ``query_gradients`` take one
-where they take EK-FAC factors. Self-influence goes through :func:`self_influence` (per example,
-on a sample): the preconditioner couples layers, so the per-layer shortcut of
-``compute_self_scores`` does not apply.
+Each is a :class:`~lightning_influence.factors.Preconditioner`, like the fitted factors, so
+every scoring function takes one where it takes EK-FAC factors. A solver couples the layers
+(``layerwise = False``): ``compute_self_scores`` then preconditions each batch's per-example
+gradients of all layers at once instead of contracting layer by layer.
 """
 
 from __future__ import annotations
@@ -45,16 +43,21 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.utils.data import DataLoader, RandomSampler, Subset
 
-from lightning_influence.factors import FactorMismatchError, Factors, model_fingerprint
+from lightning_influence.factors import (
+    Factors,
+    Preconditioner,
+    PreconditionerBase,
+    model_fingerprint,
+)
 from lightning_influence.passes import (
     count_examples,
     evaluation_mode,
     iterate_rows,
     model_device,
     move_to_device,
+    ordered_loader,
 )
-from lightning_influence.scores import per_example_gradients
-from lightning_influence.scoring import SelfResult, factor_tracker
+from lightning_influence.scoring import SelfResult, compute_self_scores, self_terms
 from lightning_influence.task import (
     CausalLMTask,
     ClassificationTask,
@@ -111,10 +114,10 @@ def _cast(batch: Any, dtype: torch.dtype, device: torch.device) -> Any:
     return batch
 
 
-def layer_damping(damping: float | Mapping[str, float] | Factors, names: Sequence[str],
+def layer_damping(damping: float | Mapping[str, float] | Preconditioner, names: Sequence[str],
                   who: str = "damping") -> dict[str, float]:
     """``{layer: damping}`` from a number, a per-layer mapping or :class:`Factors`' damping."""
-    if isinstance(damping, Factors):
+    if isinstance(damping, Preconditioner):
         damping = damping.damping
     if isinstance(damping, Mapping):
         missing = [n for n in names if n not in damping]
@@ -296,24 +299,9 @@ class GaussNewtonOperator:
 
 
 # ----------------------------------------------------------------------------- solvers
-class _SolverLayer:
-    """What a solver offers per layer: its damping. Per-layer EK-FAC shortcuts do not apply."""
-
-    def __init__(self, damping: float, strategy: str) -> None:
-        self.damping = damping
-        self.strategy = strategy
-
-    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
-        raise TypeError(
-            f"The {self.strategy!r} solver couples layers, so per-layer self-influence "
-            "(compute_self_scores) does not apply; use lightning_influence.solvers.self_influence."
-        )
-
-    inverse_eigenvalues = rotate = unrotate = precondition = _get = _refuse
-
-
-class CurvatureSolver:
-    """Base class: damping, shapes and fingerprint, and the ``Factors``-like interface.
+class CurvatureSolver(PreconditionerBase):
+    """Base class of the solvers: a :class:`~lightning_influence.factors.Preconditioner` that
+    solves ``(G + D) x = v`` with the damped Gauss-Newton product.
 
     Args:
         model: the trained model.
@@ -339,9 +327,9 @@ class CurvatureSolver:
                  progress: bool = False, block_diagonal: bool = False) -> None:
         self.task = resolve_task(task, model)
         if tracker is None:
-            tracker = (factor_tracker(model, damping) if isinstance(damping, Factors)
+            tracker = (damping.tracker(model) if isinstance(damping, Preconditioner)
                        else LayerTracker(model, layers=layers, exclude=exclude))
-        self.tracker = tracker
+        self.layer_tracker = tracker
         self.model = model
         self.loader = loader
         self.shapes = tracker.describe()
@@ -351,7 +339,6 @@ class CurvatureSolver:
         self.progress = progress
         self.block_diagonal = block_diagonal
         self._damping = self._resolve_damping(damping)
-        self.layers = {n: _SolverLayer(d, self.strategy) for n, d in self._damping.items()}
         self.operator = GaussNewtonOperator(model, self.task, tracker, dtype)
         self.extra: dict[str, Any] = {"block_diagonal": True} if block_diagonal else {}
 
@@ -362,18 +349,12 @@ class CurvatureSolver:
     def damping(self) -> dict[str, float]:
         return dict(self._damping)
 
-    def check_matches(self, tracker: LayerTracker, strategy: str | None = None,
-                      check_weights: bool = True, source: str = "this solver") -> None:
-        """Raise :class:`FactorMismatchError` when the solver was built for another model."""
-        if strategy is not None and strategy != self.strategy:
-            raise FactorMismatchError(f"{source} is {self.strategy!r}, but {strategy!r} was "
-                                      "asked for.")
-        if tracker.describe() != self.shapes:
-            raise FactorMismatchError(f"{source} was built for another layer set: {self.shapes} "
-                                      f"vs {tracker.describe()}.")
-        if check_weights and model_fingerprint(tracker)["weights"] != self.fingerprint["weights"]:
-            raise FactorMismatchError(f"{source} was built for the same architecture with other "
-                                      "weights (the model changed since); build it again.")
+    def tracker(self, model: nn.Module) -> LayerTracker:
+        """The solver's own tracker for the model it was built on, else a new one."""
+        return self.layer_tracker if model is self.model else super().tracker(model)
+
+    def signature(self) -> dict[str, str]:
+        return {**super().signature(), "block_diagonal": str(self.block_diagonal)}
 
     def _product(self, batch: Any, vectors: Vectors) -> tuple[Vectors, int]:
         """One batch's (summed) product, block-diagonal when the solver is."""
@@ -677,19 +658,12 @@ def solver_self_scores(model: nn.Module, solver: CurvatureSolver, loader: Any,
                        task: Task | str | None = None, *, normalize: bool = False,
                        batch_size: int = 64, tracker: LayerTracker | None = None,
                        progress: bool = True) -> SelfResult:
-    """Self-influence of every training example through a solver, as a :class:`SelfResult`.
-
-    One solve per ``batch_size`` examples (K right-hand sides at once): cheap for
-    :class:`ExplicitGGN`, a full iterative solve per chunk for :class:`ConjugateGradient` and
-    :class:`LiSSA`. The per-layer terms ``g_l . (P g)_l`` sum to the score (with a coupled
-    solver they may be negative even when the score is not).
-    """
-    layer_terms, losses = _self_terms(model, solver, loader, task, batch_size=batch_size,
-                                      tracker=tracker, progress=progress)
-    scale = 1.0 / solver.num_examples if normalize and solver.num_examples else 1.0
-    layer_terms = layer_terms * scale
-    return SelfResult(scores=layer_terms.sum(0), layer_scores=layer_terms,
-                      layer_names=list(solver.shapes), losses=losses, normalized=scale != 1.0)
+    """Self-influence of every training example through a solver: :func:`compute_self_scores`
+    over ``loader``'s dataset in batches of ``batch_size`` (one solve with K right-hand sides
+    per batch: cheap for :class:`ExplicitGGN`, a full iterative solve for
+    :class:`ConjugateGradient` and :class:`LiSSA`)."""
+    return compute_self_scores(model, solver, ordered_loader(loader, batch_size), task,
+                               normalize=normalize, tracker=tracker, progress=progress)
 
 
 def _self_terms(model: nn.Module, preconditioner: Any, loader: Any, task: Task | str | None,
@@ -698,23 +672,16 @@ def _self_terms(model: nn.Module, preconditioner: Any, loader: Any, task: Task |
                 ) -> tuple[Tensor, Tensor]:
     """Per-layer self-influence terms ``[L, M]`` (float64) and the training losses ``[M]``."""
     task = resolve_task(task, model)
-    tracker = factor_tracker(model, preconditioner, tracker)
-    preconditioner.check_matches(tracker)
+    tracker = tracker or preconditioner.tracker(model)
+    preconditioner.check_fits(tracker)
     dataset = loader.dataset
     chosen = range(len(dataset)) if indices is None else [int(i) for i in indices]
     sub = DataLoader(Subset(dataset, list(chosen)), batch_size=batch_size, shuffle=False,
                      collate_fn=loader.collate_fn)
-    names = list(preconditioner.shapes)
     terms, losses = [], []
     for _, _, _, rows, batch_losses in iterate_rows(
             model, sub, task, tracker, "loss", shard=False, progress=progress,
             desc=f"influence: self-influence ({preconditioner.strategy}, per example)"):
-        grads = {}
-        for name, (a, g) in rows.items():
-            gr = per_example_gradients(a, g)
-            grads[name] = gr if gr.dtype in (torch.float32, torch.float64) else gr.float()
-        solved = preconditioner.precondition(grads)
-        terms.append(torch.stack([(solved[n].double() * grads[n].double()).flatten(1).sum(1)
-                                  for n in names]).cpu())
+        terms.append(self_terms(preconditioner, rows, batch_losses.shape[0]).cpu())
         losses.append(batch_losses.double().cpu())
     return torch.cat(terms, dim=1), torch.cat(losses)

@@ -43,7 +43,7 @@ from lightning_influence.scores import (
     pairwise_layer_scores,
     token_layer_scores,
 )
-from lightning_influence.scoring import build_query_store, factor_tracker
+from lightning_influence.scoring import build_query_store
 from lightning_influence.text_reporting import render_window, tail_exponent, token_html
 
 TEXTS = [
@@ -212,7 +212,7 @@ def test_masked_prompt_and_padding_contribute_nothing(problem):
         assert_close(padded[name], grads[name])
     # on the training side, padding tokens carry exactly zero token-wise influence
     store = build_query_store(model, p["queries"], task, factors, rank=3)
-    tracker = factor_tracker(model, factors)
+    tracker = factors.tracker(model)
     tokens = token_scores(model, store, p["train"], task, tracker)  # [Q, N, T]
     pad = ~p["corpus"].attention_mask
     assert pad.any()
@@ -233,7 +233,7 @@ def test_token_scores_sum_to_sequence_scores(problem, rank):
     store = build_query_store(p["model"], p["queries"], p["task"], p["factors"], rank=rank)
     result = compute_pairwise_scores(p["model"], p["factors"], p["queries"], p["train"], p["task"],
                                      query_grads=store, progress=False)
-    tracker = factor_tracker(p["model"], p["factors"])
+    tracker = p["factors"].tracker(p["model"])
     per_layer = token_scores(p["model"], store, p["train"], p["task"], tracker, per_layer=True)
     assert per_layer.shape == (len(store), len(QUERIES), len(p["corpus"]), p["corpus"].context)
     assert_close(per_layer.sum((0, 3)), result.scores)

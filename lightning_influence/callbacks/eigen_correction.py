@@ -10,7 +10,7 @@ from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_influence.callbacks._common import find_callback, output_dir, training_loader
 from lightning_influence.callbacks.influence_statistics import InfluenceStatistics
-from lightning_influence.factors import STRATEGIES, Factors
+from lightning_influence.factors import STRATEGIES, Factors, Preconditioner
 from lightning_influence.fitting import fit_factors
 from lightning_influence.io import check_writable
 from lightning_influence.memory import estimate_bytes, format_estimate
@@ -91,7 +91,7 @@ class EigenCorrection(Callback):
         self.progress = progress
         self.solver_options = dict(solver_options or {})
         self.fisher = fisher_mode(fisher) if fisher is not None else None
-        self.factors: Factors | CurvatureSolver | None = None
+        self.factors: Preconditioner | None = None
         self.factors_path: str | None = None
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -101,7 +101,7 @@ class EigenCorrection(Callback):
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self.ensure_factors(trainer, pl_module)
 
-    def ensure_factors(self, trainer: Any, pl_module: Any) -> Factors | CurvatureSolver:
+    def ensure_factors(self, trainer: Any, pl_module: Any) -> Preconditioner:
         """The fitted factors (from memory, from matching files, or fitted now), or the solver."""
         if self.factors is not None:
             return self.factors
@@ -200,7 +200,7 @@ class EigenCorrection(Callback):
 
 
 def attached_curvature(trainer: Any, pl_module: Any, consumer: str,
-                       ) -> tuple[EigenCorrection, Factors | CurvatureSolver, Task]:
+                       ) -> tuple[EigenCorrection, Preconditioner, Task]:
     """For a callback that consumes the curvature: the Trainer's EigenCorrection (a clear
     error naming ``consumer`` when there is none), its factors (fitted now if needed) and the
     task they were fitted for."""

@@ -25,9 +25,7 @@ from lightning_influence.scoring import (
     SelfResult,
     compute_pairwise_scores,
     compute_self_scores,
-    factor_tracker,
 )
-from lightning_influence.solvers import CurvatureSolver, solver_self_scores
 
 
 class InfluenceScores(Callback):
@@ -114,7 +112,7 @@ class InfluenceScores(Callback):
     def run(self, trainer: Any, pl_module: Any) -> None:
         """Compute, write and log. Called when fit ends; callable by hand after ``fit``."""
         eigen, factors, task = attached_curvature(trainer, pl_module, "InfluenceScores")
-        tracker = factor_tracker(pl_module, factors)
+        tracker = factors.tracker(pl_module)
         train = training_loader(trainer, pl_module, self.batch_size)
         show = self.progress and trainer.is_global_zero
         queries = None
@@ -133,14 +131,10 @@ class InfluenceScores(Callback):
                 keep_scores=self.keep_scores, per_layer=self.per_layer,
                 normalize=self.normalize, tracker=tracker, progress=show,
                 autocast=self._autocast(trainer), scores_dir=self._chunk_dir(trainer, eigen))
-        if self.self_influence and isinstance(factors, CurvatureSolver):
-            rank_zero_info(f"lightning-influence: self-influence through the {factors.strategy} "
-                           "solver (one solve per batch of training examples)")
-            self.self_result = solver_self_scores(pl_module, factors, train, task,
-                                                  normalize=self.normalize, tracker=tracker,
-                                                  batch_size=train.batch_size or 64,
-                                                  progress=show)
-        elif self.self_influence:
+        if self.self_influence:
+            if not factors.layerwise:
+                rank_zero_info(f"lightning-influence: self-influence through the "
+                               f"{factors.strategy} solver (one solve per training batch)")
             self.self_result = compute_self_scores(pl_module, factors, train, task,
                                                    normalize=self.normalize, tracker=tracker,
                                                    progress=show, autocast=self._autocast(trainer),
