@@ -7,16 +7,9 @@ Kronecker eigenbasis, and its inverse applied to a gradient-shaped ``V [..., O, 
 
     P(V) = Q_S [ (Q_S^T V Q_A) / (Lambda + damping) ] Q_A^T.
 
-Strategies differ only in what they store:
-
-========== ===================== ===============================================================
-strategy   bases Q_A, Q_S        Lambda [O, I]
-========== ===================== ===============================================================
-identity   none                  none: P(V) = V (gradient dot product, TracIn at one checkpoint)
-diagonal   identity              mean over examples of G_n ** 2 (the diagonal Fisher)
-kfac       eigh(A), eigh(S)      outer(l_S, l_A) * rows-per-example (per-example scale)
-ekfac      eigh(A), eigh(S)      mean over examples of (Q_S^T G_n Q_A) ** 2
-========== ===================== ===============================================================
+Strategies differ only in what they store (the table is :mod:`lightning_influence.strategies`):
+identity stores nothing, diagonal Lambda in the identity basis, kfac and ekfac Lambda and the
+Kronecker eigenbases.
 
 K-FAC's ``A`` and ``S`` are means over rows (tokens); an example with T rows contributes
 ``sum_t g_t a_t^T``, so ``l_S l_A^T`` is multiplied by the mean number of rows per example to sit
@@ -36,11 +29,13 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from lightning_influence.io import atomic_save_json, atomic_save_safetensors, tensors_checksum
+from lightning_influence.strategies import STRATEGIES, strategy
 from lightning_influence.tracking import LayerTracker
 
 __all__ = [
     "STRATEGIES",
     "LayerFactors",
+    "Damping",
     "Factors",
     "FactorMismatchError",
     "Preconditioner",
@@ -50,12 +45,8 @@ __all__ = [
     "resolve_damping",
 ]
 
-STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
 FORMAT_VERSION = 2
 _HEADER_KEY = "lightning_influence"
-_TENSORS = {"identity": (), "diagonal": ("eigenvalues",),
-            "kfac": ("eigenvalues", "basis_in", "basis_out"),
-            "ekfac": ("eigenvalues", "basis_in", "basis_out")}
 
 
 class FactorMismatchError(ValueError):
@@ -72,10 +63,9 @@ def content_checksum(tensors: dict[str, Tensor], meta: dict[str, Any]) -> str:
     return tensors_checksum(tensors, json.dumps(body, sort_keys=True, default=str))
 
 
-def check_strategy(strategy: str) -> str:
-    if strategy not in STRATEGIES:
-        raise ValueError(f"Unknown strategy {strategy!r}; choose one of {list(STRATEGIES)}.")
-    return strategy
+def check_strategy(name: str) -> str:
+    """``name`` when it is a fitted strategy (see :mod:`lightning_influence.strategies`)."""
+    return strategy(name, fitted_only=True).name
 
 
 def eigendecompose(matrix: Tensor, what: str, layer: str) -> tuple[Tensor, Tensor]:
@@ -102,35 +92,64 @@ def eigendecompose(matrix: Tensor, what: str, layer: str) -> tuple[Tensor, Tenso
     return values.clamp_min(0.0), vectors
 
 
-def resolve_damping(damping: float | str | None, eigenvalues: Tensor | None,
-                    damping_factor: float = 0.1, weight_decay: float | None = None) -> float:
-    """The damping of one layer.
+@dataclass(frozen=True)
+class Damping:
+    """How each layer's damping is chosen: one value that travels from the user to every layer.
 
-    Args:
-        damping: a number (used as is), ``None`` or ``"heuristic"`` (``damping_factor`` x the mean
-            eigenvalue of the layer; the paper's default) or ``"weight_decay"`` (the optimizer's
-            weight decay: the curvature of the objective actually trained).
-        eigenvalues: the layer's Lambda (for the heuristic).
-        damping_factor: the heuristic's factor.
+    Attributes:
+        rule: a number (used as is for every layer), ``None`` or ``"heuristic"`` (``factor`` x
+            the mean eigenvalue of each layer: the paper's default) or ``"weight_decay"`` (the
+            optimizer's weight decay: the curvature of the objective actually trained).
+        factor: the heuristic's factor (0.1, the paper's).
         weight_decay: the optimizer's weight decay, for ``"weight_decay"``.
     """
-    if damping is None or damping == "heuristic":
-        if eigenvalues is None:
-            return 0.0
-        return float(damping_factor * eigenvalues.double().mean().item())
-    if damping == "weight_decay":
-        if weight_decay is None or weight_decay <= 0:
-            raise ValueError(
-                "damping='weight_decay' needs a positive weight decay; the optimizer has "
-                f"weight_decay={weight_decay}. Pass a number or damping='heuristic'."
-            )
-        return float(weight_decay)
-    if isinstance(damping, str):
-        raise ValueError(f"damping={damping!r} is not a number nor one of 'heuristic', "
-                         "'weight_decay'.")
-    if not 0 <= float(damping) < float("inf"):
-        raise ValueError(f"damping must be >= 0, got {damping} (a finite number is needed).")
-    return float(damping)
+
+    rule: float | str | None = None
+    factor: float = 0.1
+    weight_decay: float | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rule, str) and self.rule not in ("heuristic", "weight_decay"):
+            raise ValueError(f"damping={self.rule!r} is not a number nor one of 'heuristic', "
+                             "'weight_decay'.")
+        if self.rule is not None and not isinstance(self.rule, str) and not (
+                0 <= float(self.rule) < float("inf")):
+            raise ValueError(f"damping must be >= 0, got {self.rule} (a finite number is "
+                             "needed).")
+        if not self.factor > 0:
+            raise ValueError(f"damping_factor must be > 0, got {self.factor}.")
+
+    @classmethod
+    def of(cls, damping: Damping | float | str | None, factor: float = 0.1,
+           weight_decay: float | None = None) -> Damping:
+        """``damping`` as a Damping (a Damping passes through unchanged)."""
+        return damping if isinstance(damping, Damping) else cls(damping, factor, weight_decay)
+
+    def resolve(self, eigenvalues: Tensor | None) -> float:
+        """The damping of one layer whose eigenvalues (Lambda, for the heuristic) are given."""
+        if self.rule is None or self.rule == "heuristic":
+            if eigenvalues is None:
+                return 0.0
+            return float(self.factor * eigenvalues.double().mean().item())
+        if self.rule == "weight_decay":
+            if self.weight_decay is None or not self.weight_decay > 0:
+                raise ValueError(
+                    "damping='weight_decay' needs a positive weight decay; the optimizer has "
+                    f"weight_decay={self.weight_decay}. Pass a number or damping='heuristic'."
+                )
+            return float(self.weight_decay)
+        return float(self.rule)
+
+    def describe(self) -> dict[str, Any]:
+        """The rule as stored with the factors."""
+        return {"damping_rule": self.rule if self.rule is not None else "heuristic",
+                "damping_factor": self.factor}
+
+
+def resolve_damping(damping: float | str | None, eigenvalues: Tensor | None,
+                    damping_factor: float = 0.1, weight_decay: float | None = None) -> float:
+    """The damping of one layer (see :class:`Damping`)."""
+    return Damping(damping, damping_factor, weight_decay).resolve(eigenvalues)
 
 
 @dataclass
@@ -325,17 +344,14 @@ class Factors(PreconditionerBase):
     def damping(self) -> dict[str, float]:
         return {name: lf.damping for name, lf in self.layers.items()}
 
-    def with_damping(self, damping: float | str | None, damping_factor: float = 0.1,
-                     weight_decay: float | None = None) -> Factors:
-        """Copy with the damping of every layer set anew (factors stay shared)."""
-        layers = {
-            name: LayerFactors(lf.eigenvalues, lf.basis_in, lf.basis_out,
-                               resolve_damping(damping, lf.eigenvalues, damping_factor,
-                                               weight_decay))
-            for name, lf in self.layers.items()
-        }
-        extra = dict(self.extra, damping_rule=damping if damping is not None else "heuristic",
-                     damping_factor=damping_factor)
+    def with_damping(self, damping: Damping | float | str | None) -> Factors:
+        """Copy with the damping of every layer set anew by a :class:`Damping` (or its rule);
+        the factors stay shared."""
+        damping = Damping.of(damping)
+        layers = {name: LayerFactors(lf.eigenvalues, lf.basis_in, lf.basis_out,
+                                     damping.resolve(lf.eigenvalues))
+                  for name, lf in self.layers.items()}
+        extra = dict(self.extra, **damping.describe())
         return Factors(self.strategy, layers, self.shapes, self.fingerprint, self.num_examples,
                        extra)
 
@@ -422,16 +438,17 @@ class Factors(PreconditionerBase):
     @classmethod
     def _validated(cls, meta: dict[str, Any], tensors: dict[str, Tensor], corrupt) -> Factors:
         """Factors from checked metadata and tensors; ``corrupt(why)`` makes the error."""
-        strategy = meta.get("strategy")
-        if strategy not in STRATEGIES:
-            raise corrupt(f"unknown strategy {strategy!r} (known: {list(STRATEGIES)})")
+        strategy_name = meta.get("strategy")
+        if strategy_name not in STRATEGIES:
+            raise corrupt(f"unknown strategy {strategy_name!r} (known: {list(STRATEGIES)})")
+        stored = strategy(strategy_name).stored
         shapes, damping = meta.get("layers"), meta.get("damping")
         if not isinstance(shapes, dict) or not shapes or not isinstance(damping, dict):
             raise corrupt("its layer list or damping is missing")
         num_examples = meta.get("num_examples")
         if not isinstance(num_examples, int) or num_examples < 0:
             raise corrupt(f"num_examples={num_examples!r} is not a count")
-        expected_keys = {f"{name}.{kind}" for name in shapes for kind in _TENSORS[strategy]}
+        expected_keys = {f"{name}.{kind}" for name in shapes for kind in stored}
         if set(tensors) != expected_keys:
             missing, extra = sorted(expected_keys - set(tensors)), sorted(set(tensors) - expected_keys)
             raise corrupt(f"tensors missing: {missing[:5]}, unexpected: {extra[:5]}")
@@ -442,7 +459,7 @@ class Factors(PreconditionerBase):
                 raise corrupt(f"layer {name!r} has shape {shape!r}")
             o, i = shape
             want = {"eigenvalues": (o, i), "basis_in": (i, i), "basis_out": (o, o)}
-            for kind in _TENSORS[strategy]:
+            for kind in stored:
                 t = tensors[f"{name}.{kind}"]
                 if tuple(t.shape) != want[kind] or not t.is_floating_point():
                     raise corrupt(f"{name}.{kind} is {t.dtype} {tuple(t.shape)}, expected a "
@@ -461,5 +478,5 @@ class Factors(PreconditionerBase):
                 basis_out=tensors.get(f"{name}.basis_out"),
                 damping=float(d),
             )
-        return cls(strategy, layers, shapes, meta.get("fingerprint", {}), num_examples,
+        return cls(strategy_name, layers, shapes, meta.get("fingerprint", {}), num_examples,
                    meta.get("extra", {}))

@@ -27,13 +27,12 @@ from lightning_influence.distributed import (
     world_size,
 )
 from lightning_influence.factors import (
+    Damping,
     FactorMismatchError,
     Factors,
     LayerFactors,
-    check_strategy,
     eigendecompose,
     model_fingerprint,
-    resolve_damping,
 )
 from lightning_influence.passes import (
     batch_rows,
@@ -50,6 +49,7 @@ from lightning_influence.statistics import (
     CovarianceStatistic,
     EigenvalueStatistic,
 )
+from lightning_influence.strategies import strategy as strategy_row
 from lightning_influence.task import Task, resolve_task
 from lightning_influence.tracking import LayerTracker
 
@@ -182,30 +182,29 @@ def fit_eigenvalues(model: nn.Module, loader: Any, task: Task, tracker: LayerTra
 def factors_from_statistics(tracker: LayerTracker, strategy: str,
                             bases: dict[str, dict[str, Tensor]] | None,
                             eigenvalues: dict[str, EigenvalueStatistic] | None, *,
-                            damping: float | str | None = None, damping_factor: float = 0.1,
-                            weight_decay: float | None = None) -> Factors:
-    """Assemble :class:`Factors` from eigenbases and (corrected) eigenvalues."""
-    check_strategy(strategy)
+                            damping: Damping | float | str | None = None) -> Factors:
+    """Assemble :class:`Factors` from eigenbases and (corrected) eigenvalues, damped by a
+    :class:`~lightning_influence.factors.Damping` (or its rule)."""
+    damping = Damping.of(damping)
+    row = strategy_row(strategy, fitted_only=True)
     layers: dict[str, LayerFactors] = {}
     num_examples = 0
     for layer in tracker:
         name = layer.name
-        lam = q_a = q_s = None
-        if strategy in ("kfac", "ekfac"):
+        q_a = q_s = computed = basis = None
+        if row.needs_covariances:
             assert bases is not None
-            q_a, q_s = bases[name]["q_a"], bases[name]["q_s"]
-            num_examples = int(bases[name]["examples"])
-        if strategy == "kfac":
-            b = bases[name]
-            lam = torch.outer(b["l_s"], b["l_a"]) * b["rows_per_example"]
-        elif strategy in ("ekfac", "diagonal"):
+            basis = bases[name]
+            q_a, q_s = basis["q_a"], basis["q_s"]
+            num_examples = int(basis["examples"])
+        if row.needs_eigenvalue_pass:
             assert eigenvalues is not None
             computed = eigenvalues[name].result()
-            lam = computed["eigenvalues"].double()
             num_examples = int(computed["examples"])
-            if not torch.isfinite(lam).all():
-                raise FloatingPointError(f"Non-finite eigenvalues for layer {name!r}.")
-        layer_damping = resolve_damping(damping, lam, damping_factor, weight_decay)
+        lam = row.eigenvalues(basis, computed)
+        if lam is not None and not torch.isfinite(lam).all():
+            raise FloatingPointError(f"Non-finite eigenvalues for layer {name!r}.")
+        layer_damping = damping.resolve(lam)
         if lam is not None and not layer_damping > 0 and not bool((lam > 0).all()):
             raise FloatingPointError(
                 f"Layer {name!r} has " + ("no curvature at all (every eigenvalue is 0: it never ran "
@@ -217,14 +216,13 @@ def factors_from_statistics(tracker: LayerTracker, strategy: str,
             )
         layers[name] = LayerFactors(lam, q_a, q_s, layer_damping)
     return Factors(strategy, layers, tracker.describe(), model_fingerprint(tracker), num_examples,
-                   {"damping_rule": damping if damping is not None else "heuristic",
-                    "damping_factor": damping_factor})
+                   damping.describe())
 
 
 def fit_factors(model: nn.Module, loader: Any, task: Task | str | None = None, *,
                 strategy: str = "ekfac", layers: Sequence[str] | None = None,
                 exclude: Sequence[str] | None = None, tracker: LayerTracker | None = None,
-                damping: float | str | None = None, damping_factor: float = 0.1,
+                damping: Damping | float | str | None = None, damping_factor: float = 0.1,
                 weight_decay: float | None = None,
                 covariances: dict[str, CovarianceStatistic] | None = None,
                 output_dir: str | Path | None = None, overwrite: bool = False, seed: int = 0,
@@ -263,7 +261,8 @@ def fit_factors(model: nn.Module, loader: Any, task: Task | str | None = None, *
         ValueError: empty dataloader, unsupported layers, bad arguments.
         FloatingPointError: NaN/Inf in losses, activations, gradients or covariances.
     """
-    check_strategy(strategy)
+    row = strategy_row(strategy, fitted_only=True)
+    rule = Damping.of(damping, damping_factor, weight_decay)  # checked before any pass
     fisher_mode(fisher)
     task = resolve_task(task, model)
     tracker = _tracker(model, tracker, layers, exclude)
@@ -271,31 +270,30 @@ def fit_factors(model: nn.Module, loader: Any, task: Task | str | None = None, *
         stored = Factors.load(output_dir)
         stored.check_fits(tracker, strategy, source=f"The factors in {output_dir}")
         stored_fisher = stored.extra.get("fisher", "sampled")
-        if strategy != "identity" and stored_fisher != fisher:
+        if (row.needs_covariances or row.needs_eigenvalue_pass) and stored_fisher != fisher:
             raise FactorMismatchError(
                 f"The factors in {output_dir} were fitted with fisher={stored_fisher!r}, not "
                 f"{fisher!r}. Refit (overwrite=True) or use another output directory."
             )
         log.info("Reusing the factors in %s", output_dir)
         # the curvature is reused; the damping is always the one asked for now
-        return stored.with_damping(damping, damping_factor, weight_decay)
+        return stored.with_damping(rule)
     check_loader(loader, "training")
     bases = None
-    if strategy in ("kfac", "ekfac"):
+    if row.needs_covariances:
         covs = covariances
         if covs is None:
             covs = fit_covariances(model, loader, task, tracker=tracker, seed=seed,
                                    max_batches=max_batches, progress=progress, fisher=fisher)
         bases = eigenbases(covs)
     eigenvalues = None
-    if strategy in ("ekfac", "diagonal"):
+    if row.needs_eigenvalue_pass:
         eigenvalues = fit_eigenvalues(model, loader, task, tracker, bases, seed=seed,
                                       max_batches=max_batches, progress=progress, fisher=fisher)
-    factors = factors_from_statistics(tracker, strategy, bases, eigenvalues, damping=damping,
-                                      damping_factor=damping_factor, weight_decay=weight_decay)
+    factors = factors_from_statistics(tracker, strategy, bases, eigenvalues, damping=rule)
     factors.extra["fisher"] = fisher
     factors.extra["batch_layout"] = tracker.batch_layout
-    if strategy == "identity":
+    if not (row.needs_covariances or row.needs_eigenvalue_pass):  # no pass counted them
         factors.num_examples = count_examples(loader)
     if output_dir is not None and write:
         try:

@@ -6,6 +6,8 @@ examples, B batch size, T rows per example.
 
 from __future__ import annotations
 
+from lightning_influence.strategies import strategy as strategy_row
+
 __all__ = ["estimate_bytes", "format_estimate"]
 
 
@@ -23,13 +25,15 @@ def estimate_bytes(shapes: dict[str, list[int]], strategy: str = "ekfac", num_qu
       its per-example gradients ``B x O x I`` for sequence layers;
     - ``score_matrix``: ``Q x N`` float64, only when the full matrix is kept in memory.
     """
+    row = strategy_row(strategy)
+    kronecker = row.needs_covariances
     sq = sum(o * o + i * i for o, i in shapes.values())
     oi = sum(o * i for o, i in shapes.values())
     oplusi = sum(o + i for o, i in shapes.values())
     out = {
-        "covariances": 8 * sq if strategy in ("kfac", "ekfac") else 0,
-        "eigenbases": 8 * sq if strategy in ("kfac", "ekfac") else 0,
-        "eigenvalues": 8 * oi if strategy != "identity" else 0,
+        "covariances": 8 * sq if kronecker else 0,
+        "eigenbases": 8 * sq if kronecker else 0,
+        "eigenvalues": 8 * oi if "eigenvalues" in row.stored else 0,
         "query_gradients": dtype_bytes * num_queries * (
             query_rank * oplusi if query_rank else oi),
         "batch_rows": dtype_bytes * batch_size * (

@@ -58,6 +58,7 @@ from lightning_influence.passes import (
     ordered_loader,
 )
 from lightning_influence.scoring import SelfResult, compute_self_scores, self_terms
+from lightning_influence.strategies import SOLVER_STRATEGIES, STRATEGY_TABLE
 from lightning_influence.task import (
     CausalLMTask,
     ClassificationTask,
@@ -624,11 +625,9 @@ class LiSSA(CurvatureSolver):
                 yield j, {n: v / self.scale for n, v in h.items()}
 
 
+# the solver strategies of the strategy table, by name
 SOLVERS: dict[str, type[CurvatureSolver]] = {
-    "explicit": ExplicitGGN,
-    "cg": ConjugateGradient,
-    "lissa": LiSSA,
-}
+    name: globals()[STRATEGY_TABLE[name].solver] for name in SOLVER_STRATEGIES}
 
 
 def make_solver(strategy: str, model: nn.Module, loader: Any, task: Task | str | None = None,

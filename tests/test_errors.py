@@ -202,3 +202,21 @@ def test_bad_task_name(mlp_data):
     model, x, y = mlp_data
     with pytest.raises(ValueError, match=r"Unknown task 'clasification'.*causal_lm"):
         fit_factors(model, loader(x, y), "clasification", progress=False)
+
+
+def test_strategy_and_damping_choices_are_named():
+    from lightning_influence.callbacks import EigenCorrection
+    from lightning_influence.factors import Damping
+    from lightning_influence.strategies import strategy
+
+    with pytest.raises(ValueError, match=r"'ekfak'; choose one of \['identity', 'diagonal', "
+                                         r"'kfac', 'ekfac', 'explicit', 'cg', 'lissa'\]"):
+        strategy("ekfak")
+    with pytest.raises(ValueError, match="choose one of .*'ekfac'\\]"):
+        strategy("cg", fitted_only=True)
+    with pytest.raises(ValueError, match="EigenCorrection: damping='bogus' is not a number"):
+        EigenCorrection(damping="bogus")
+    with pytest.raises(ValueError, match="damping_factor must be > 0"):
+        EigenCorrection(damping_factor=0)
+    assert Damping("weight_decay", weight_decay=0.01).resolve(None) == 0.01
+    assert Damping(factor=0.5).resolve(torch.tensor([[2.0, 4.0]])) == 1.5

@@ -10,12 +10,14 @@ from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_influence.callbacks._common import find_callback, output_dir, training_loader
 from lightning_influence.callbacks.influence_statistics import InfluenceStatistics
-from lightning_influence.factors import STRATEGIES, Factors, Preconditioner
+from lightning_influence.factors import Damping, Factors, Preconditioner
 from lightning_influence.fitting import fit_factors
 from lightning_influence.io import check_writable
 from lightning_influence.memory import estimate_bytes, format_estimate
 from lightning_influence.passes import fisher_mode
-from lightning_influence.solvers import SOLVERS, CurvatureSolver, make_solver
+from lightning_influence.solvers import CurvatureSolver, make_solver
+from lightning_influence.strategies import ALL_STRATEGIES, SOLVER_STRATEGIES
+from lightning_influence.strategies import strategy as strategy_row
 from lightning_influence.task import Task, resolve_task
 from lightning_influence.tracking import LayerTracker
 
@@ -69,17 +71,16 @@ class EigenCorrection(Callback):
                  fisher: str | None = None, include_frozen: bool = False,
                  batch_layout: str = "auto") -> None:
         super().__init__()
-        if strategy not in STRATEGIES and strategy not in SOLVERS:
+        if strategy not in ALL_STRATEGIES:
             raise ValueError(f"EigenCorrection: strategy={strategy!r} is not one of "
-                             f"{list(STRATEGIES) + list(SOLVERS)}.")
-        if solver_options and strategy not in SOLVERS:
+                             f"{list(ALL_STRATEGIES)}.")
+        if solver_options and strategy_row(strategy).solver is None:
             raise ValueError(f"EigenCorrection: solver_options are for the solver strategies "
-                             f"{list(SOLVERS)}, not {strategy!r}.")
-        if isinstance(damping, str) and damping not in ("heuristic", "weight_decay"):
-            raise ValueError(f"EigenCorrection: damping={damping!r}; use a number, 'heuristic' "
-                             "or 'weight_decay'.")
-        if damping_factor <= 0:
-            raise ValueError(f"EigenCorrection: damping_factor must be > 0, got {damping_factor}.")
+                             f"{list(SOLVER_STRATEGIES)}, not {strategy!r}.")
+        try:
+            self.rule = Damping(damping, damping_factor)  # the weight decay comes with the fit
+        except ValueError as err:
+            raise ValueError(f"EigenCorrection: {err}") from err
         self.strategy = strategy
         self.damping = damping
         self.damping_factor = damping_factor
@@ -105,7 +106,7 @@ class EigenCorrection(Callback):
         """The fitted factors (from memory, from matching files, or fitted now), or the solver."""
         if self.factors is not None:
             return self.factors
-        if self.strategy in SOLVERS:
+        if strategy_row(self.strategy).solver is not None:
             self.factors = self._build_solver(trainer, pl_module)
             return self.factors
         self.factors = self._fit(trainer, pl_module, self.strategy, self.damping)
@@ -117,7 +118,7 @@ class EigenCorrection(Callback):
         else this callback's own arguments; and that callback (or None)."""
         stats = find_callback(trainer, InfluenceStatistics)
         if stats is not None:
-            stats._bind(pl_module)
+            stats.bind(pl_module)
             return stats.task, stats.tracker, stats
         return (resolve_task(self.task_spec, pl_module),
                 LayerTracker(pl_module, self.layers, self.exclude,
@@ -125,7 +126,8 @@ class EigenCorrection(Callback):
                              batch_layout=self.batch_layout), None)
 
     def _fit(self, trainer: Any, pl_module: Any, strategy: str, damping: Any) -> Factors:
-        if strategy in ("kfac", "ekfac") and find_callback(trainer, InfluenceStatistics) is None:
+        needs_covariances = strategy_row(strategy).needs_covariances
+        if needs_covariances and find_callback(trainer, InfluenceStatistics) is None:
             why = "" if strategy == self.strategy else (
                 f" (strategy={self.strategy!r} with the heuristic damping or the EK-FAC "
                 "preconditioner fits EK-FAC factors first)")
@@ -137,7 +139,7 @@ class EigenCorrection(Callback):
         folder = output_dir(trainer, self.output_dir)
         reuse = Factors.exists(folder) and not self.overwrite
         covariances = None
-        if not reuse and stats is not None and strategy in ("kfac", "ekfac"):
+        if not reuse and stats is not None and needs_covariances:
             covariances = stats.ensure_covariances(trainer, pl_module)
         rank_zero_info(f"lightning-influence: {'reusing' if reuse else 'fitting'} "
                        f"{strategy} factors in {folder}")
@@ -146,8 +148,8 @@ class EigenCorrection(Callback):
                 estimate_bytes(tracker.describe(), strategy)))
         factors = fit_factors(
             pl_module, training_loader(trainer, pl_module, self.batch_size), task,
-            strategy=strategy, tracker=tracker, damping=damping,
-            damping_factor=self.damping_factor, weight_decay=_weight_decay(trainer),
+            strategy=strategy, tracker=tracker,
+            damping=Damping(damping, self.damping_factor, _weight_decay(trainer)),
             covariances=covariances,
             output_dir=folder, write=trainer.is_global_zero, overwrite=self.overwrite,
             seed=self.seed, max_batches=self.max_batches,

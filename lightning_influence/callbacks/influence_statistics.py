@@ -128,7 +128,7 @@ class InfluenceStatistics(Callback):
 
     # ------------------------------------------------------------------ when
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        self._bind(pl_module)
+        self.bind(pl_module)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any,
                              batch_idx: int) -> None:
@@ -138,7 +138,7 @@ class InfluenceStatistics(Callback):
                 or step == self._last_step):
             return
         self._last_step = step
-        self._bind(pl_module)
+        self.bind(pl_module)
         self._updated_this_step = False
         self._due_batch = batch
         if self.reuse_forward and self.reuse_verified is not False:
@@ -193,7 +193,7 @@ class InfluenceStatistics(Callback):
     # ------------------------------------------------------------------ what others call
     def ensure_covariances(self, trainer: Any, pl_module: Any) -> dict[str, CovarianceStatistic]:
         """The finished covariances, running the after-fit pass first if it has not run."""
-        self._bind(pl_module)
+        self.bind(pl_module)
         if self.mode == "during_training" and self.updates == 0:
             raise RuntimeError(
                 "InfluenceStatistics(mode='during_training') saw no training step with an update; "
@@ -226,7 +226,10 @@ class InfluenceStatistics(Callback):
             self._restore()
 
     # ------------------------------------------------------------------ internals
-    def _bind(self, pl_module: Any) -> None:
+    def bind(self, pl_module: Any) -> None:
+        """Resolve the task and the tracked layers of ``pl_module`` (once per module) and
+        restore covariances from a checkpoint; EigenCorrection reads ``task`` and ``tracker``
+        from here."""
         if self.tracker is None or self.tracker.model is not pl_module:
             self.task = resolve_task(self.task_spec, pl_module)
             self.tracker = LayerTracker(pl_module, self.layers, self.exclude,
