@@ -23,8 +23,10 @@ from lightning_influence.fitting import fit_covariances, fit_factors
 from lightning_influence.passes import ordered_loader
 from lightning_influence.ranking import StreamingTopK, detection_report, flag_top_fraction
 from lightning_influence.scoring import (
+    BoundInfluence,
     PairwiseResult,
     SelfResult,
+    bind,
     compute_pairwise_scores,
     compute_self_scores,
     query_gradients,
@@ -41,6 +43,8 @@ from lightning_influence.tracking import SUPPORTED_MODULES, LayerTracker
 __version__ = "0.1.0"
 
 __all__ = [
+    "BoundInfluence",
+    "bind",
     "STRATEGIES",
     "Preconditioner",
     "ChunkMismatchError",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,7 @@ __all__ = [
     "fit_eigenvalues",
     "factors_from_statistics",
     "fit_factors",
+    "load_or_fit_factors",
 ]
 
 log = logging.getLogger(__name__)
@@ -266,9 +267,51 @@ def fit_factors(model: nn.Module, loader: Any, task: Task | str | None = None, *
     fisher_mode(fisher)
     task = resolve_task(task, model)
     tracker = _tracker(model, tracker, layers, exclude)
-    if output_dir is not None and not overwrite and Factors.exists(output_dir):
+
+    def fit() -> Factors:
+        check_loader(loader, "training")
+        bases = None
+        if row.needs_covariances:
+            covs = covariances
+            if covs is None:
+                covs = fit_covariances(model, loader, task, tracker=tracker, seed=seed,
+                                       max_batches=max_batches, progress=progress, fisher=fisher)
+            bases = eigenbases(covs)
+        eigenvalues = None
+        if row.needs_eigenvalue_pass:
+            eigenvalues = fit_eigenvalues(model, loader, task, tracker, bases, seed=seed,
+                                          max_batches=max_batches, progress=progress,
+                                          fisher=fisher)
+        factors = factors_from_statistics(tracker, strategy, bases, eigenvalues, damping=rule)
+        factors.extra["fisher"] = fisher
+        factors.extra["batch_layout"] = tracker.batch_layout
+        if not (row.needs_covariances or row.needs_eigenvalue_pass):  # no pass counted them
+            factors.num_examples = count_examples(loader)
+        return factors
+
+    if output_dir is None:
+        return fit()
+    return load_or_fit_factors(output_dir, fit, tracker=tracker, strategy=strategy, damping=rule,
+                               fisher=fisher, overwrite=overwrite, write=write)
+
+
+def load_or_fit_factors(output_dir: str | Path, fit: Callable[[], Factors], *,
+                        tracker: LayerTracker, strategy: str, damping: Damping,
+                        fisher: str = "sampled", overwrite: bool = False,
+                        write: bool = True) -> Factors:
+    """The reuse decision, in one place: the factors in ``output_dir`` when they were fitted
+    for this model (layers, shapes, weights), strategy and Fisher, with today's ``damping``;
+    else ``fit()``, saved there (with ``write``; atomically).
+
+    Raises:
+        FactorMismatchError: the stored factors belong to another model, layer set, strategy
+            or Fisher (``overwrite=True`` refits).
+        CorruptFactorsError: the stored file cannot be trusted (``overwrite=True`` refits).
+    """
+    if not overwrite and Factors.exists(output_dir):
         stored = Factors.load(output_dir)
         stored.check_fits(tracker, strategy, source=f"The factors in {output_dir}")
+        row = strategy_row(strategy)
         stored_fisher = stored.extra.get("fisher", "sampled")
         if (row.needs_covariances or row.needs_eigenvalue_pass) and stored_fisher != fisher:
             raise FactorMismatchError(
@@ -277,25 +320,9 @@ def fit_factors(model: nn.Module, loader: Any, task: Task | str | None = None, *
             )
         log.info("Reusing the factors in %s", output_dir)
         # the curvature is reused; the damping is always the one asked for now
-        return stored.with_damping(rule)
-    check_loader(loader, "training")
-    bases = None
-    if row.needs_covariances:
-        covs = covariances
-        if covs is None:
-            covs = fit_covariances(model, loader, task, tracker=tracker, seed=seed,
-                                   max_batches=max_batches, progress=progress, fisher=fisher)
-        bases = eigenbases(covs)
-    eigenvalues = None
-    if row.needs_eigenvalue_pass:
-        eigenvalues = fit_eigenvalues(model, loader, task, tracker, bases, seed=seed,
-                                      max_batches=max_batches, progress=progress, fisher=fisher)
-    factors = factors_from_statistics(tracker, strategy, bases, eigenvalues, damping=rule)
-    factors.extra["fisher"] = fisher
-    factors.extra["batch_layout"] = tracker.batch_layout
-    if not (row.needs_covariances or row.needs_eigenvalue_pass):  # no pass counted them
-        factors.num_examples = count_examples(loader)
-    if output_dir is not None and write:
+        return stored.with_damping(damping)
+    factors = fit()
+    if write:
         try:
             factors.save(output_dir)
         except OSError as err:  # the fit is not thrown away because its file could not be written
@@ -303,7 +330,6 @@ def fit_factors(model: nn.Module, loader: Any, task: Task | str | None = None, *
                 f"Could not save the fitted factors to {output_dir} ({err}). They are kept in "
                 "memory for this run; save them once the folder is fixed with "
                 "factors.save(folder), or they are fitted again next time.",
-                stacklevel=2,
+                stacklevel=3,
             )
     return factors
-

@@ -53,46 +53,177 @@ __all__ = [
     "self_terms",
     "PairwiseResult",
     "SelfResult",
+    "BoundInfluence",
+    "bind",
     "build_query_store",
 ]
 
 log = logging.getLogger(__name__)
 
 
-# ----------------------------------------------------------------------------------- scores
-def query_gradients(model: nn.Module, loader: Any, task: Task | str | None,
-                    factors: Preconditioner, *,
-                    tracker: LayerTracker | None = None, precondition: bool = True,
-                    progress: bool = True) -> dict[str, Tensor]:
-    """Per-query gradients of the measurement, ``{layer: [Q, O, I]}``, preconditioned by default.
+# ----------------------------------------------------------------------------------- binding
+@dataclass
+class BoundInfluence:
+    """A model bound to its preconditioner, task and tracked layers, resolved and checked once;
+    then scored as often as needed. Made by :func:`bind`.
 
-    Preconditioning runs in at least float32 (float64 when the model is float64).
+    Attributes:
+        model: the trained model.
+        preconditioner: the fitted factors or a solver (a :class:`Preconditioner`).
+        task: how batches become losses and measurements.
+        tracker: the tracked layers (those the preconditioner was made for).
     """
-    task = resolve_task(task, model)
-    tracker = tracker or factors.tracker(model)
-    factors.check_fits(tracker, check_weights=False)
-    check_loader(loader, "query")
-    chunks: dict[str, list[Tensor]] = {name: [] for name in factors.shapes}
-    for _, offset, _, rows, _ in iterate_rows(model, loader, task, tracker, "measurement",
-                                              shard=False, desc="influence: query gradients",
-                                              progress=progress):
-        grads = {}
-        n = next(iter(rows.values()))[0].shape[0]
-        for name, shape in factors.shapes.items():
-            if name not in rows:  # the layer did not run for these queries: zero gradient
-                dtype = next(iter(rows.values()))[0].dtype
-                grads[name] = torch.zeros(n, *shape, dtype=torch.promote_types(
-                    dtype, torch.float32), device=next(iter(rows.values()))[0].device)
-                continue
-            grad = per_example_gradients(*rows[name])
-            grads[name] = grad if grad.dtype in (torch.float32, torch.float64) else grad.float()
-        _warn_zero_queries(grads, offset)
-        if precondition:  # all layers at once: a preconditioner may couple them
-            grads = factors.precondition(grads)
-        for name, grad in grads.items():
-            chunks[name].append(grad)
-    return {name: torch.cat(parts) for name, parts in chunks.items() if parts}
 
+    model: nn.Module
+    preconditioner: Preconditioner
+    task: Task
+    tracker: LayerTracker
+
+    def query_gradients(self, loader: Any, *, precondition: bool = True,
+                        progress: bool = True) -> dict[str, Tensor]:
+        """Per-query gradients of the measurement, ``{layer: [Q, O, I]}``, preconditioned by
+        default (in at least float32; float64 when the model is float64)."""
+        check_loader(loader, "query")
+        pre = self.preconditioner
+        chunks: dict[str, list[Tensor]] = {name: [] for name in pre.shapes}
+        for _, offset, _, rows, _ in iterate_rows(self.model, loader, self.task, self.tracker,
+                                                  "measurement", shard=False, progress=progress,
+                                                  desc="influence: query gradients"):
+            like = next(iter(rows.values()))[0]
+            dtype = torch.promote_types(like.dtype, torch.float32)
+            grads = {name: per_example_gradients(*rows[name]).to(dtype) if name in rows
+                     else like.new_zeros(like.shape[0], *shape, dtype=dtype)  # did not run
+                     for name, shape in pre.shapes.items()}
+            _warn_zero_queries(grads, offset)
+            if precondition:  # all layers at once: a preconditioner may couple them
+                grads = pre.precondition(grads)
+            for name, grad in grads.items():
+                chunks[name].append(grad)
+        return {name: torch.cat(parts) for name, parts in chunks.items() if parts}
+
+
+    def pairwise(self, query_loader: Any, train_loader: Any, *, top_k: int = 10,
+                 keep_scores: bool = True, per_layer: bool = False, normalize: bool = False,
+                 query_grads: dict[str, Tensor] | None = None,
+                 scores_dir: str | Path | None = None, chunk_batches: int = 16,
+                 autocast: torch.dtype | None = None, progress: bool = True) -> PairwiseResult:
+        """Score every query against every training example in one streaming pass.
+
+        ``score[q, n] = sum_layers <P(grad L(z_q)), grad L(z_n)>``; positive = proponent (helpful).
+        Top-k lists are kept while streaming, so memory does not grow with the training set unless
+        ``keep_scores=True`` (the whole ``[Q, N]`` matrix, in memory) is asked for.
+
+        Args:
+            top_k: proponents and opponents kept per query.
+            keep_scores: return the full ``[Q, N]`` matrix.
+            per_layer: keep the per-layer breakdown (``[L, Q, N]`` with ``keep_scores``, and per
+                top-k entry).
+            normalize: divide scores by the number of training examples (the factors'), giving the
+                first-order change of the query loss when the example is removed.
+            query_grads: preconditioned query gradients computed already (``query_gradients``).
+            scores_dir: write the scores in chunk files there (atomically); a rerun of the same pass
+                skips the finished chunks and reads them back (resume after a crash).
+            chunk_batches: batches per chunk file.
+            autocast: run the model's forward/backward under ``torch.autocast`` with this dtype
+                (``torch.bfloat16``/``torch.float16``) and contract in it; preconditioned query
+                gradients, Lambda's reciprocal and the score sums stay in float32/float64.
+
+        Inside a process group the training batches are shared out among the ranks; every rank
+        returns the same merged result.
+        """
+        model, factors, task, tracker = self.model, self.preconditioner, self.task, self.tracker
+        check_loader(train_loader, "training", ordered=True)
+        with evaluation_mode(model):
+            query_losses = _measurements(model, query_loader, task)
+        if query_grads is None:
+            query_grads = self.query_gradients(query_loader, progress=progress)
+        names = list(query_grads)
+        num_queries = next(iter(query_grads.values())).shape[0]
+        scale = _normalization(factors, normalize)
+        topk = StreamingTopK(num_queries, top_k, len(names) if per_layer else 0)
+        kept: list[dict[str, Tensor]] = []
+
+        def fold(chunk: dict[str, Tensor]) -> None:
+            topk.update(chunk["scores"], chunk["indices"], chunk.get("layer_scores"))
+            kept.append({k: v for k, v in chunk.items() if keep_scores or k in ("indices", "losses")})
+
+        store = None
+        if scores_dir is not None:
+            store = ChunkStore(scores_dir, "pairwise", _signature(
+                factors, query_losses, top_k=top_k, per_layer=per_layer, scale=scale,
+                autocast=str(autocast), train=data_fingerprint(train_loader)), chunk_batches)
+        skip = _resume(store, fold)
+        for b, offset, _, rows, losses in iterate_rows(
+                model, train_loader, task, tracker, "loss", desc="influence: pairwise scores",
+                progress=progress, skip=skip, autocast=autocast):
+            n = losses.shape[0]
+            per = torch.stack([pairwise_layer_scores(query_grads[name], *rows[name])
+                               if name in rows else losses.new_zeros(num_queries, n)
+                               for name in names]).double().cpu() * scale  # [L, Q, N]
+            chunk = {"indices": torch.arange(offset, offset + n), "scores": per.sum(0),
+                     "losses": losses.double().cpu()}
+            if per_layer:
+                chunk["layer_scores"] = per
+            fold(chunk)
+            if store is not None:
+                store.add(b, **chunk)
+        if store is not None:
+            store.flush()
+        topk, kept = _gather(topk, kept)
+        merged = _assemble(kept)
+        return PairwiseResult(
+            top=topk.result(), layer_names=names, query_losses=query_losses,
+            num_train=merged["indices"].numel(), scores=merged.get("scores") if keep_scores else None,
+            layer_scores=merged.get("layer_scores") if keep_scores else None,
+            normalized=scale != 1.0, train_losses=merged["losses"],
+        )
+
+    def self_scores(self, train_loader: Any, *, normalize: bool = False,
+                    scores_dir: str | Path | None = None, chunk_batches: int = 16,
+                    autocast: torch.dtype | None = None, progress: bool = True) -> SelfResult:
+        """Self-influence of every training example, in one pass over the training data.
+
+        ``scores_dir``, ``chunk_batches`` and ``autocast`` work as in
+        :func:`compute_pairwise_scores`; inside a process group the batches are shared out.
+        """
+        model, factors, task, tracker = self.model, self.preconditioner, self.task, self.tracker
+        check_loader(train_loader, "training", ordered=True)
+        names = list(factors.shapes)
+        scale = _normalization(factors, normalize)
+        kept: list[dict[str, Tensor]] = []
+        store = None
+        if scores_dir is not None:
+            store = ChunkStore(scores_dir, "self", _signature(
+                factors, None, scale=scale, autocast=str(autocast),
+                train=data_fingerprint(train_loader)), chunk_batches)
+        skip = _resume(store, kept.append)
+        for b, offset, _, rows, losses in iterate_rows(
+                model, train_loader, task, tracker, "loss", desc="influence: self-influence",
+                progress=progress, skip=skip, autocast=autocast):
+            per = self_terms(factors, rows, losses.shape[0]).cpu() * scale  # [L, N]
+            n = losses.shape[0]
+            chunk = {"indices": torch.arange(offset, offset + n), "scores": per.sum(0),
+                     "layer_scores": per, "losses": losses.double().cpu()}
+            kept.append(chunk)
+            if store is not None:
+                store.add(b, **chunk)
+        if store is not None:
+            store.flush()
+        _, kept = _gather(None, kept)
+        merged = _assemble(kept)
+        return SelfResult(merged["scores"], merged["layer_scores"], names, merged["losses"],
+                          normalized=scale != 1.0)
+
+
+def bind(model: nn.Module, preconditioner: Preconditioner, task: Task | str | None = None,
+         tracker: LayerTracker | None = None, check_weights: bool = True) -> BoundInfluence:
+    """Resolve the task (default: the model's ``influence_task``) and the tracked layers, and
+    check once that ``preconditioner`` was made for this model (layers, shapes and, with
+    ``check_weights``, the weights); then score through the returned object."""
+    task = resolve_task(task, model)
+    tracker = tracker or preconditioner.tracker(model)
+    preconditioner.check_fits(tracker, check_weights=check_weights)
+    return BoundInfluence(model, preconditioner, task, tracker)
 
 def _normalization(factors: Any, normalize: bool) -> float:
     """``1 / N`` with ``normalize`` (N: the training examples the factors were fitted on)."""
@@ -148,85 +279,23 @@ class PairwiseResult:
 
 def compute_pairwise_scores(model: nn.Module, factors: Preconditioner, query_loader: Any,
                             train_loader: Any, task: Task | str | None = None, *,
-                            top_k: int = 10, keep_scores: bool = True, per_layer: bool = False,
-                            normalize: bool = False, tracker: LayerTracker | None = None,
-                            query_grads: dict[str, Tensor] | None = None,
-                            scores_dir: str | Path | None = None, chunk_batches: int = 16,
-                            autocast: torch.dtype | None = None,
-                            progress: bool = True) -> PairwiseResult:
-    """Score every query against every training example in one streaming pass.
+                            tracker: LayerTracker | None = None, **options: Any,
+                            ) -> PairwiseResult:
+    """Score every query against every training example in one streaming pass:
+    ``bind(model, factors, task, tracker).pairwise(query_loader, train_loader, **options)``
+    (see :meth:`BoundInfluence.pairwise` for the options: ``top_k``, ``keep_scores``,
+    ``per_layer``, ``normalize``, ``query_grads``, ``scores_dir``, ``chunk_batches``,
+    ``autocast``, ``progress``)."""
+    return bind(model, factors, task, tracker).pairwise(query_loader, train_loader, **options)
 
-    ``score[q, n] = sum_layers <P(grad L(z_q)), grad L(z_n)>``; positive = proponent (helpful).
-    Top-k lists are kept while streaming, so memory does not grow with the training set unless
-    ``keep_scores=True`` (the whole ``[Q, N]`` matrix, in memory) is asked for.
 
-    Args:
-        top_k: proponents and opponents kept per query.
-        keep_scores: return the full ``[Q, N]`` matrix.
-        per_layer: keep the per-layer breakdown (``[L, Q, N]`` with ``keep_scores``, and per
-            top-k entry).
-        normalize: divide scores by the number of training examples (the factors'), giving the
-            first-order change of the query loss when the example is removed.
-        query_grads: preconditioned query gradients computed already (``query_gradients``).
-        scores_dir: write the scores in chunk files there (atomically); a rerun of the same pass
-            skips the finished chunks and reads them back (resume after a crash).
-        chunk_batches: batches per chunk file.
-        autocast: run the model's forward/backward under ``torch.autocast`` with this dtype
-            (``torch.bfloat16``/``torch.float16``) and contract in it; preconditioned query
-            gradients, Lambda's reciprocal and the score sums stay in float32/float64.
-
-    Inside a process group the training batches are shared out among the ranks; every rank
-    returns the same merged result.
-    """
-    task = resolve_task(task, model)
-    tracker = tracker or factors.tracker(model)
-    factors.check_fits(tracker)
-    check_loader(train_loader, "training", ordered=True)
-    with evaluation_mode(model):
-        query_losses = _measurements(model, query_loader, task)
-    if query_grads is None:
-        query_grads = query_gradients(model, query_loader, task, factors, tracker=tracker,
-                                      progress=progress)
-    names = list(query_grads)
-    num_queries = next(iter(query_grads.values())).shape[0]
-    scale = _normalization(factors, normalize)
-    topk = StreamingTopK(num_queries, top_k, len(names) if per_layer else 0)
-    kept: list[dict[str, Tensor]] = []
-
-    def fold(chunk: dict[str, Tensor]) -> None:
-        topk.update(chunk["scores"], chunk["indices"], chunk.get("layer_scores"))
-        kept.append({k: v for k, v in chunk.items() if keep_scores or k in ("indices", "losses")})
-
-    store = None
-    if scores_dir is not None:
-        store = ChunkStore(scores_dir, "pairwise", _signature(
-            factors, query_losses, top_k=top_k, per_layer=per_layer, scale=scale,
-            autocast=str(autocast), train=data_fingerprint(train_loader)), chunk_batches)
-    skip = _resume(store, fold)
-    for b, offset, _, rows, losses in iterate_rows(
-            model, train_loader, task, tracker, "loss", desc="influence: pairwise scores",
-            progress=progress, skip=skip, autocast=autocast):
-        n = losses.shape[0]
-        per = torch.stack([pairwise_layer_scores(query_grads[name], *rows[name])
-                           if name in rows else losses.new_zeros(num_queries, n)
-                           for name in names]).double().cpu() * scale  # [L, Q, N]
-        chunk = {"indices": torch.arange(offset, offset + n), "scores": per.sum(0),
-                 "losses": losses.double().cpu()}
-        if per_layer:
-            chunk["layer_scores"] = per
-        fold(chunk)
-        if store is not None:
-            store.add(b, **chunk)
-    if store is not None:
-        store.flush()
-    topk, kept = _gather(topk, kept)
-    merged = _assemble(kept)
-    return PairwiseResult(
-        top=topk.result(), layer_names=names, query_losses=query_losses,
-        num_train=merged["indices"].numel(), scores=merged.get("scores") if keep_scores else None,
-        layer_scores=merged.get("layer_scores") if keep_scores else None,
-        normalized=scale != 1.0, train_losses=merged["losses"],
-    )
+def query_gradients(model: nn.Module, loader: Any, task: Task | str | None,
+                    factors: Preconditioner, *, tracker: LayerTracker | None = None,
+                    precondition: bool = True, progress: bool = True) -> dict[str, Tensor]:
+    """Per-query gradients of the measurement, ``{layer: [Q, O, I]}``, preconditioned by default
+    (see :meth:`BoundInfluence.query_gradients`; the weights need not be those fitted on)."""
+    return bind(model, factors, task, tracker, check_weights=False).query_gradients(
+        loader, precondition=precondition, progress=progress)
 
 
 def _signature(factors: Preconditioner, query_losses: Tensor | None, **options: Any,
@@ -334,45 +403,12 @@ class SelfResult:
 
 
 def compute_self_scores(model: nn.Module, factors: Preconditioner, train_loader: Any,
-                        task: Task | str | None = None, *, normalize: bool = False,
-                        tracker: LayerTracker | None = None,
-                        scores_dir: str | Path | None = None, chunk_batches: int = 16,
-                        autocast: torch.dtype | None = None,
-                        progress: bool = True) -> SelfResult:
-    """Self-influence of every training example, in one pass over the training data.
-
-    ``scores_dir``, ``chunk_batches`` and ``autocast`` work as in
-    :func:`compute_pairwise_scores`; inside a process group the batches are shared out.
-    """
-    task = resolve_task(task, model)
-    tracker = tracker or factors.tracker(model)
-    factors.check_fits(tracker)
-    check_loader(train_loader, "training", ordered=True)
-    names = list(factors.shapes)
-    scale = _normalization(factors, normalize)
-    kept: list[dict[str, Tensor]] = []
-    store = None
-    if scores_dir is not None:
-        store = ChunkStore(scores_dir, "self", _signature(
-            factors, None, scale=scale, autocast=str(autocast),
-            train=data_fingerprint(train_loader)), chunk_batches)
-    skip = _resume(store, kept.append)
-    for b, offset, _, rows, losses in iterate_rows(
-            model, train_loader, task, tracker, "loss", desc="influence: self-influence",
-            progress=progress, skip=skip, autocast=autocast):
-        per = self_terms(factors, rows, losses.shape[0]).cpu() * scale  # [L, N]
-        n = losses.shape[0]
-        chunk = {"indices": torch.arange(offset, offset + n), "scores": per.sum(0),
-                 "layer_scores": per, "losses": losses.double().cpu()}
-        kept.append(chunk)
-        if store is not None:
-            store.add(b, **chunk)
-    if store is not None:
-        store.flush()
-    _, kept = _gather(None, kept)
-    merged = _assemble(kept)
-    return SelfResult(merged["scores"], merged["layer_scores"], names, merged["losses"],
-                      normalized=scale != 1.0)
+                        task: Task | str | None = None, *, tracker: LayerTracker | None = None,
+                        **options: Any) -> SelfResult:
+    """Self-influence of every training example in one pass:
+    ``bind(model, factors, task, tracker).self_scores(train_loader, **options)`` (options:
+    ``normalize``, ``scores_dir``, ``chunk_batches``, ``autocast``, ``progress``)."""
+    return bind(model, factors, task, tracker).self_scores(train_loader, **options)
 
 
 def build_query_store(model: nn.Module, query_loader: Any, task: Any, factors: Any, *,

@@ -11,7 +11,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from lightning_influence.callbacks._common import find_callback, output_dir, training_loader
 from lightning_influence.callbacks.influence_statistics import InfluenceStatistics
 from lightning_influence.factors import Damping, Factors, Preconditioner
-from lightning_influence.fitting import fit_factors
+from lightning_influence.fitting import fit_factors, load_or_fit_factors
 from lightning_influence.io import check_writable
 from lightning_influence.memory import estimate_bytes, format_estimate
 from lightning_influence.passes import fisher_mode
@@ -137,25 +137,24 @@ class EigenCorrection(Callback):
             )
         task, tracker, stats = self.task_and_tracker(trainer, pl_module)
         folder = output_dir(trainer, self.output_dir)
-        reuse = Factors.exists(folder) and not self.overwrite
-        covariances = None
-        if not reuse and stats is not None and needs_covariances:
-            covariances = stats.ensure_covariances(trainer, pl_module)
-        rank_zero_info(f"lightning-influence: {'reusing' if reuse else 'fitting'} "
-                       f"{strategy} factors in {folder}")
-        if not reuse:
+        rule = Damping(damping, self.damping_factor, _weight_decay(trainer))
+        fisher = self.fisher or (stats.fisher if stats is not None else "sampled")
+
+        def fit() -> Factors:  # only when nothing reusable is in the folder
+            rank_zero_info(f"lightning-influence: fitting {strategy} factors in {folder}")
             rank_zero_info("lightning-influence: " + format_estimate(
                 estimate_bytes(tracker.describe(), strategy)))
-        factors = fit_factors(
-            pl_module, training_loader(trainer, pl_module, self.batch_size), task,
-            strategy=strategy, tracker=tracker,
-            damping=Damping(damping, self.damping_factor, _weight_decay(trainer)),
-            covariances=covariances,
-            output_dir=folder, write=trainer.is_global_zero, overwrite=self.overwrite,
-            seed=self.seed, max_batches=self.max_batches,
-            progress=self.progress and trainer.is_global_zero,
-            fisher=self.fisher or (stats.fisher if stats is not None else "sampled"),
-        )
+            covariances = (stats.ensure_covariances(trainer, pl_module)
+                           if stats is not None and needs_covariances else None)
+            return fit_factors(
+                pl_module, training_loader(trainer, pl_module, self.batch_size), task,
+                strategy=strategy, tracker=tracker, damping=rule, covariances=covariances,
+                seed=self.seed, max_batches=self.max_batches,
+                progress=self.progress and trainer.is_global_zero, fisher=fisher)
+
+        factors = load_or_fit_factors(folder, fit, tracker=tracker, strategy=strategy,
+                                      damping=rule, fisher=fisher, overwrite=self.overwrite,
+                                      write=trainer.is_global_zero)
         self.factors_path = str(folder)
         return factors
 
