@@ -10,7 +10,6 @@ from lightning_influence.callbacks import (
     InfluenceStatistics,
     influence_callbacks,
 )
-from lightning_influence.chunks import ChunkMismatchError
 from lightning_influence.factors import (
     STRATEGIES,
     CorruptFactorsError,
@@ -22,6 +21,7 @@ from lightning_influence.factors import (
 from lightning_influence.fitting import fit_covariances, fit_factors
 from lightning_influence.passes import ordered_loader
 from lightning_influence.ranking import StreamingTopK, detection_report, flag_top_fraction
+from lightning_influence.score_store import ScoreStoreMismatchError
 from lightning_influence.scoring import (
     BoundInfluence,
     PairwiseResult,
@@ -47,7 +47,7 @@ __all__ = [
     "bind",
     "STRATEGIES",
     "Preconditioner",
-    "ChunkMismatchError",
+    "ScoreStoreMismatchError",
     "CorruptFactorsError",
     "SUPPORTED_MODULES",
     "CausalLMTask",

@@ -41,9 +41,10 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader, Subset
 
 from lightning_influence.factors import Factors, Preconditioner
+from lightning_influence.functional import TaskModel, cast_batch, parameter_keys, split_state
 from lightning_influence.passes import evaluation_mode, move_to_device
 from lightning_influence.scoring import compute_pairwise_scores, query_gradients
-from lightning_influence.solvers import LiSSA, _cast, _TaskModel, layer_damping
+from lightning_influence.solvers import LiSSA, layer_damping
 from lightning_influence.task import ClassificationTask, Task, resolve_task
 from lightning_influence.tracking import LayerTracker
 
@@ -102,7 +103,7 @@ class PBRFResult:
 
 
 def _batches(loader: Any, dtype: torch.dtype, device: torch.device) -> list[Any]:
-    return [_cast(b, dtype, device) for b in loader]
+    return [cast_batch(b, dtype, device) for b in loader]
 
 
 def _subset_batch(loader: Any, indices: Sequence[int]) -> Any:
@@ -140,17 +141,10 @@ def pbrf(model: nn.Module, train_loader: Any, query_loader: Any, task: Task | st
     names = tracker.names()
     per_layer = layer_damping(damping, names, "pbrf")
     device = next(model.parameters()).device
-    wrapper = _TaskModel(model, task)
-    state = {f"model.{k}": v.detach() for k, v in model.named_parameters()}
-    state.update({f"model.{k}": v.detach() for k, v in model.named_buffers()})
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    keys = {}
-    for layer in tracker:
-        keys[layer.name] = [f"model.{layer.name}.{p}" for p in ("weight", "bias")
-                            if getattr(layer.module, p, None) is not None]
+    wrapper = TaskModel(model, task)
+    keys = {name: list(kinds.values()) for name, kinds in parameter_keys(tracker).items()}
     tracked = [k for name in names for k in keys[name]]
-    base = {k: state[k] for k in tracked}
-    frozen = {k: v for k, v in state.items() if k not in tracked}
+    base, frozen = split_state(model, tracked, dtype)
     weights = {k: per_layer[name] for name in names for k in keys[name]}
 
     def outputs(params: dict[str, Tensor], batch: Any) -> Tensor:
@@ -188,7 +182,7 @@ def pbrf(model: nn.Module, train_loader: Any, query_loader: Any, task: Task | st
 
     def respond(m: int) -> tuple[Tensor, int, float]:
         """Minimise example m's objective; its query changes ``[Q]``, iterations, |grad|."""
-        example = _cast(_subset_batch(train_loader, [m]), dtype, device)
+        example = cast_batch(_subset_batch(train_loader, [m]), dtype, device)
         with torch.no_grad():
             base_m = task.loss(outputs(base, example), example).sum()
         u = {k: torch.zeros_like(v, requires_grad=True) for k, v in base.items()}

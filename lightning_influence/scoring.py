@@ -21,7 +21,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_influence.chunks import ChunkStore, data_fingerprint
 from lightning_influence.distributed import (
     all_gather_objects,
     barrier,
@@ -38,6 +37,7 @@ from lightning_influence.passes import (
     move_to_device,
 )
 from lightning_influence.ranking import StreamingTopK, TopKResult
+from lightning_influence.score_store import ScoreStore, data_fingerprint
 from lightning_influence.scores import (
     pairwise_layer_scores,
     per_example_gradients,
@@ -149,7 +149,7 @@ class BoundInfluence:
 
         store = None
         if scores_dir is not None:
-            store = ChunkStore(scores_dir, "pairwise", _signature(
+            store = ScoreStore(scores_dir, "pairwise", _signature(
                 factors, query_losses, top_k=top_k, per_layer=per_layer, scale=scale,
                 autocast=str(autocast), train=data_fingerprint(train_loader)), chunk_batches)
         skip = _resume(store, fold)
@@ -193,7 +193,7 @@ class BoundInfluence:
         kept: list[dict[str, Tensor]] = []
         store = None
         if scores_dir is not None:
-            store = ChunkStore(scores_dir, "self", _signature(
+            store = ScoreStore(scores_dir, "self", _signature(
                 factors, None, scale=scale, autocast=str(autocast),
                 train=data_fingerprint(train_loader)), chunk_batches)
         skip = _resume(store, kept.append)
@@ -308,7 +308,7 @@ def _signature(factors: Preconditioner, query_losses: Tensor | None, **options: 
     return sig
 
 
-def _resume(store: ChunkStore | None, fold: Callable[[dict[str, Tensor]], None]) -> set[int]:
+def _resume(store: ScoreStore | None, fold: Callable[[dict[str, Tensor]], None]) -> set[int]:
     """Fold finished chunks in (on rank zero only: merging adds the other ranks' results)."""
     if store is None:
         return set()

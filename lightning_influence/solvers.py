@@ -49,12 +49,12 @@ from lightning_influence.factors import (
     PreconditionerBase,
     model_fingerprint,
 )
+from lightning_influence.functional import TaskModel, cast_batch, parameter_keys, split_state
 from lightning_influence.passes import (
     count_examples,
     evaluation_mode,
     iterate_rows,
     model_device,
-    move_to_device,
     ordered_loader,
 )
 from lightning_influence.scoring import SelfResult, compute_self_scores, self_terms
@@ -101,20 +101,6 @@ def _unflatten(flat: Tensor, shapes: Mapping[str, Sequence[int]]) -> Vectors:
     return out
 
 
-def _cast(batch: Any, dtype: torch.dtype, device: torch.device) -> Any:
-    """Move a (nested) batch to ``device``, floating tensors cast to ``dtype``."""
-    batch = move_to_device(batch, device)
-    if isinstance(batch, Tensor):
-        return batch.to(dtype) if batch.is_floating_point() else batch
-    if isinstance(batch, Mapping):
-        return type(batch)({k: _cast(v, dtype, device) for k, v in batch.items()})
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(_cast(v, dtype, device) for v in batch))
-    if isinstance(batch, list | tuple):
-        return type(batch)(_cast(v, dtype, device) for v in batch)
-    return batch
-
-
 def layer_damping(damping: float | Mapping[str, float] | Preconditioner, names: Sequence[str],
                   who: str = "damping") -> dict[str, float]:
     """``{layer: damping}`` from a number, a per-layer mapping or :class:`Factors`' damping."""
@@ -132,18 +118,6 @@ def layer_damping(damping: float | Mapping[str, float] | Preconditioner, names: 
     if bad:
         raise ValueError(f"{who}: damping must be >= 0, got {bad}.")
     return values
-
-
-class _TaskModel(nn.Module):
-    """``batch -> task.forward(model, batch)`` as a module, so ``functional_call`` can run it."""
-
-    def __init__(self, model: nn.Module, task: Task) -> None:
-        super().__init__()
-        self.model = model
-        self.task = task
-
-    def forward(self, batch: Any) -> Tensor:
-        return self.task.logits(self.task.forward(self.model, batch))
 
 
 # ----------------------------------------------------------------------------- G v
@@ -182,25 +156,16 @@ class GaussNewtonOperator:
         self.device = model_device(model)
         first = next(model.parameters(), None)
         self.dtype = dtype or (first.dtype if first is not None else torch.float32)
-        self.wrapper = _TaskModel(model, task)
+        self.wrapper = TaskModel(model, task)
         self.shapes = {name: tuple(shape) for name, shape in tracker.describe().items()}
-        self.param_names: dict[str, dict[str, str]] = {}  # layer -> {"weight": wrapper key, ...}
-        for layer in tracker:
-            prefix = f"model.{layer.name}."
-            self.param_names[layer.name] = {"weight": prefix + "weight"}
-            if layer.has_bias:
-                self.param_names[layer.name]["bias"] = prefix + "bias"
+        self.param_names = parameter_keys(tracker)  # layer -> {"weight": wrapper key, ...}
         self.refresh()
 
     def refresh(self) -> None:
         """Read the model's current parameters and buffers again."""
-        state = {f"model.{k}": v for k, v in self.model.named_parameters()}
-        state.update({f"model.{k}": v for k, v in self.model.named_buffers()})
-        self.frozen = {k: (v.detach().to(self.dtype) if v.is_floating_point() else v.detach())
-                       for k, v in state.items()}
         tracked = [key for keys in self.param_names.values() for key in keys.values()]
-        self.primals = {k: self.frozen[k] for k in tracked}  # ordered like to_parameters
-        self.frozen = {k: v for k, v in self.frozen.items() if k not in tracked}
+        # primals ordered like to_parameters
+        self.primals, self.frozen = split_state(self.model, tracked, self.dtype)
 
     def to_parameters(self, vectors: Vectors) -> dict[str, Tensor]:
         """``{layer: [K, O, I]}`` -> ``{wrapper parameter name: [K, *param.shape]}``."""
@@ -228,7 +193,7 @@ class GaussNewtonOperator:
 
         Returns the (summed, not averaged) products and the number of examples N of the batch.
         """
-        batch = _cast(batch, self.dtype, self.device)
+        batch = cast_batch(batch, self.dtype, self.device)
         tangents = self.to_parameters({n: v.to(self.dtype) for n, v in vectors.items()})
 
         def outputs(p: dict[str, Tensor]) -> Tensor:

@@ -270,10 +270,10 @@ def test_score_chunks_of_another_training_set_are_refused(tmp_path):
     factors = li.fit_factors(model, DataLoader(ds, batch_size=4), "classification",
                              progress=False)
     _chunked_self_scores(model, factors, ds, tmp_path)
-    with pytest.raises(li.ChunkMismatchError, match="training data"):
+    with pytest.raises(li.ScoreStoreMismatchError, match="training data"):
         _chunked_self_scores(model, factors, other, tmp_path)
     reordered = torch.utils.data.Subset(ds, list(range(11, -1, -1)))
-    with pytest.raises(li.ChunkMismatchError):
+    with pytest.raises(li.ScoreStoreMismatchError):
         _chunked_self_scores(model, factors, reordered, tmp_path)
 
 

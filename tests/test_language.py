@@ -36,6 +36,7 @@ from lightning_influence.language import (
     tfidf_candidates,
     token_scores,
 )
+from lightning_influence.language.reporting import render_window, tail_exponent, token_html
 from lightning_influence.lowrank import LowRankGradient, QueryStore, truncate
 from lightning_influence.scores import (
     low_rank_layer_scores,
@@ -44,7 +45,6 @@ from lightning_influence.scores import (
     token_layer_scores,
 )
 from lightning_influence.scoring import build_query_store
-from lightning_influence.text_reporting import render_window, tail_exponent, token_html
 
 TEXTS = [
     ("lambda", "Lambda expressions create anonymous functions. The expression yields a function."),

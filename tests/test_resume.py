@@ -108,7 +108,7 @@ def test_chunks_of_another_pass_are_refused(tmp_path):
     from torch.utils.data import DataLoader, TensorDataset
 
     import lightning_influence as li
-    from lightning_influence.chunks import ChunkMismatchError
+    from lightning_influence.score_store import ScoreStoreMismatchError
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3))
@@ -121,13 +121,13 @@ def test_chunks_of_another_pass_are_refused(tmp_path):
     again = li.compute_self_scores(model, factors, train, "classification", scores_dir=tmp_path,
                                    progress=False)
     assert again.scores.shape == (12,)  # read back from the chunk files
-    with pytest.raises(ChunkMismatchError, match="another pass"):
+    with pytest.raises(ScoreStoreMismatchError, match="another pass"):
         li.compute_self_scores(model, factors.with_damping(1.0), train, "classification", scores_dir=tmp_path,
                                progress=False)
     li.compute_pairwise_scores(model, factors, queries, train, "classification", scores_dir=tmp_path,
                                progress=False)
     other_queries = DataLoader(TensorDataset(x[2:4], y[2:4]), batch_size=2)
-    with pytest.raises(ChunkMismatchError, match="pairwise scores of another pass"):
+    with pytest.raises(ScoreStoreMismatchError, match="pairwise scores of another pass"):
         li.compute_pairwise_scores(model, factors, other_queries, train, "classification",
                                    scores_dir=tmp_path,
                                    progress=False)

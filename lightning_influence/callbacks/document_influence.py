@@ -17,9 +17,9 @@ from lightning_influence.language import (
     document_influence,
     queries_from_config,
 )
+from lightning_influence.language.reporting import log_document_influence, write_document_influence
 from lightning_influence.memory import estimate_bytes, format_estimate
 from lightning_influence.task import CausalLMTask
-from lightning_influence.text_reporting import log_document_influence, write_document_influence
 
 
 class DocumentInfluence(Callback):

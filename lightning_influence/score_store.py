@@ -2,7 +2,7 @@
 
 Index letters: Q queries, L layers, n training examples in a chunk.
 
-A scoring pass hands its per-batch results to a :class:`ChunkStore`, which writes one
+A scoring pass hands its per-batch results to a :class:`ScoreStore`, which writes one
 safetensors file per group of ``chunk_batches`` batches, atomically. A rerun of the same pass
 (same factors, queries, options and training data: the *signature*) finds the finished batches,
 skips them and reads their scores back instead, so a run killed in the middle resumes from its
@@ -27,7 +27,7 @@ from torch import Tensor
 from lightning_influence.distributed import rank
 from lightning_influence.io import atomic_save_safetensors, tensors_checksum
 
-__all__ = ["ChunkStore", "ChunkMismatchError", "data_fingerprint"]
+__all__ = ["ScoreStore", "ScoreStoreMismatchError", "data_fingerprint"]
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +61,11 @@ def data_fingerprint(loader: Any) -> str:
     return f"{count}:{digest.hexdigest()[:24]}"
 
 
-class ChunkMismatchError(ValueError):
+class ScoreStoreMismatchError(ValueError):
     """Score chunks on disk belong to another pass (other factors, queries or options)."""
 
 
-class ChunkStore:
+class ScoreStore:
     """Writes and reads the score chunks of one pass.
 
     Args:
@@ -91,7 +91,7 @@ class ChunkStore:
 
     def _check(self, path: Path, metadata: dict[str, str]) -> None:
         if metadata.get("signature") != self.signature:
-            raise ChunkMismatchError(
+            raise ScoreStoreMismatchError(
                 f"{path} holds {self.kind} scores of another pass (other factors, queries, "
                 f"options or training data). Delete the chunk files in {self.folder}, or score "
                 "into another folder."

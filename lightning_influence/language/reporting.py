@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 from lightning_influence.io import atomic_save_csv, atomic_save_json, atomic_save_safetensors, atomic_write
-from lightning_influence.language import ChunkedCorpus, DocumentInfluenceResult
+from lightning_influence.language.corpus import ChunkedCorpus
+from lightning_influence.language.documents import DocumentInfluenceResult
 from lightning_influence.reporting import SCORE_COLUMN
 
 __all__ = [
