@@ -42,7 +42,6 @@ __all__ = [
     "PreconditionerBase",
     "eigendecompose",
     "model_fingerprint",
-    "resolve_damping",
 ]
 
 FORMAT_VERSION = 2
@@ -61,11 +60,6 @@ def content_checksum(tensors: dict[str, Tensor], meta: dict[str, Any]) -> str:
     """Checksum of the tensors and the metadata (canonical JSON without its ``checksum``)."""
     body = {k: v for k, v in meta.items() if k != "checksum"}
     return tensors_checksum(tensors, json.dumps(body, sort_keys=True, default=str))
-
-
-def check_strategy(name: str) -> str:
-    """``name`` when it is a fitted strategy (see :mod:`lightning_influence.strategies`)."""
-    return strategy(name, fitted_only=True).name
 
 
 def eigendecompose(matrix: Tensor, what: str, layer: str) -> tuple[Tensor, Tensor]:
@@ -144,12 +138,6 @@ class Damping:
         """The rule as stored with the factors."""
         return {"damping_rule": self.rule if self.rule is not None else "heuristic",
                 "damping_factor": self.factor}
-
-
-def resolve_damping(damping: float | str | None, eigenvalues: Tensor | None,
-                    damping_factor: float = 0.1, weight_decay: float | None = None) -> float:
-    """The damping of one layer (see :class:`Damping`)."""
-    return Damping(damping, damping_factor, weight_decay).resolve(eigenvalues)
 
 
 @dataclass
@@ -281,6 +269,10 @@ class PreconditionerBase:
                 f"These factors were fitted for another model or layer set: {err} Fit factors "
                 "for this model (delete the files or pass overwrite=True)."
             ) from err
+
+    def check_matches(self, *args: Any, **kwargs: Any) -> None:
+        """The former name of :meth:`check_fits`."""
+        self.check_fits(*args, **kwargs)
 
     def signature(self) -> dict[str, str]:
         """What a scoring pass's results depend on, for resumable score files: the strategy,

@@ -340,23 +340,21 @@ def test_ekfac_tracks_exact_gauss_newton_influence():
     """EK-FAC vs the exact damped GGN influence on an 8-8-3 MLP (99 parameters, N = 200).
 
     Both use the same damping: EK-FAC's default per-layer heuristic (0.1 x mean Lambda), put on
-    the diagonal of the exact GGN block by block. Measured on this exact setup (Spearman /
-    Pearson over all 20 x 200 query-train pairs):
-
-        ekfac 0.428 / 0.792   kfac 0.462 / 0.787   identity (gradient dot product) 0.180 / 0.419
-        ekfac vs the exact GGN's own block-diagonal part: 0.568 Spearman
-        self-influence Spearman: ekfac 0.993, kfac 0.989, identity 0.985
+    the diagonal of the exact GGN block by block.
 
     Why not higher: the gap is the approximation, not sampling noise or a bug (the exact
-    equalities are tested above). The exact GGN's block-diagonal part alone reaches only 0.78
-    Spearman against the full matrix; EK-FAC built from exact label expectations instead of
-    sampled labels scores 0.463 / 0.814, and 10 passes of sampled labels 0.449 / 0.790. Over
-    model seeds 0-3 and sampling seeds 0-1 ekfac ranged 0.35-0.47 Spearman, 0.67-0.80 Pearson,
-    at least 0.12 Spearman above identity; kfac is as good or slightly better on Spearman
-    on a model this small. Self-influence is easy (every strategy > 0.98).
+    equalities are tested above): the exact GGN's block-diagonal part alone reaches only about
+    0.78 Spearman against the full matrix.
 
-    Thresholds sit a little below the measured values: Spearman 0.40, Pearson 0.75,
-    block-diagonal 0.54, self 0.98, and a 0.2 Spearman margin over identity (measured 0.248).
+    Thresholds, by a stated principle: the minimum over a seed range, rounded down to two
+    decimals, so that only a result worse than every seed's is a failure. Measured over model
+    seeds 0-3 x label-sampling seeds 0-1 (8 runs; this test runs model seed 0, sampling seed 0):
+
+        Spearman vs exact       0.436 - 0.511   -> > 0.43
+        Pearson vs exact        0.575 - 0.792   -> > 0.57
+        Spearman vs the exact block-diagonal    0.600 - 0.717   -> > 0.59
+        self-influence Spearman 0.991 - 0.996   -> > 0.99
+        margin over identity (Spearman)         0.214 - 0.276   -> > 0.21
     """
     torch.manual_seed(0)
     x, y = blobs(200, seed=0)
@@ -397,8 +395,8 @@ def test_ekfac_tracks_exact_gauss_newton_influence():
         measured[strategy] = (spearmanr(scores, exact)[0], pearsonr(scores, exact)[0],
                               spearmanr(scores, exact_block)[0], spearmanr(selfs, exact_self)[0])
     ek_spearman, ek_pearson, ek_block, ek_self = measured["ekfac"]
-    assert ek_spearman > 0.40, measured
-    assert ek_pearson > 0.75, measured
-    assert ek_block > 0.54, measured
-    assert ek_self > 0.98, measured
-    assert ek_spearman > measured["identity"][0] + 0.2, measured
+    assert ek_spearman > 0.43, measured
+    assert ek_pearson > 0.57, measured
+    assert ek_block > 0.59, measured
+    assert ek_self > 0.99, measured
+    assert ek_spearman > measured["identity"][0] + 0.21, measured
