@@ -77,6 +77,7 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
 
 
 def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
     for p in model.parameters():
         return p.device
     return torch.device("cpu")

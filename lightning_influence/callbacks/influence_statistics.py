@@ -6,7 +6,6 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from pytorch_lightning import Callback
 from pytorch_lightning.utilities import rank_zero_info
 
@@ -19,15 +18,16 @@ from lightning_influence.fitting import (
     update_covariances,
 )
 from lightning_influence.passes import (
-    evaluation_mode,
     fisher_mode,
+    model_device,
     move_to_device,
     row_mode,
     rows_from_outputs,
 )
+from lightning_influence.recording import StepRecording
 from lightning_influence.statistics import CovarianceStatistic
 from lightning_influence.task import Task, resolve_task
-from lightning_influence.tracking import BATCH_LAYOUTS, Capture, LayerTracker
+from lightning_influence.tracking import BATCH_LAYOUTS, LayerTracker
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class InfluenceStatistics(Callback):
         # None: not checked yet; True: train-mode rows equal eval-mode rows; False: fall back
         self.reuse_verified: bool | None = None
         self.fallback_reason: str | None = None
-        self._recording: _StepRecording | None = None
+        self._recording: StepRecording | None = None
         self._updated_this_step = False
         self._layer_counts: dict[str, int] | None = None
         self.covariances: dict[str, CovarianceStatistic] | None = None
@@ -142,7 +142,7 @@ class InfluenceStatistics(Callback):
         self._updated_this_step = False
         self._due_batch = batch
         if self.reuse_forward and self.reuse_verified is not False:
-            self._recording = _StepRecording(self.tracker, pl_module)
+            self._recording = StepRecording(self.tracker, pl_module)
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
         recording, self._recording = self._recording, None
@@ -166,9 +166,9 @@ class InfluenceStatistics(Callback):
                                fisher=self.fisher)
         self.updates += 1
 
-    def _update_from_recording(self, pl_module: Any, recording: _StepRecording) -> bool:
+    def _update_from_recording(self, pl_module: Any, recording: StepRecording) -> bool:
         """Covariances from the training step's forward; False (and a reason) when unusable."""
-        batch = move_to_device(self._due_batch, _device(pl_module))
+        batch = move_to_device(self._due_batch, model_device(pl_module))
         reason = recording.unusable_reason(self.task, batch, self._layer_counts)
         if reason is None and self.reuse_verified is None:
             reason = recording.differs_from_eval(pl_module, self.task, batch)
@@ -202,7 +202,7 @@ class InfluenceStatistics(Callback):
         if self.mode == "after_fit" and not self.finished:
             rank_zero_info("lightning-influence: covariance pass over the training data")
             loader = training_loader(trainer, pl_module, self.batch_size)
-            self.covariances = new_covariances(self.tracker, _device(pl_module))
+            self.covariances = new_covariances(self.tracker, model_device(pl_module))
             fit_covariances(pl_module, loader, self.task, tracker=self.tracker, seed=self.seed,
                             max_batches=self.max_batches,
                             progress=self.progress and trainer.is_global_zero,
@@ -235,7 +235,7 @@ class InfluenceStatistics(Callback):
             self.tracker = LayerTracker(pl_module, self.layers, self.exclude,
                                         include_frozen=self.include_frozen,
                                         batch_layout=self.batch_layout)
-            self.covariances = new_covariances(self.tracker, _device(pl_module))
+            self.covariances = new_covariances(self.tracker, model_device(pl_module))
         self._restore()
 
     def _restore(self) -> None:
@@ -247,106 +247,3 @@ class InfluenceStatistics(Callback):
                                  "this model does not track; resume with the same layers.")
             self.covariances[name].load_sums(sums)
         self._pending_state = None
-
-
-def _device(pl_module: Any) -> torch.device:
-    for p in pl_module.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-class _StepRecording:
-    """The tracked layers' rows and the LightningModule's output during one training forward."""
-
-    def __init__(self, tracker: LayerTracker, module: Any) -> None:
-        self.tracker = tracker
-        self.capture, self._detach = tracker.attach()
-        # calls of the LightningModule that call no other one inside: under DDP, Lightning
-        # calls the module once more around the training step (its forward redirected to
-        # training_step), and that wrapping call is not a model forward
-        self.calls: list[tuple[tuple, dict, Any]] = []
-        self._open: list[bool] = []  # per open call: did another call start inside it
-
-        def pre_hook(_module: Any, args: tuple, kwargs: dict) -> None:
-            if self._open:
-                self._open[-1] = True
-            self._open.append(False)
-
-        def hook(_module: Any, args: tuple, kwargs: dict, output: Any) -> None:
-            wrapped_another = self._open.pop() if self._open else False
-            if not wrapped_another:
-                self.calls.append((args, kwargs, output))
-        self._handles = [module.register_forward_pre_hook(pre_hook, with_kwargs=True),
-                         module.register_forward_hook(hook, with_kwargs=True)]
-
-    def stop(self) -> None:
-        self._detach()
-        for handle in self._handles:
-            handle.remove()
-
-    @property
-    def output(self) -> Any:
-        return self.calls[0][2]
-
-    def layer_counts(self) -> dict[str, int]:
-        """How many times each tracked layer ran during the recording."""
-        return self.capture.layer_counts()
-
-    def unusable_reason(self, task: Task, batch: Any, counts: dict[str, int] | None,
-                        ) -> str | None:
-        """Why this forward cannot stand in for ``task.forward(model, batch)``, or None.
-        ``counts``: the tracked layers' run counts of the verified forward (None before)."""
-        if type(task).forward is not Task.forward:
-            return f"{type(task).__name__} overrides Task.forward"
-        if not self.calls:
-            return ("the training step did not call the LightningModule itself (only its "
-                    "submodules)")
-        if len(self.calls) > 1:
-            return (f"the training step called the LightningModule {len(self.calls)} times, "
-                    "not once")
-        args, kwargs, output = self.calls[0]
-        if kwargs or len(args) != 1 or args[0] is not task.inputs(batch):
-            return ("the training step did not call the LightningModule on exactly the task's "
-                    "inputs")
-        try:
-            logits = task.logits(output)
-        except TypeError:
-            return "the task finds no logits in the LightningModule's output"
-        if not logits.requires_grad:
-            return "the LightningModule's output does not require grad"
-        if not self.capture.outputs:
-            return "no tracked layer produced an output that requires grad"
-        no_grad = [name for name, edges in self.capture.edges.items()
-                   if all(edge is None for edge in edges)]
-        if no_grad:
-            return (f"tracked layers {no_grad} ran without gradient in the training step "
-                    "(frozen, or under no_grad/reentrant checkpointing)")
-        if counts is not None and self.layer_counts() != counts:
-            return "the tracked layers ran a different number of times than in the checked step"
-        return None
-
-    def differs_from_eval(self, module: Any, task: Task, batch: Any) -> str | None:
-        """Compare this (train-mode) forward with an eval-mode forward on the same batch."""
-        with evaluation_mode(module), torch.no_grad():
-            reference = Capture()
-            _, detach = self.tracker.attach(reference)
-            try:
-                expected = task.forward(module, batch)
-            finally:
-                detach()
-        pairs = [("the model output", task.logits(self.output).detach(), task.logits(expected))]
-        for name, acts in self.capture.activations.items():
-            ref = reference.activations.get(name, [])
-            if len(ref) != len(acts):
-                return f"layer {name!r} ran a different number of times in eval mode"
-            pairs += [(f"the inputs of layer {name!r}", a, r) for a, r in zip(acts, ref, strict=True)]
-        for what, got, want in pairs:
-            if got.shape != want.shape:
-                return f"{what} have another shape in eval mode"
-            low = torch.finfo(got.dtype).bits <= 16 or torch.finfo(want.dtype).bits <= 16
-            tolerance = 5e-2 if low else 1e-3
-            error = float((got.float() - want.float()).norm())
-            if error > tolerance * float(want.float().norm()) + 1e-12:
-                return (f"{what} differ between train and eval mode (dropout, batch norm or a "
-                        "forward that depends on self.training)")
-        return None
