@@ -33,7 +33,7 @@ from lightning_influence.language.corpus import (
     QueryDataset,
 )
 from lightning_influence.lowrank import QueryStore
-from lightning_influence.scoring import build_query_store, compute_pairwise_scores
+from lightning_influence.scoring import BoundInfluence, bind, build_query_store
 from lightning_influence.task import CausalLMTask
 
 __all__ = [
@@ -292,9 +292,11 @@ def document_influence(model: nn.Module, factors: Any, corpus: ChunkedCorpus,
                                     candidates)
         chunk_ids = corpus.chunks_of(cands.unique())
 
+    bound = bind(model, factors, task, tracker)
+
     def score(query_grads: QueryStore) -> ChunkScores:
-        return score_chunks(model, factors, task, corpus, query_loader, query_grads, chunk_ids,
-                            batch_size=batch_size, tracker=tracker, progress=progress)
+        return score_chunks(bound, corpus, query_loader, query_grads, chunk_ids,
+                            batch_size=batch_size, progress=progress)
 
     start = time.perf_counter()
     chunks = score(store)
@@ -346,17 +348,16 @@ class ChunkScores:
     layer_names: list[str]
 
 
-def score_chunks(model: nn.Module, factors: Any, task: Any, corpus: ChunkedCorpus,
-                 query_loader: Any, query_grads: QueryStore, chunk_ids: Tensor | None = None, *,
-                 batch_size: int = 32, tracker: Any = None, progress: bool = True) -> ChunkScores:
+def score_chunks(bound: BoundInfluence, corpus: ChunkedCorpus, query_loader: Any,
+                 query_grads: QueryStore, chunk_ids: Tensor | None = None, *,
+                 batch_size: int = 32, progress: bool = True) -> ChunkScores:
     """Score every query against the training chunks (only ``chunk_ids`` when given) in one
-    streaming pass, with the per-layer breakdown."""
+    streaming pass of a bound model, with the per-layer breakdown."""
     n_chunks = len(corpus)
     subset = Subset(corpus, chunk_ids.tolist()) if chunk_ids is not None else corpus
     ids = chunk_ids if chunk_ids is not None else torch.arange(n_chunks)
-    result = compute_pairwise_scores(model, factors, query_loader, _loader(subset, batch_size),
-                                     task, top_k=1, keep_scores=True, per_layer=True,
-                                     tracker=tracker, query_grads=query_grads, progress=progress)
+    result = bound.pairwise(query_loader, _loader(subset, batch_size), top_k=1, keep_scores=True,
+                            per_layer=True, query_grads=query_grads, progress=progress)
     full = torch.full((result.scores.shape[0], n_chunks), float("nan"), dtype=torch.float64)
     full[:, ids] = result.scores
     layers = torch.full((len(result.layer_names),) + full.shape, float("nan"),
