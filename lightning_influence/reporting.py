@@ -7,9 +7,13 @@ example: up-weighting it lowers the query loss; a negative score an opponent.
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import IterableDataset
@@ -121,12 +125,10 @@ def write_results(folder: str | Path, pairwise: PairwiseResult | None, self_resu
             rows, folder / "top_influential.csv", list(rows[0]) if rows else ["query_index"])
         summary.update(num_queries=int(top.proponent_indices.shape[0]),
                        num_train=pairwise.num_train, normalized=pairwise.normalized)
-        if pairwise.layer_scores is not None:
-            shares = layer_shares(pairwise.layer_scores)
-            layer_rows = [{"layer": name, "mean_abs_share": float(shares[i])}
-                          for i, name in enumerate(pairwise.layer_names)]
-            paths["layer_influence"] = atomic_save_csv(layer_rows, folder / "layer_influence.csv",
-                                                       ["layer", "mean_abs_share"])
+    shares = layer_share_rows(pairwise, self_result)
+    if shares:
+        paths["layer_influence"] = atomic_save_csv(shares, folder / "layer_influence.csv",
+                                                   ["layer", "mean_abs_share", "source"])
     if self_result is not None:
         tensors["self_influence"] = self_result.scores
         tensors["self_influence_per_layer"] = self_result.layer_scores
@@ -138,6 +140,29 @@ def write_results(folder: str | Path, pairwise: PairwiseResult | None, self_resu
     paths["scores"] = atomic_save_safetensors(tensors, folder / "scores.safetensors")
     paths["summary"] = atomic_save_json(summary, folder / "summary.json")
     return paths
+
+
+def layer_share_rows(pairwise: PairwiseResult | None,
+                     self_result: SelfResult | None) -> list[dict[str, Any]]:
+    """Each layer's share of the influence, from the best per-layer scores computed: the full
+    pairwise matrix (``keep_scores``), else the top-k entries' breakdown (``per_layer``), else
+    self-influence (always per layer). Rows ``{layer, mean_abs_share, source}``; empty when
+    none was computed."""
+    if pairwise is not None and pairwise.layer_scores is not None:
+        names, shares, source = (pairwise.layer_names, layer_shares(pairwise.layer_scores),
+                                 "all pairwise scores")
+    elif pairwise is not None and pairwise.top.proponent_layers is not None:
+        top = pairwise.top
+        per = torch.cat([top.proponent_layers, top.opponent_layers], dim=1)  # [Q, 2K, L]
+        names, shares, source = (pairwise.layer_names, layer_shares(per.permute(2, 0, 1)),
+                                 "top-k pairwise scores")
+    elif self_result is not None and self_result.layer_scores is not None:
+        names, shares, source = (self_result.layer_names, layer_shares(self_result.layer_scores),
+                                 "self-influence")
+    else:
+        return []
+    return [{"layer": name, "mean_abs_share": float(shares[i]), "source": source}
+            for i, name in enumerate(names)]
 
 
 def layer_shares(layer_scores: Tensor) -> Tensor:
@@ -157,6 +182,8 @@ def _wandb_media(obj: Any) -> Any:
     if side < 64:  # tiny images (8x8 digits) are upscaled, nearest-neighbour, to be seen
         factor = -(-64 // side)
         obj = obj.repeat(factor, axis=0).repeat(factor, axis=1)
+    if obj.dtype != np.uint8:  # Task.render gives floats in [0, 1]; W&B casts to 8 bits as is
+        obj = (np.clip(obj, 0.0, 1.0) * 255.0).round().astype(np.uint8)
     return wandb.Image(obj)
 
 
@@ -197,13 +224,13 @@ def log_results(loggers: list[Any], pairwise: PairwiseResult | None,
                 [pairwise.top.proponent_scores, pairwise.top.opponent_scores], dim=1)
             payload[f"{prefix}/pairwise_score_histogram"] = wandb.Histogram(
                 values.flatten().double().numpy(), num_bins=64)
-            if pairwise.layer_scores is not None:
-                shares = layer_shares(pairwise.layer_scores)
-                layer_table = wandb.Table(columns=["layer", "mean_abs_share"],
-                                          data=[[n, float(shares[i])]
-                                                for i, n in enumerate(pairwise.layer_names)])
-                payload[f"{prefix}/layer_influence"] = wandb.plot.bar(
-                    layer_table, "layer", "mean_abs_share", title="Layer-wise share of influence")
+        shares = layer_share_rows(pairwise, self_result)
+        if shares:
+            layer_table = wandb.Table(columns=["layer", "mean_abs_share"],
+                                      data=[[r["layer"], r["mean_abs_share"]] for r in shares])
+            payload[f"{prefix}/layer_influence"] = wandb.plot.bar(
+                layer_table, "layer", "mean_abs_share",
+                title=f"Layer-wise share of influence ({shares[0]['source']})")
         if self_result is not None:
             columns = ["rank", "train_index", "example", "label", SELF_COLUMN, "train_loss"]
             table = wandb.Table(columns=columns)
@@ -214,6 +241,25 @@ def log_results(loggers: list[Any], pairwise: PairwiseResult | None,
             payload[f"{prefix}/self_influence_flags"] = table
             payload[f"{prefix}/self_influence_histogram"] = wandb.Histogram(
                 self_result.scores.double().numpy(), num_bins=64)
-        run.log(payload)
+        with _staged_in(run):
+            run.log(payload)
         keys.extend(payload)
     return keys
+
+
+@contextmanager
+def _staged_in(run: Any) -> Iterator[None]:
+    """Stage table media (the example images) inside the run's own folder instead of W&B's
+    user-wide data folder, so that one folder holds everything ``wandb sync`` needs."""
+    folder = Path(run.dir).parent if getattr(run, "dir", None) else None
+    previous = os.environ.get("WANDB_DATA_DIR")
+    if folder is not None:
+        os.environ["WANDB_DATA_DIR"] = str(folder)
+    try:
+        yield
+    finally:
+        if folder is not None:
+            if previous is None:
+                os.environ.pop("WANDB_DATA_DIR", None)
+            else:
+                os.environ["WANDB_DATA_DIR"] = previous

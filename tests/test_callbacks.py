@@ -3,9 +3,12 @@ checkpoint and resume."""
 
 from __future__ import annotations
 
+import csv
 import json
+import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -121,6 +124,31 @@ def test_wandb_offline_run_holds_tables_and_flags(tmp_path):
     flagged = [row[1] for row in flags["data"]]
     expected = callbacks[2].self_result.scores.topk(len(flagged)).indices.tolist()
     assert flagged == expected
+    assert "influence/layer_influence_table" in summary_keys  # the layer chart's data
+
+    # The example images: staged inside the run folder (one folder for `wandb sync`), and with
+    # their pixels on the 0-255 scale (0-1 floats cast straight to 8 bits came out black).
+    pngs = [p for p in run_dir.rglob("*") if p.is_file()
+            and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"]
+    assert len(pngs) >= 4 * 2 * 3, len(pngs)
+    elsewhere = [p for p in Path(os.environ["WANDB_DATA_DIR"]).rglob("*.png")]
+    assert not elsewhere, elsewhere
+    from PIL import Image
+    for path in pngs:
+        pixels = np.asarray(Image.open(path).convert("L"))
+        assert pixels.max() == 255 and pixels.min() == 0, (path, pixels.min(), pixels.max())
+
+
+def test_layer_influence_is_written_whatever_keep_scores_says(tmp_path):
+    torch.manual_seed(0)
+    callbacks = [InfluenceStatistics(progress=False), EigenCorrection(progress=False),
+                 InfluenceScores(num_queries=4, top_k=3, keep_scores=False, progress=False)]
+    train, val = _loaders()
+    _trainer(tmp_path, callbacks).fit(TinyClassifier(), train, val)
+    rows = list(csv.DictReader((tmp_path / "influence" / "layer_influence.csv").open()))
+    assert [r["layer"] for r in rows] == ["net.0", "net.2"]
+    assert {r["source"] for r in rows} == {"top-k pairwise scores"}
+    assert abs(sum(float(r["mean_abs_share"]) for r in rows) - 1) < 1e-9
 
 
 def test_during_training_mode_accumulates_every_n_steps(tmp_path):
