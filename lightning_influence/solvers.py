@@ -640,6 +640,10 @@ def _self_terms(model: nn.Module, preconditioner: Any, loader: Any, task: Task |
     preconditioner.check_fits(tracker)
     dataset = loader.dataset
     chosen = range(len(dataset)) if indices is None else [int(i) for i in indices]
+    outside = [i for i in chosen if not 0 <= i < len(dataset)]
+    if outside:
+        raise IndexError(f"Examples {outside[:5]} are outside the training set of "
+                         f"{len(dataset)} examples; pass indices in range({len(dataset)}).")
     sub = DataLoader(Subset(dataset, list(chosen)), batch_size=batch_size, shuffle=False,
                      collate_fn=loader.collate_fn)
     terms, losses = [], []

@@ -308,7 +308,8 @@ class LayerTracker:
                 "training): all of them are tracked; in a partly frozen model only the "
                 "trainable layers are")
         self._layout_checked: set[str] = set()
-        log.info("lightning-influence tracks %d layers: %s%s", len(self.layers), self.names(),
+        log.log(logging.INFO if self.frozen_skipped else logging.DEBUG,
+                "lightning-influence tracks %d layers: %s%s", len(self.layers), self.names(),
                  f" (frozen layers left out: {self.frozen_skipped}; include_frozen=True "
                  "tracks them)" if self.frozen_skipped else "")
         for note in self.notes:

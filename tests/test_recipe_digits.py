@@ -36,6 +36,16 @@ def test_digits_recipe_finds_flipped_labels(tmp_path):
     assert inf["found_top_20pct"] >= base["found_top_20pct"], figures
     assert inf["auroc"] > base["auroc"], figures
 
+    # The loop closed: the flagged digits dropped, the model retrained, beside the baselines.
+    retrained = {row["dropped_by"]: row for row in figures["retraining"]}
+    assert set(retrained) == {"nothing (the model above)", "influence flags", "loss baseline",
+                              "random"}
+    assert retrained["influence flags"]["dropped"] == 144
+    assert retrained["influence flags"]["flipped_dropped"] >= 0.85 * 144  # = found in top 10%
+    assert retrained["random"]["flipped_dropped"] < 0.3 * 144
+    assert all(0.5 < row["test_acc"] <= 1 for row in retrained.values())
+    assert "Retrained from the same seed" in proc.stdout
+
     influence_dir = tmp_path / "influence"
     for name in ("factors.safetensors", "scores.safetensors", "top_influential.csv",
                  "self_influence_flags.csv", "summary.json"):
@@ -43,10 +53,10 @@ def test_digits_recipe_finds_flipped_labels(tmp_path):
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     tables = [p.name for p in runs[0].glob("files/media/table/**/*.table.json")]
-    for key in ("top_influential", "self_influence_flags", "detection"):
+    for key in ("top_influential", "self_influence_flags", "detection", "retraining"):
         assert any(t.startswith(key) for t in tables), (key, tables)
-    # Images inside tables are staged with the table's artifact (uploaded by `wandb sync`).
-    staged = [p for p in Path(os.environ["WANDB_DATA_DIR"]).rglob("*") if p.is_file()]
+    # Images inside tables are staged with the table's artifact, inside the run's folder.
+    staged = [p for p in runs[0].rglob("*") if p.is_file()]
     pngs = [p for p in staged if p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"]
     assert len(pngs) >= 6, "examples were not rendered as images"
     top = json.loads(next(runs[0].glob("files/media/table/**/top_influential*.json")).read_text())
