@@ -10,6 +10,7 @@ BIN := $(VENV)/bin
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
+	@echo "Installing into $(VENV) (torch first: $(TORCH_SPEC)); about a minute on a fresh machine"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
@@ -20,7 +21,7 @@ demo: install
 	WANDB_MODE=offline $(BIN)/python -m recipes.digits_debugging
 
 test: install
-	WANDB_MODE=offline $(BIN)/python -m pytest -q
+	WANDB_MODE=offline $(BIN)/python -m pytest --durations=10
 
 lint: install
 	$(BIN)/ruff check lightning_influence recipes tests benchmarks

@@ -207,13 +207,15 @@ def factors_from_statistics(tracker: LayerTracker, strategy: str,
             raise FloatingPointError(f"Non-finite eigenvalues for layer {name!r}.")
         layer_damping = damping.resolve(lam)
         if lam is not None and not layer_damping > 0 and not bool((lam > 0).all()):
+            what = ("no curvature at all (every eigenvalue is 0: it never ran in the pass, or "
+                    "its output does not affect the loss at these weights, e.g. a head the loss "
+                    "ignores, a language model whose labels are all ignored, or a LoRA A matrix "
+                    "whose B is still zero because the adapter was never trained)"
+                    if not bool((lam > 0).any()) else "zero eigenvalues (e.g. dead units)")
             raise FloatingPointError(
-                f"Layer {name!r} has " + ("no curvature at all (every eigenvalue is 0: it never ran "
-                "in the pass, or its output does not affect the loss, e.g. a head the loss "
-                "ignores or a language model whose labels are all ignored)" if not bool((lam > 0).any()) else
-                "zero eigenvalues (e.g. dead units)") + f" and damping {layer_damping}: every "
-                "score would be NaN or infinite. Exclude the layer (exclude=[...]) or pass a "
-                "positive damping (a number, or 'weight_decay')."
+                f"Layer {name!r} has {what} and damping {layer_damping}: every score would be "
+                "NaN or infinite. Exclude the layer (exclude=[...]) or pass a positive damping "
+                "(a number, or 'weight_decay')."
             )
         layers[name] = LayerFactors(lam, q_a, q_s, layer_damping)
     return Factors(strategy, layers, tracker.describe(), model_fingerprint(tracker), num_examples,

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from lightning_influence.passes import evaluation_mode
 from lightning_influence.task import Task
@@ -24,6 +25,7 @@ class StepRecording:
 
     def __init__(self, tracker: LayerTracker, module: Any) -> None:
         self.tracker = tracker
+        self.module = module
         self.capture, self._detach = tracker.attach()
         # calls of the LightningModule that call no other one inside: under DDP, Lightning
         # calls the module once more around the training step (its forward redirected to
@@ -69,9 +71,14 @@ class StepRecording:
             return (f"the training step called the LightningModule {len(self.calls)} times, "
                     "not once")
         args, kwargs, output = self.calls[0]
-        if kwargs or len(args) != 1 or args[0] is not task.inputs(batch):
+        expected = task.model_kwargs(self.module, batch)
+        same_kwargs = kwargs.keys() == expected.keys() and all(
+            kwargs[k] is v or (isinstance(v, Tensor) and isinstance(kwargs[k], Tensor)
+                               and kwargs[k].shape == v.shape and torch.equal(kwargs[k], v))
+            for k, v in expected.items())
+        if not same_kwargs or len(args) != 1 or args[0] is not task.inputs(batch):
             return ("the training step did not call the LightningModule on exactly the task's "
-                    "inputs")
+                    "inputs" + (f" and keyword arguments {sorted(expected)}" if expected else ""))
         try:
             logits = task.logits(output)
         except TypeError:

@@ -11,6 +11,7 @@ D regression outputs.
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -43,8 +44,20 @@ class Task(ABC):
     element of a tuple."""
 
     def forward(self, model: nn.Module, batch: Any) -> Tensor:
-        """Run the model on a batch. The default calls ``model(batch[0])``."""
-        return model(self.inputs(batch))
+        """Run the model on a batch. The default calls ``model(inputs, **model_kwargs)`` with
+        :meth:`inputs` and :meth:`model_kwargs` (e.g. ``model(batch[0])``, or
+        ``model(input_ids, attention_mask=mask)`` for a model that takes a mask)."""
+        return model(self.inputs(batch), **self.model_kwargs(model, batch))
+
+    def model_kwargs(self, model: nn.Module, batch: Any) -> dict[str, Any]:
+        """Keyword arguments the model is called with besides its inputs: the batch's
+        ``attention_mask`` (a dict batch) when the model's ``forward`` takes one, as Hugging
+        Face models do; nothing otherwise. Padding then cannot leak into the real tokens'
+        outputs of a model that needs the mask to ignore it."""
+        if isinstance(batch, Mapping) and "attention_mask" in batch and _takes(model,
+                                                                               "attention_mask"):
+            return {"attention_mask": batch["attention_mask"]}
+        return {}
 
     def logits(self, outputs: Any) -> Tensor:
         """The prediction tensor inside a model's outputs: the outputs themselves when they are a
@@ -354,6 +367,16 @@ class CausalLMTask(Task):
         tokens = self.describe(batch, index)["tokens"]
         decode = getattr(self, "decode", None)
         return decode(tokens) if callable(decode) else " ".join(map(str, tokens))
+
+
+def _takes(model: nn.Module, name: str) -> bool:
+    """Whether ``model.forward`` has a parameter ``name`` (or takes ``**kwargs``)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD
+                                 for p in params.values())
 
 
 def find_logits(outputs: Any, key: str | int | None = None, who: str = "The task") -> Tensor:
