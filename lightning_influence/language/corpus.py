@@ -14,7 +14,7 @@ from __future__ import annotations
 import glob
 import logging
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,9 @@ __all__ = [
     "queries_from_config",
     "DEFAULT_STDLIB_MODULES",
     "IGNORE_INDEX",
+    "HFTokenizer",
+    "as_tokenizer",
+    "documents_from_rows",
 ]
 
 
@@ -159,6 +162,91 @@ def hf_documents(name: str, split: str = "train", text_field: str = "text",
     return docs
 
 
+def documents_from_rows(rows: Iterable[Mapping[str, Any]], text_field: str = "text",
+                        title_field: str | None = None, name: str = "row") -> list[Document]:
+    """Documents from rows of a table as they are: a Hugging Face ``datasets.Dataset``, a list
+    of dicts, any iterable of mappings. Empty texts are skipped; titles default to
+    ``"<name>[<row>]"``.
+
+    Raises:
+        KeyError: a row without ``text_field`` (or ``title_field``), naming the row's keys.
+    """
+    docs = []
+    for i, row in enumerate(rows):
+        for field_name in (text_field, title_field):
+            if field_name is not None and field_name not in row:
+                raise KeyError(f"Row {i} has no field {field_name!r}; its fields: "
+                               f"{sorted(row)}. Pass text_field=... (and title_field=...).")
+        text = row[text_field]
+        if text and str(text).strip():
+            title = str(row[title_field]) if title_field else f"{name}[{i}]"
+            docs.append(Document(title, str(text)))
+    return docs
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer seen through the interface the corpus and reports use
+    (``encode``, ``pad_id``, ``token_strings``, ``decode``).
+
+    Special tokens are not added (a chunk is a piece of running text). The pad id is the
+    tokenizer's ``pad_token_id``, else its ``eos_token_id`` (the usual choice for causal LMs
+    that have no pad token), else 0; padding never counts anyway (``attention_mask``).
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        pad = getattr(tokenizer, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(tokenizer, "eos_token_id", None)
+        self._pad = int(pad) if pad is not None else 0
+
+    @property
+    def pad_id(self) -> int:
+        return self._pad
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        """Each token's own text, so that they join back into the decoded string: the text a
+        token completes. A byte-level token that holds only part of a character gets ``""``
+        and the character goes to the token that completes it (decoded alone, the part would
+        be a replacement mark)."""
+        ids = [int(i) for i in ids]
+        out, done, start = [], "", 0
+        for k in range(len(ids)):
+            text = self.tokenizer.decode(ids[start:k + 1])
+            if text.endswith("\ufffd") and k + 1 < len(ids):
+                out.append("")  # an incomplete character: wait for the next token
+                continue
+            out.append(text[len(done):])
+            done = text
+            if k - start > 64:  # keep each decode short: restart after a complete token
+                start, done = k + 1, ""
+        return out
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode([int(i) for i in ids])
+
+
+def as_tokenizer(tokenizer: Any) -> Any:
+    """The library's :class:`CharTokenizer` (or anything with ``encode``, ``pad_id`` and
+    ``token_strings``) as it is; a Hugging Face tokenizer wrapped in :class:`HFTokenizer`."""
+    if all(hasattr(tokenizer, a) for a in ("encode", "pad_id", "token_strings")):
+        return tokenizer
+    if hasattr(tokenizer, "convert_ids_to_tokens") and hasattr(tokenizer, "encode"):
+        return HFTokenizer(tokenizer)
+    raise TypeError(
+        f"A {type(tokenizer).__name__} is not a tokenizer this library can use: it needs "
+        "encode(text) -> ids, pad_id and token_strings(ids), or to be a Hugging Face "
+        "tokenizer (with convert_ids_to_tokens)."
+    )
+
+
 # ----------------------------------------------------------------------------------- tokens
 class CharTokenizer:
     """Characters as tokens: id 0 pads, id 1 stands for characters outside the vocabulary.
@@ -232,7 +320,7 @@ class ChunkedCorpus(Dataset):
     """
 
     documents: list[Document]
-    tokenizer: CharTokenizer
+    tokenizer: Any  # CharTokenizer, HFTokenizer: encode, pad_id, token_strings
     context: int
     input_ids: Tensor
     attention_mask: Tensor
@@ -263,13 +351,20 @@ class ChunkedCorpus(Dataset):
         return torch.isin(self.chunk_document, docs).nonzero().flatten()
 
 
-def chunk_documents(documents: Sequence[Document], tokenizer: CharTokenizer,
-                    context: int) -> ChunkedCorpus:
+def chunk_documents(documents: Sequence[Document] | Iterable[Mapping[str, Any]],
+                    tokenizer: Any, context: int) -> ChunkedCorpus:
     """Tokenize and split every document into consecutive chunks of ``context`` tokens.
 
-    The last chunk of a document is padded; chunks of a single token (nothing to predict) are
-    dropped; a document left with no chunk is dropped too.
+    ``documents`` are :class:`Document` objects or rows with a ``"text"`` field as they are (a
+    Hugging Face ``datasets.Dataset``; see :func:`documents_from_rows` for other fields);
+    ``tokenizer`` is a :class:`CharTokenizer` or a Hugging Face tokenizer. The last chunk of a
+    document is padded; chunks of a single token (nothing to predict) are dropped; a document
+    left with no chunk is dropped too.
     """
+    tokenizer = as_tokenizer(tokenizer)
+    documents = list(documents)
+    if documents and not isinstance(documents[0], Document):
+        documents = documents_from_rows(documents)
     if context < 2:
         raise ValueError(f"context must be >= 2 tokens, got {context}.")
     kept_docs: list[Document] = []
@@ -337,9 +432,10 @@ class QueryDataset(Dataset):
         max_length: the model's context; a longer query is refused.
     """
 
-    def __init__(self, queries: Sequence[Query], tokenizer: CharTokenizer,
+    def __init__(self, queries: Sequence[Query], tokenizer: Any,
                  max_length: int | None = None) -> None:
         self.queries = list(queries)
+        tokenizer = as_tokenizer(tokenizer)
         encoded = [(tokenizer.encode(q.prompt), tokenizer.encode(q.completion)) for q in self.queries]
         width = max(len(p) + len(c) for p, c in encoded)
         if max_length is not None and width > max_length:
