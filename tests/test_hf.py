@@ -199,3 +199,79 @@ def test_lora_tracks_the_adapters_only():
         r=4, target_modules=["q_proj"]))  # never trained: its A matrices have no gradient
     with pytest.raises(FloatingPointError, match="LoRA A matrix whose B is still zero"):
         li.fit_factors(fresh, train, "causal_lm", progress=False)
+
+
+def _bpe_tokenizer(texts):
+    """A byte-level BPE tokenizer trained here on the given texts (no hub)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300,
+                                                       special_tokens=["<|endoftext|>"]))
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok,
+                                                eos_token="<|endoftext|>")
+
+
+def test_document_influence_takes_a_hugging_face_tokenizer_and_rows():
+    from pydoc_data.topics import topics
+
+    from lightning_influence.language import Query, chunk_documents, document_influence
+
+    rows = [{"text": text, "name": name} for name, text in list(topics.items())[:12]]
+    hf_tok = _bpe_tokenizer([r["text"] for r in rows])
+    assert hf_tok.pad_token_id is None  # like most causal LMs: the EOS id pads
+    corpus = chunk_documents(rows, hf_tok, 48)
+    assert corpus.tokenizer.pad_id == hf_tok.eos_token_id and corpus.num_documents == 12
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=len(hf_tok), hidden_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, intermediate_size=48,
+                                      max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(config).eval()
+    factors = li.fit_factors(model, DataLoader(corpus, batch_size=16), "causal_lm",
+                             progress=False)
+    queries = [Query("Q: What is a lambda?\nA:", " an anonymous function."),
+               Query("Q: How do loops end?\nA:", " with break.")]
+    result = document_influence(model, factors, corpus, queries, rank=4, top_k=2,
+                                token_documents=1, batch_size=16, progress=False)
+    assert result.document_scores.shape == (2, 12)
+    assert torch.isfinite(result.document_scores).all()
+    (q, d), scores = next(iter(result.token_scores.items()))
+    ids = corpus.tokenizer.encode(corpus.documents[d].text)
+    assert len(scores) == len(ids)  # one score per real token of the document
+    assert "".join(corpus.tokenizer.token_strings(ids)) == corpus.documents[d].text
+    with pytest.raises(KeyError, match="Row 0 has no field 'text'.*'name'"):
+        chunk_documents([{"name": "x"}], hf_tok, 48)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_bf16_mixed_and_gradient_checkpointing_through_the_callbacks(checkpointing, tmp_path):
+    """A Llama-shaped model trained under bf16-mixed (and with Hugging Face gradient
+    checkpointing, active in training mode): the callbacks fit, reuse their factors from disk
+    when reloaded (no false mismatch) and score under autocast."""
+    torch.manual_seed(0)
+    module = CausalLM("llama")
+    if checkpointing:
+        module.model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def run():  # noqa: D103
+        callbacks = [InfluenceStatistics(mode="during_training", every_n_steps=1, progress=False),
+                     EigenCorrection(progress=False),
+                     InfluenceScores(num_queries=2, top_k=2, progress=False)]
+        trainer = pl.Trainer(max_epochs=1, accelerator="cpu", precision="bf16-mixed",
+                             logger=False, callbacks=callbacks, default_root_dir=str(tmp_path),
+                             enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False)
+        trainer.fit(module, batches(8, 7), batches(4, 8))
+        return callbacks
+
+    first = run()
+    assert torch.isfinite(first[2].self_result.scores).all()
+    assert all(torch.isfinite(layer.eigenvalues).all() for layer in first[1].factors.layers.values())
+    # the saved factors belong to the trained weights: reloaded, they match (no false mismatch)
+    loaded = li.Factors.load(tmp_path / "influence")
+    again = li.compute_self_scores(module, loaded, batches(8, 7), "causal_lm", progress=False,
+                                   autocast=torch.bfloat16)
+    assert torch.isfinite(again.scores).all()
