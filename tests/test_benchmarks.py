@@ -86,3 +86,14 @@ def test_language_model_accuracy_benchmark(tmp_path):
     for name in ("ours identity", "ours ekfac", "lissa (2 it.)", "CG + EK-FAC preconditioner"):
         assert f"| {name}" in table, name
     assert (tmp_path / "accuracy_lm.png").stat().st_size > 10_000
+
+
+def test_llm_cost_benchmark_reports_the_ratio_to_an_epoch(tmp_path):
+    pytest.importorskip("transformers")
+    run("llm_cost.py", "--chunks", "32", "--queries", "2", "--sizes", "small", "--threads", "1",
+        "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "llm_cost.json").read_text())
+    small = rows["small"]
+    assert small["epoch_s"] > 0 and small["total_over_epoch"] > 0
+    assert small["peak_mb"] >= 0 and small["estimate_mb"] > 0
+    assert "fit+pairwise+self / epoch" in (tmp_path / "llm_cost.md").read_text()

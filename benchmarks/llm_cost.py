@@ -1,0 +1,166 @@
+"""What influence costs on a Hugging Face language model, as a multiple of training it.
+
+    .venv/bin/python benchmarks/llm_cost.py                       # both sizes, ~2k chunks each
+
+Protocol: Llama-shaped models built from ``transformers`` configs (random init; the cost does not
+depend on the weights) at two sizes, ``--chunks`` training chunks of ``--length`` tokens (random
+tokens from a ``--vocab`` vocabulary), batch ``--batch-size``, float32, ``--threads`` CPU threads.
+In one run, per size:
+
+- one plain training epoch over the chunks (forward, backward, AdamW step): the unit;
+- fitting EK-FAC (covariance pass, eigendecompositions, eigenvalue pass), pairwise scores of
+  ``--queries`` queries against every chunk, and self-influence of every chunk;
+- the peak resident memory of each stage (process RSS high-water mark sampled on a thread), and
+  the library's own estimate (``lightning_influence.memory``) plus the model's size.
+
+The method needs about four passes over the data (covariances, eigenvalues, pairwise,
+self-influence), each a forward and a backward: about four epochs is the floor to compare with.
+Writes ``<out>/llm_cost.md`` and ``<out>/llm_cost.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lightning_influence as li  # noqa: E402
+from lightning_influence.memory import estimate_bytes  # noqa: E402
+
+SIZES = {"small": dict(hidden=64, layers=2, heads=4, intermediate=128),
+         "large": dict(hidden=256, layers=4, heads=8, intermediate=512)}
+
+
+class PeakRSS:
+    """The process's resident memory high-water mark over a block (sampled every 5 ms)."""
+
+    def __enter__(self) -> PeakRSS:
+        self.proc = psutil.Process(os.getpid())
+        self.peak = self.proc.memory_info().rss
+        self.start = self.peak
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+
+def make_model(size: str, vocab: int, length: int) -> torch.nn.Module:
+    import transformers
+
+    s = SIZES[size]
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=s["hidden"],
+                                      num_hidden_layers=s["layers"],
+                                      num_attention_heads=s["heads"],
+                                      intermediate_size=s["intermediate"],
+                                      max_position_embeddings=length, tie_word_embeddings=False)
+    return transformers.LlamaForCausalLM(config)
+
+
+def chunks(n: int, length: int, vocab: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (n, length), generator=g)
+    return [{"input_ids": i, "attention_mask": torch.ones(length, dtype=torch.long)} for i in ids]
+
+
+def train_epoch(model: torch.nn.Module, loader: DataLoader) -> float:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    task = li.CausalLMTask()
+    model.train()
+    start = time.perf_counter()
+    for batch in loader:
+        opt.zero_grad(set_to_none=True)
+        loss = task.loss(task.forward(model, batch), batch).mean()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return time.perf_counter() - start
+
+
+def measure(size: str, args: argparse.Namespace) -> dict[str, float]:
+    model = make_model(size, args.vocab, args.length)
+    train = DataLoader(chunks(args.chunks, args.length, args.vocab, 0), batch_size=args.batch_size)
+    queries = DataLoader(chunks(args.queries, args.length, args.vocab, 1),
+                         batch_size=args.queries)
+    row: dict[str, float] = {"parameters": sum(p.numel() for p in model.parameters())}
+    row["epoch_s"] = train_epoch(model, train)
+    with PeakRSS() as mem:
+        start = time.perf_counter()
+        factors = li.fit_factors(model, train, "causal_lm", progress=False)
+        row["fit_s"] = time.perf_counter() - start
+    row["fit_peak_mb"] = (mem.peak - mem.start) / 2**20
+    with PeakRSS() as mem:
+        start = time.perf_counter()
+        li.compute_pairwise_scores(model, factors, queries, train, "causal_lm", top_k=10,
+                                   keep_scores=False, progress=False)
+        row["pairwise_s"] = time.perf_counter() - start
+    row["pairwise_peak_mb"] = (mem.peak - mem.start) / 2**20
+    with PeakRSS() as mem:
+        start = time.perf_counter()
+        li.compute_self_scores(model, factors, train, "causal_lm", progress=False)
+        row["self_s"] = time.perf_counter() - start
+    row["self_peak_mb"] = (mem.peak - mem.start) / 2**20
+    row["total_s"] = row["fit_s"] + row["pairwise_s"] + row["self_s"]
+    row["total_over_epoch"] = row["total_s"] / row["epoch_s"]
+    estimate = estimate_bytes(factors.shapes, "ekfac", num_queries=args.queries,
+                              batch_size=args.batch_size, rows_per_example=args.length)
+    row["estimate_mb"] = sum(estimate.values()) / 2**20
+    row["peak_mb"] = max(row["fit_peak_mb"], row["pairwise_peak_mb"], row["self_peak_mb"])
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", default="small,large")
+    p.add_argument("--chunks", type=int, default=2048)
+    p.add_argument("--length", type=int, default=64)
+    p.add_argument("--vocab", type=int, default=512)
+    p.add_argument("--queries", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = {size: measure(size, args) for size in args.sizes.split(",")}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"Llama-shaped models, {args.chunks} chunks x {args.length} tokens, {args.queries} "
+             f"queries, batch {args.batch_size}, float32, {args.threads} CPU threads; "
+             "peak = resident-memory increase over the stage",
+             "",
+             "| size | parameters | epoch (s) | fit (s) | pairwise (s) | self (s) | "
+             "fit+pairwise+self / epoch | peak MiB | estimate MiB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for size, r in rows.items():
+        lines.append(f"| {size} | {r['parameters']:,.0f} | {r['epoch_s']:.1f} | {r['fit_s']:.1f} "
+                     f"| {r['pairwise_s']:.1f} | {r['self_s']:.1f} | {r['total_over_epoch']:.2f} "
+                     f"| {r['peak_mb']:.0f} | {r['estimate_mb']:.0f} |")
+    lines += ["", "The floor is about 4 epochs (four passes, each a forward and a backward)."]
+    text = "\n".join(lines) + "\n"
+    (out / "llm_cost.md").write_text(text)
+    (out / "llm_cost.json").write_text(json.dumps(rows, indent=2))
+    print(text)  # noqa: T201 - the benchmark's report is its output
+
+
+if __name__ == "__main__":
+    main()
