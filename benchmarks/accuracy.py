@@ -64,7 +64,7 @@ from lightning_influence.evaluation import (  # noqa: E402
     pbrf,
     subset_measurements,
 )
-from lightning_influence.solvers import ConjugateGradient, LiSSA  # noqa: E402
+from lightning_influence.solvers import Arnoldi, ConjugateGradient, LiSSA  # noqa: E402
 
 try:  # the peer, only in the Kronfluence venv (benchmarks/README.md)
     import kronfluence_side  # noqa: E402
@@ -150,6 +150,21 @@ def preconditioned_cg_path(model, damping, number, train, queries, steps: list[i
     return out
 
 
+def arnoldi_path(model, damping, train, queries, steps: list[int]) -> list[dict[str, Any]]:
+    """Arnoldi (Schioppa et al. 2022) with each number of Krylov steps in ``steps`` (one
+    full-data product each; one run per depth), every Ritz pair kept, float64."""
+    out = []
+    for depth in steps:
+        t0 = time.perf_counter()
+        solver = Arnoldi(model, train, "classification", damping=damping, iterations=depth,
+                         dtype=torch.float64)
+        scores = li.compute_pairwise_scores(model, solver, queries, train, "classification",
+                                            top_k=1, progress=False).scores
+        out.append({"name": f"arnoldi ({depth} it.)", "scores": scores,
+                    "seconds": time.perf_counter() - t0, "depth": depth})
+    return out
+
+
 def _cg_state(cg: dict[str, Any]) -> str:
     return "converged" if cg["residual"] <= 1e-6 else f"{cg['iterations']} it., not converged"
 
@@ -176,6 +191,8 @@ def plot(rows: list[dict[str, Any]], path: Path,
     for ax, key, label in ((axes[0], "pbrf_pearson_q", "correlation with PBRF (Pearson, mean over queries)"),
                            (axes[1], "lds", "LDS (Spearman, mean over queries)")):
         for prefix, color, path_label in (("lissa", "tab:gray", "LiSSA (depth grows)"),
+                                          ("arnoldi", "tab:purple",
+                                           "Arnoldi (Krylov steps grow)"),
                                           ("CG + EK-FAC", "tab:green",
                                            "CG preconditioned by EK-FAC (iterations grow)")):
             path_rows = [r for r in rows if r["name"].startswith(prefix) and key in r]
@@ -213,6 +230,8 @@ def main() -> None:
     p.add_argument("--fraction", type=float, default=0.5)
     p.add_argument("--repeats", type=int, default=1, help="training seeds per LDS subset")
     p.add_argument("--lissa-steps", default="10,30,100,300,1000,3000,10000")
+    p.add_argument("--arnoldi-steps", default="20,50,100",
+                   help="Krylov steps of the Arnoldi rows (empty: none)")
     p.add_argument("--pcg-steps", default="1,3,10,30",
                    help="iterations of CG preconditioned by EK-FAC")
     p.add_argument("--damping", default="weight_decay", choices=("weight_decay", "heuristic"))
@@ -277,6 +296,11 @@ def main() -> None:
     steps = [int(s) for s in args.lissa_steps.split(",")]
     rows.extend(lissa_path(model, damping, train, queries, steps))
     print(f"LiSSA scale {rows[-1]['scale']:.3g}, {rows[-1]['seconds']:.1f}s to depth {steps[-1]}")
+    if args.arnoldi_steps:
+        rows.extend(arnoldi_path(model, damping, train, queries,
+                                 [int(s) for s in args.arnoldi_steps.split(",")]))
+        print("Arnoldi: " + ", ".join(f"{r['seconds']:.1f}s for {r['depth']} steps"
+                                      for r in rows if r["name"].startswith("arnoldi")))
     pcg = preconditioned_cg_path(model, damping, number, train, queries,
                                  [int(s) for s in args.pcg_steps.split(",")])
     rows.extend(pcg)

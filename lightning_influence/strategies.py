@@ -87,6 +87,7 @@ STRATEGY_TABLE: dict[str, Strategy] = {s.name: s for s in (
     Strategy("explicit", solver="ExplicitGGN"),
     Strategy("cg", solver="ConjugateGradient"),
     Strategy("lissa", solver="LiSSA"),
+    Strategy("arnoldi", solver="Arnoldi"),
 )}
 
 STRATEGIES = tuple(n for n, s in STRATEGY_TABLE.items() if s.solver is None)

@@ -44,11 +44,12 @@ def test_speed_benchmark_reports_every_ratio(tmp_path):
 
 def test_accuracy_benchmark_writes_table_plot_and_wandb_run(tmp_path):
     run("accuracy.py", "--queries", "3", "--pbrf-examples", "3", "--subsets", "4",
-        "--lissa-steps", "2,4", "--pcg-steps", "1,2", "--fisher-seeds", "1", "--timing-runs", "1",
+        "--lissa-steps", "2,4", "--pcg-steps", "1,2", "--arnoldi-steps", "3", "--fisher-seeds", "1",
+        "--timing-runs", "1",
         "--cg-iterations", "3", "--epochs", "2", "--threads", "1", "--out", str(tmp_path))
     table = (tmp_path / "accuracy.md").read_text()
     for name in ("ours identity", "ours ekfac", "ours ekfac, exact Fisher", "lissa (4 it.)",
-                 "block-diagonal GGN, CG", "CG + EK-FAC preconditioner (2 it.)",
+                 "block-diagonal GGN, CG", "CG + EK-FAC preconditioner (2 it.)", "arnoldi (3 it.)",
                  "ours ekfac, heuristic damping"):
         assert f"| {name}" in table, name
     assert "Kronfluence" not in table.split("EK-FAC LDS")[0]  # the peer is absent here

@@ -210,7 +210,7 @@ def test_strategy_and_damping_choices_are_named():
     from lightning_influence.strategies import strategy
 
     with pytest.raises(ValueError, match=r"'ekfak'; choose one of \['identity', 'diagonal', "
-                                         r"'kfac', 'ekfac', 'explicit', 'cg', 'lissa'\]"):
+                                         r"'kfac', 'ekfac', 'explicit', 'cg', 'lissa', 'arnoldi'\]"):
         strategy("ekfak")
     with pytest.raises(ValueError, match="choose one of .*'ekfac'\\]"):
         strategy("cg", fitted_only=True)

@@ -18,6 +18,7 @@ from lightning_influence import (
     fit_factors,
 )
 from lightning_influence.solvers import (
+    Arnoldi,
     ConjugateGradient,
     ExplicitGGN,
     LiSSA,
@@ -255,3 +256,33 @@ def test_solvers_run_through_scaled_dot_product_attention():
 
     got = ref.flat_gradients(solver.precondition(as_dict(model, query, names)), names)
     assert_close(got, expected, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("damping", [0.05, {"0": 0.02, "2": 0.1}])
+def test_arnoldi_over_the_whole_space_equals_the_exact_damped_ggn_inverse(setup, damping):
+    """With as many Krylov steps as parameters (39), the Ritz pairs are G's eigenpairs and the
+    Woodbury solve is the exact ``(G + D)^-1``, per-layer damping included."""
+    model, (x, y), _, ggn, _, query = setup
+    expected = solve_reference(ggn, damping_matrix(model, damping), query)
+    solver = Arnoldi(model, loader(x, y), "classification", damping=damping, iterations=39)
+    got = ref.flat_gradients(solver.precondition(as_dict(model, query)), NAMES)
+    assert_close(got, expected, rtol=1e-7, atol=1e-7 * expected.abs().max().item())
+
+
+def test_arnoldi_finds_the_top_eigenvalues_and_inverts_its_low_rank_model(setup):
+    model, (x, y), _, ggn, _, query = setup
+    top = torch.linalg.eigvalsh(ggn).flip(0)[:3]
+    solver = Arnoldi(model, loader(x, y), "classification", damping=0.05, iterations=20, rank=6)
+    assert_close(solver.eigenvalues[:3], top, rtol=1e-6, atol=0)  # Lanczos: extremes first
+    # the solve is the exact inverse of U diag(theta) U^T + D for its own Ritz vectors
+    from lightning_influence.solvers import _flatten, _unflatten
+
+    u = solver._w * solver._d[:, None]
+    dense = u @ torch.diag(solver.eigenvalues) @ u.T + torch.diag(solver._d)
+    b = torch.randn(3, dense.shape[0], generator=torch.Generator().manual_seed(0),
+                    dtype=torch.float64)
+    got = _flatten(solver.solve(_unflatten(b, solver.shapes)), solver.names)
+    assert_close(got, torch.linalg.solve(dense, b.T).T, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="damping must be > 0"):
+        Arnoldi(model, loader(x, y), "classification", damping=0.0, iterations=3)
+
