@@ -23,6 +23,9 @@ def estimate_bytes(shapes: dict[str, list[int]], strategy: str = "ekfac", num_qu
     - ``query_gradients``: ``Q x O x I`` (or ``Q x r x (O + I)`` at rank r) in the model dtype;
     - ``batch_rows``: one batch's activations and output gradients ``B x T x (I + O)``, plus
       its per-example gradients ``B x O x I`` for sequence layers;
+    - ``forward_graph``: what autograd holds for the same batch while it runs, the tracked
+      layers' saved inputs and their output gradients, ``B x T x (I + O)`` again (the rest of
+      the model's activations are not counted);
     - ``score_matrix``: ``Q x N`` float64, only when the full matrix is kept in memory.
     """
     row = strategy_row(strategy)
@@ -38,6 +41,7 @@ def estimate_bytes(shapes: dict[str, list[int]], strategy: str = "ekfac", num_qu
             query_rank * oplusi if query_rank else oi),
         "batch_rows": dtype_bytes * batch_size * (
             rows_per_example * oplusi + (oi if rows_per_example > 1 else 0)),
+        "forward_graph": dtype_bytes * batch_size * rows_per_example * oplusi,
         "score_matrix": 8 * num_queries * num_train if keep_scores else 0,
     }
     return out

@@ -92,7 +92,7 @@ def test_language_model_accuracy_benchmark(tmp_path):
 def test_llm_cost_benchmark_reports_the_ratio_to_an_epoch(tmp_path):
     pytest.importorskip("transformers")
     run("llm_cost.py", "--chunks", "32", "--queries", "2", "--sizes", "small", "--threads", "1",
-        "--out", str(tmp_path))
+        "--repeats", "1", "--out", str(tmp_path))
     rows = json.loads((tmp_path / "llm_cost.json").read_text())
     small = rows["small"]
     assert small["epoch_s"] > 0 and small["total_over_epoch"] > 0

@@ -12,6 +12,7 @@ def test_estimate_counts_each_stage():
     assert est["eigenvalues"] == 8 * (15 + 8)
     assert est["query_gradients"] == 4 * 7 * (15 + 8)
     assert est["batch_rows"] == 4 * 10 * (4 * (8 + 6) + (15 + 8))
+    assert est["forward_graph"] == 4 * 10 * 4 * (8 + 6)  # the graph's saved inputs + grads
     assert est["score_matrix"] == 8 * 7 * 100
     low = estimate_bytes(shapes, "ekfac", num_queries=7, query_rank=2)
     assert low["query_gradients"] == 4 * 7 * 2 * (8 + 6)
