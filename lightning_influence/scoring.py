@@ -60,6 +60,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+_PASS_DESCRIPTIONS = {"pairwise": "influence: pairwise scores", "self": "influence: self-influence"}
+
 
 # ----------------------------------------------------------------------------------- binding
 @dataclass
@@ -131,7 +133,7 @@ class BoundInfluence:
         Inside a process group the training batches are shared out among the ranks; every rank
         returns the same merged result.
         """
-        model, factors, task, tracker = self.model, self.preconditioner, self.task, self.tracker
+        model, factors, task = self.model, self.preconditioner, self.task
         check_loader(train_loader, "training", ordered=True)
         with evaluation_mode(model):
             query_losses = _measurements(model, query_loader, task)
@@ -147,28 +149,18 @@ class BoundInfluence:
             topk.update(chunk["scores"], chunk["indices"], chunk.get("layer_scores"))
             kept.append({k: v for k, v in chunk.items() if keep_scores or k in ("indices", "losses")})
 
-        store = None
-        if scores_dir is not None:
-            store = ScoreStore(scores_dir, "pairwise", _signature(
-                factors, query_losses, top_k=top_k, per_layer=per_layer, scale=scale,
-                autocast=str(autocast), train=data_fingerprint(train_loader)), chunk_batches)
-        skip = _resume(store, fold)
-        for b, offset, _, rows, losses in iterate_rows(
-                model, train_loader, task, tracker, "loss", desc="influence: pairwise scores",
-                progress=progress, skip=skip, autocast=autocast):
+        def pairwise_chunk(rows: dict[str, tuple[Tensor, Tensor]], losses: Tensor) -> dict:
             n = losses.shape[0]
             per = torch.stack([pairwise_layer_scores(query_grads[name], *rows[name])
                                if name in rows else losses.new_zeros(num_queries, n)
                                for name in names]).double().cpu() * scale  # [L, Q, N]
-            chunk = {"indices": torch.arange(offset, offset + n), "scores": per.sum(0),
-                     "losses": losses.double().cpu()}
-            if per_layer:
-                chunk["layer_scores"] = per
-            fold(chunk)
-            if store is not None:
-                store.add(b, **chunk)
-        if store is not None:
-            store.flush()
+            return {"scores": per.sum(0), **({"layer_scores": per} if per_layer else {})}
+
+        self._stream("pairwise", train_loader, pairwise_chunk, fold, lambda: _signature(
+            factors, query_losses, top_k=top_k, per_layer=per_layer, scale=scale,
+            autocast=str(autocast), train=data_fingerprint(train_loader)),
+            scores_dir=scores_dir, chunk_batches=chunk_batches, autocast=autocast,
+            progress=progress)
         topk, kept = _gather(topk, kept)
         merged = _assemble(kept)
         return PairwiseResult(
@@ -186,33 +178,49 @@ class BoundInfluence:
         ``scores_dir``, ``chunk_batches`` and ``autocast`` work as in
         :func:`compute_pairwise_scores`; inside a process group the batches are shared out.
         """
-        model, factors, task, tracker = self.model, self.preconditioner, self.task, self.tracker
+        factors = self.preconditioner
         check_loader(train_loader, "training", ordered=True)
         names = list(factors.shapes)
         scale = _normalization(factors, normalize)
         kept: list[dict[str, Tensor]] = []
-        store = None
-        if scores_dir is not None:
-            store = ScoreStore(scores_dir, "self", _signature(
-                factors, None, scale=scale, autocast=str(autocast),
-                train=data_fingerprint(train_loader)), chunk_batches)
-        skip = _resume(store, kept.append)
-        for b, offset, _, rows, losses in iterate_rows(
-                model, train_loader, task, tracker, "loss", desc="influence: self-influence",
-                progress=progress, skip=skip, autocast=autocast):
+        def self_chunk(rows: dict[str, tuple[Tensor, Tensor]], losses: Tensor) -> dict:
             per = self_terms(factors, rows, losses.shape[0]).cpu() * scale  # [L, N]
-            n = losses.shape[0]
-            chunk = {"indices": torch.arange(offset, offset + n), "scores": per.sum(0),
-                     "layer_scores": per, "losses": losses.double().cpu()}
-            kept.append(chunk)
-            if store is not None:
-                store.add(b, **chunk)
-        if store is not None:
-            store.flush()
+            return {"scores": per.sum(0), "layer_scores": per}
+
+        self._stream("self", train_loader, self_chunk, kept.append, lambda: _signature(
+            factors, None, scale=scale, autocast=str(autocast),
+            train=data_fingerprint(train_loader)),
+            scores_dir=scores_dir, chunk_batches=chunk_batches, autocast=autocast,
+            progress=progress)
         _, kept = _gather(None, kept)
         merged = _assemble(kept)
         return SelfResult(merged["scores"], merged["layer_scores"], names, merged["losses"],
                           normalized=scale != 1.0)
+
+
+    def _stream(self, kind: str, train_loader: Any,
+                chunk_of: Callable[[dict[str, tuple[Tensor, Tensor]], Tensor], dict[str, Tensor]],
+                fold: Callable[[dict[str, Tensor]], None], signature: Callable[[], dict[str, str]],
+                *, scores_dir: str | Path | None, chunk_batches: int,
+                autocast: torch.dtype | None, progress: bool) -> None:
+        """The skeleton both scoring passes share: one pass over the training batches (this
+        rank's share; the finished ones of an interrupted run read back from ``scores_dir``),
+        each batch's scores ``chunk_of(rows, losses)`` with its indices and losses handed to
+        ``fold`` and, with ``scores_dir``, written as score chunks under ``signature()``."""
+        store = (ScoreStore(scores_dir, kind, signature(), chunk_batches)
+                 if scores_dir is not None else None)
+        skip = _resume(store, fold)
+        for b, offset, _, rows, losses in iterate_rows(
+                self.model, train_loader, self.task, self.tracker, "loss",
+                desc=_PASS_DESCRIPTIONS[kind],
+                progress=progress, skip=skip, autocast=autocast):
+            chunk = {"indices": torch.arange(offset, offset + losses.shape[0]),
+                     **chunk_of(rows, losses), "losses": losses.double().cpu()}
+            fold(chunk)
+            if store is not None:
+                store.add(b, **chunk)
+        if store is not None:
+            store.flush()
 
 
 def bind(model: nn.Module, preconditioner: Preconditioner, task: Task | str | None = None,
@@ -224,6 +232,7 @@ def bind(model: nn.Module, preconditioner: Preconditioner, task: Task | str | No
     tracker = tracker or preconditioner.tracker(model)
     preconditioner.check_fits(tracker, check_weights=check_weights)
     return BoundInfluence(model, preconditioner, task, tracker)
+
 
 def _normalization(factors: Any, normalize: bool) -> float:
     """``1 / N`` with ``normalize`` (N: the training examples the factors were fitted on)."""
