@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 __all__ = ["atomic_write", "atomic_save_safetensors", "atomic_save_json", "atomic_save_csv",
-           "check_writable", "csv_safe", "tensors_checksum"]
+           "check_writable", "csv_safe", "tensors_checksum", "update_with_tensor"]
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
@@ -38,11 +38,18 @@ def tensors_checksum(tensors: Mapping[str, Tensor], text: str = "") -> str:
     flipped byte, missing tensor or edited field changes it."""
     digest = hashlib.sha256()
     for key in sorted(tensors):
-        t = tensors[key].detach().cpu().contiguous()
-        digest.update(f"{key}|{t.dtype}|{list(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(f"{key}|".encode())
+        update_with_tensor(digest, tensors[key], "{dtype}|{shape}|")
     digest.update(text.encode())
     return digest.hexdigest()
+
+
+def update_with_tensor(digest: Any, tensor: Tensor, head: str = "{dtype}{shape}") -> None:
+    """Feed a tensor to a hash: ``head`` (its dtype and shape) then its raw bytes, whatever the
+    dtype (bfloat16 included) or device."""
+    t = tensor.detach().cpu().contiguous()
+    digest.update(head.format(dtype=t.dtype, shape=list(t.shape)).encode())
+    digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 def check_writable(folder: str | Path, what: str) -> Path:

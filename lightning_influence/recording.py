@@ -85,10 +85,9 @@ class StepRecording:
             return "the task finds no logits in the LightningModule's output"
         if not logits.requires_grad:
             return "the LightningModule's output does not require grad"
-        if not self.capture.outputs:
+        no_grad = self.capture.without_gradient()
+        if len(no_grad) == len(self.capture.edges):  # none at all (or no tracked layer ran)
             return "no tracked layer produced an output that requires grad"
-        no_grad = [name for name, edges in self.capture.edges.items()
-                   if all(edge is None for edge in edges)]
         if no_grad:
             return (f"tracked layers {no_grad} ran without gradient in the training step "
                     "(frozen, or under no_grad/reentrant checkpointing)")

@@ -25,7 +25,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from lightning_influence.distributed import rank
-from lightning_influence.io import atomic_save_safetensors, tensors_checksum
+from lightning_influence.io import atomic_save_safetensors, tensors_checksum, update_with_tensor
 
 __all__ = ["ScoreStore", "ScoreStoreMismatchError", "data_fingerprint"]
 
@@ -41,9 +41,7 @@ def data_fingerprint(loader: Any) -> str:
 
     def feed(value: Any) -> None:
         if isinstance(value, Tensor):
-            t = value.detach().cpu().contiguous()
-            digest.update(f"T{t.dtype}{list(t.shape)}".encode())
-            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            update_with_tensor(digest, value, "T{dtype}{shape}")
         elif isinstance(value, Mapping):
             for key in sorted(value, key=str):
                 digest.update(f"K{key}".encode())

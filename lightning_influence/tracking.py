@@ -209,17 +209,9 @@ class Capture:
     recomputed: dict[str, list[list[Any]]] = field(default_factory=dict)
     collecting: bool = False
 
-    def clear(self) -> None:
-        self.activations.clear()
-        self.edges.clear()
-        self.pending.clear()
-        self.recomputed.clear()
-
-    @property
-    def outputs(self) -> dict[str, list[GradientEdge]]:
-        """Per layer, the edges of the calls whose outputs require grad."""
-        out = {name: [e for e in edges if e is not None] for name, edges in self.edges.items()}
-        return {name: edges for name, edges in out.items() if edges}
+    def without_gradient(self) -> list[str]:
+        """Layers that ran but none of whose calls had an output that requires grad."""
+        return [name for name, edges in self.edges.items() if all(e is None for e in edges)]
 
     def layer_counts(self) -> dict[str, int]:
         """How many times each tracked layer ran."""
