@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import lightning_influence
 from lightning_influence.io import atomic_save_json
 from lightning_influence.ranking import detection_report
-from recipes._common import recipe_loggers
+from recipes._common import recipe_loggers, start_run
 
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(lightning_influence.__file__).parent / "conf")
@@ -107,11 +107,7 @@ class DigitsMLP(pl.LightningModule):
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train with the influence callbacks, then evaluate the flags. Returns the figures."""
-    pl.seed_everything(cfg.seed, workers=True)
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))  # a tiny MLP gains nothing from more threads
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = start_run(cfg)  # threads: 1 in the config; a tiny MLP gains nothing from more
     data = DigitsData(cfg.data.noise_fraction, cfg.data.test_fraction, cfg.data.batch_size,
                       cfg.seed)
     model = DigitsMLP(cfg.model.hidden, cfg.model.lr, cfg.model.weight_decay)

@@ -47,7 +47,7 @@ from lightning_influence.language import (
     chunk_documents,
     tfidf_candidates,
 )
-from recipes._common import recipe_loggers
+from recipes._common import recipe_loggers, start_run
 
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(lightning_influence.__file__).parent / "conf")
@@ -142,11 +142,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     import transformers
 
     start = time.perf_counter()
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
-    pl.seed_everything(cfg.seed, workers=True)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = start_run(cfg)
 
     pretrain_docs = [Document(name, text) for name, text in topics.items()]
     tokenizer = train_tokenizer([d.text for d in pretrain_docs], cfg.model.vocab_size)

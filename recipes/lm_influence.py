@@ -45,7 +45,7 @@ from lightning_influence.language import (
     python_docs,
     read_text_files,
 )
-from recipes._common import recipe_loggers
+from recipes._common import recipe_loggers, start_run
 
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(lightning_influence.__file__).parent / "conf")
@@ -188,11 +188,7 @@ def load_documents(data: DictConfig) -> list[Document]:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train, attribute, report. Returns the figures (also in ``<output_dir>/lm_report.json``)."""
     start = time.perf_counter()
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
-    pl.seed_everything(cfg.seed, workers=True)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = start_run(cfg)
     docs = load_documents(cfg.data)
     tokenizer = CharTokenizer.from_texts([d.text for d in docs])
     corpus = chunk_documents(docs, tokenizer, cfg.data.context)
