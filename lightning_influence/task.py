@@ -11,6 +11,7 @@ D regression outputs.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -370,10 +371,16 @@ class CausalLMTask(Task):
 
 
 def _takes(model: nn.Module, name: str) -> bool:
-    """Whether ``model.forward`` has a parameter ``name`` (or takes ``**kwargs``)."""
+    """Whether ``model.forward`` has a parameter ``name`` (or takes ``**kwargs``); asked once
+    per model class (this runs for every batch)."""
+    return _forward_takes(type(model), name)
+
+
+@functools.lru_cache(maxsize=256)
+def _forward_takes(cls: type, name: str) -> bool:
     try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
+        params = inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError, AttributeError):
         return False
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD
                                  for p in params.values())
