@@ -69,6 +69,26 @@ class ClassificationTask(Task):
         return F.cross_entropy(model(inputs), labels, reduction="sum")
 
 
+class CausalLMTask(Task):
+    """Next-token task on ``(input_ids,)`` batches of full-length sequences (no padding): the
+    summed next-token cross-entropy, labels drawn per token from the model's softmax for the
+    Fisher, and the query's own summed loss as the measurement (our ``CausalLMTask``)."""
+
+    def compute_train_loss(self, batch, model: nn.Module, sample: bool = False) -> torch.Tensor:
+        (ids,) = batch
+        logits = model(ids)[:, :-1]
+        logits = logits.reshape(-1, logits.shape[-1])
+        if sample:
+            with torch.no_grad():
+                labels = torch.multinomial(torch.softmax(logits.detach(), dim=-1), 1).flatten()
+        else:
+            labels = ids[:, 1:].reshape(-1)
+        return F.cross_entropy(logits, labels, reduction="sum")
+
+    def compute_measurement(self, batch, model: nn.Module) -> torch.Tensor:
+        return self.compute_train_loss(batch, model, sample=False)
+
+
 def run_kronfluence(
     model: torch.nn.Module,
     train_x,
@@ -76,6 +96,27 @@ def run_kronfluence(
     query_x,
     query_y,
     *,
+    dtype: torch.dtype = torch.float32,
+    **kwargs,
+) -> dict:
+    """Fit Kronfluence factors on (train_x, train_y) and score queries x train and train self-influence.
+
+    The classification case of :func:`run_kronfluence_datasets` (which documents the keywords):
+    the arrays become float ``dtype`` / long TensorDatasets and the task is ClassificationTask.
+    """
+    def as_dataset(x, y) -> TensorDataset:
+        return TensorDataset(torch.as_tensor(x).to(dtype=dtype), torch.as_tensor(y).long())
+
+    return run_kronfluence_datasets(model, as_dataset(train_x, train_y), as_dataset(query_x, query_y),
+                                    task=ClassificationTask(), dtype=dtype, **kwargs)
+
+
+def run_kronfluence_datasets(
+    model: torch.nn.Module,
+    train_ds,
+    query_ds,
+    *,
+    task: Task,
     strategy="ekfac",
     damping: float | None,
     batch_size=128,
@@ -83,14 +124,16 @@ def run_kronfluence(
     seed=0,
     dtype: torch.dtype = torch.float32,
     query_batch_size: int | None = None,
+    name: str = "digits",
 ) -> dict:
-    """Fit Kronfluence factors on (train_x, train_y) and score queries x train and train self-influence.
+    """Fit Kronfluence factors on ``train_ds`` and score ``query_ds`` x ``train_ds`` and the
+    training set's self-influence, with the Kronfluence ``task``.
 
     damping: None -> Kronfluence's heuristic (0.1 * mean of each layer's Lambda, per layer);
              a float -> that ABSOLUTE value added to every layer's Lambda (per-example scale,
              summed-loss gradients). Passed as ScoreArguments(damping_factor=damping).
     seed:    seeds torch's global RNG before fitting; it only drives the Fisher label sampling.
-    dtype:   float32 (default) or float64 for the model copy, the data and every Kronfluence dtype
+    dtype:   float32 (default) or float64 for the model copy and every Kronfluence dtype
              (the eigendecomposition is float64 either way).
     query_batch_size: queries per pass over the training set (default: batch_size).
 
@@ -98,23 +141,14 @@ def run_kronfluence(
     Returns {"pairwise": Tensor[Q, N], "self": Tensor[N], "fit_seconds", "pairwise_seconds",
     "self_seconds"}; scores are returned as float32 tensors for dtype=float32, float64 otherwise.
     """
-    task = ClassificationTask()
     model = copy.deepcopy(model).to(device="cpu", dtype=dtype).eval()
     model = prepare_model(model=model, task=task)
-
-    def as_dataset(x, y) -> TensorDataset:
-        x = torch.as_tensor(x).to(dtype=dtype)
-        y = torch.as_tensor(y).long()
-        return TensorDataset(x, y)
-
-    train_ds = as_dataset(train_x, train_y)
-    query_ds = as_dataset(query_x, query_y)
 
     # Kronfluence's get_logger also sets the ROOT logger's level; restore it afterwards. Its own
     # logger keeps WARNING, which silences its per-step INFO messages.
     root_level = logging.getLogger().level
     analyzer = Analyzer(
-        analysis_name=f"digits_{strategy}_{str(dtype).replace('torch.', '')}_seed{seed}",
+        analysis_name=f"{name}_{strategy}_{str(dtype).replace('torch.', '')}_seed{seed}",
         model=model,
         task=task,
         cpu=True,

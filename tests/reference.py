@@ -56,19 +56,28 @@ def lm_targets(ids: Tensor, mask: Tensor, labels: Tensor | None = None) -> Tenso
     return targets
 
 
+def inverse_cdf(probs: Tensor, gen: torch.Generator) -> Tensor:
+    """Row r gets the first class whose cumulative probability exceeds u_r * total, u_r being
+    the r-th uniform number the generator gives."""
+    u = torch.rand(probs.shape[0], generator=gen)
+    cdf = probs.cumsum(dim=1)
+    below = (cdf <= (u * cdf[:, -1]).unsqueeze(1)).sum(dim=1)
+    return below.clamp_max(probs.shape[1] - 1)
+
+
 def sampled_class_labels(model: nn.Module, batches: Sequence[Tensor], seed: int) -> Tensor:
     """Labels drawn from the model's predictive distribution, as the package draws them.
 
     One ``torch.Generator`` per batch, seeded with ``seed * 1_000_003 + batch_index`` (so the
-    draw does not depend on how batches are shared among processes), one
-    ``torch.multinomial`` call per batch on float32 probabilities.
+    draw does not depend on how batches are shared among processes), one uniform number per
+    example mapped through the inverse cumulative distribution of its float32 probabilities.
     """
     out = []
     with torch.no_grad():
         for b, x in enumerate(batches):
             gen = torch.Generator().manual_seed(seed * 1_000_003 + b)
             probs = torch.softmax(model(x).float(), dim=-1)
-            out.append(torch.multinomial(probs, 1, generator=gen).squeeze(-1))
+            out.append(inverse_cdf(probs, gen))
     return torch.cat(out)
 
 
@@ -86,7 +95,7 @@ def sampled_lm_targets(model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]
             logits = model(ids)
             n, t, c = logits.shape
             probs = torch.softmax(logits.float().reshape(n * t, c), dim=-1)
-            sampled = torch.multinomial(probs, 1, generator=gen).reshape(n, t)
+            sampled = inverse_cdf(probs, gen).reshape(n, t)
             sampled[lm_targets(ids, mask) == IGNORE] = IGNORE
             out.append(sampled)
     return torch.cat(out)
