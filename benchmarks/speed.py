@@ -1,7 +1,17 @@
-"""Speed ratios on the digits MLP, all measured in one run on the same model and data.
+"""Speed ratios on the digits MLP and a character transformer, measured in one run.
 
     .venv/bin/python benchmarks/speed.py                               # floor and training only
     benchmarks/.venv-kronfluence/bin/python benchmarks/speed.py         # + ours / Kronfluence
+    ... speed.py --workload sequence                                    # the transformer only
+
+Sequence workload (``--workload sequence`` or ``both``): the LM recipe's character GPT with 2
+blocks of width 64 (116k parameters, 105k in nn.Linear), ``--seq-chunks`` windows of 64
+characters of Python's own documentation (no padding), 8 queries, batch 64, EK-FAC, damping
+1e-2, the per-token sampled Fisher. Per pass, ours (float32 rows, and ``row_dtype="bfloat16"``)
+and Kronfluence's (its float32 defaults), interleaved, minimum over ``--repeats``; each over the
+floor of its passes: one forward + backward over the same batches (summed next-token loss,
+parameter gradients). The fit is two passes (covariances; eigendecompositions + eigenvalue
+correction), reported separately and together.
 
 Protocol (benchmarks/digits_protocol.py): the 64-128-128-10 MLP trained on sklearn digits
 (N = 1437), batch 128 for every pass, ``--queries`` test digits, EK-FAC, damping 1e-2 on every
@@ -31,7 +41,8 @@ update steps over the run's median other step, divided by the rest of that run (
 over the same run without updates; median over repeats). The last one compares steps of one
 run, so machine drift between runs does not enter it.
 
-Writes ``<out>/speed.md`` and ``<out>/speed.json``.
+Writes ``<out>/speed.md`` and ``<out>/speed.json`` (digits) and ``<out>/speed_sequence.md``
+and ``<out>/speed_sequence.json`` (the transformer).
 """
 
 from __future__ import annotations
@@ -54,6 +65,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # recipes
 import digits_protocol as protocol  # noqa: E402
 
 import lightning_influence as li  # noqa: E402
@@ -222,8 +234,181 @@ def training(x, y, every: int | None, epochs: int, reuse_forward: bool = True,
     return seconds, inside, clock.extra_seconds() if clock is not None else 0.0
 
 
+# ------------------------------------------------------------------- sequence workload
+SEQ_BATCH, SEQ_LEN, SEQ_QUERIES = 64, 64, 8
+
+
+class Windows(torch.utils.data.Dataset):
+    """``[N, T]`` token windows as the batches our causal-LM task reads (no padding)."""
+
+    def __init__(self, ids: torch.Tensor) -> None:
+        self.ids = ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones(SEQ_LEN, dtype=torch.bool)}
+
+
+def sequence_problem(chunks: int, seed: int = 0):
+    """The character GPT (briefly trained) and ``chunks`` + 8 windows of Python's docs."""
+    from lightning_influence.language import CharTokenizer, python_docs
+    from recipes.lm_influence import CharGPT, GPTConfig
+
+    text = "\n".join(d.text for d in python_docs())
+    tokenizer = CharTokenizer.from_texts([text])
+    ids = torch.tensor(tokenizer.encode(text))
+    need = (chunks + SEQ_QUERIES) * SEQ_LEN
+    if len(ids) < need:
+        raise ValueError(f"The corpus has {len(ids)} characters; {need} are needed.")
+    windows = ids[:need].reshape(-1, SEQ_LEN)
+    torch.manual_seed(seed)
+    model = CharGPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=SEQ_LEN, n_layer=2,
+                              n_head=4, n_embd=64))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for b in range(0, chunks, SEQ_BATCH):  # one epoch: a model with some structure
+        loss = seq_loss(model, windows[b:b + SEQ_BATCH]) / SEQ_BATCH
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), windows[:chunks], windows[chunks:]
+
+
+def seq_loss(model, ids: torch.Tensor) -> torch.Tensor:
+    logits = model(ids)[:, :-1]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                           reduction="sum")
+
+
+def seq_floor(model, train_ids: torch.Tensor) -> float:
+    """One forward and backward over the training windows (parameter gradients)."""
+    t0 = time.perf_counter()
+    for b in range(0, len(train_ids), SEQ_BATCH):
+        model.zero_grad(set_to_none=True)
+        seq_loss(model, train_ids[b:b + SEQ_BATCH]).backward()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
+
+
+def seq_ours(model, train, queries, row_dtype: str | None) -> tuple[dict[str, float], Any]:
+    from lightning_influence.fitting import fit_covariances
+
+    task = li.CausalLMTask()  # no padding: every position counts
+    t0 = time.perf_counter()
+    covs = fit_covariances(model, train, task, progress=False, row_dtype=row_dtype)
+    t1 = time.perf_counter()
+    factors = li.fit_factors(model, train, task, damping=DAMPING, covariances=covs,
+                             progress=False, row_dtype=row_dtype)
+    t2 = time.perf_counter()
+    pairwise = li.compute_pairwise_scores(model, factors, queries, train, task, top_k=10,
+                                          keep_scores=True, progress=False).scores
+    t3 = time.perf_counter()
+    li.compute_self_scores(model, factors, train, task, progress=False)
+    t4 = time.perf_counter()
+    li.compute_pairwise_scores(model, factors, queries, train, task, top_k=10, keep_scores=True,
+                               self_influence=True, progress=False)
+    t5 = time.perf_counter()
+    return ({"covariances": t1 - t0, "eigen": t2 - t1, "fit": t2 - t0, "pairwise": t3 - t2,
+             "self": t4 - t3, "pairwise+self": t5 - t4}, pairwise)
+
+
+def seq_kronfluence(model, train_ids, query_ids) -> dict[str, float]:
+    with tempfile.TemporaryDirectory(prefix="kronfluence_") as tmp:
+        r = kronfluence_side.run_kronfluence_datasets(
+            model, TensorDataset(train_ids), TensorDataset(query_ids),
+            task=kronfluence_side.CausalLMTask(), damping=DAMPING, batch_size=SEQ_BATCH,
+            output_dir=tmp, name="sequence")
+    return {"fit": r["fit_seconds"], "pairwise": r["pairwise_seconds"], "self": r["self_seconds"]}
+
+
+def sequence_benchmark(args: argparse.Namespace, out: Path) -> None:
+    model, train_ids, query_ids = sequence_problem(args.seq_chunks)
+    train = DataLoader(Windows(train_ids), batch_size=SEQ_BATCH)
+    queries = DataLoader(Windows(query_ids), batch_size=SEQ_BATCH)
+    load_start = os.getloadavg()[0]
+    variants = {"ours": None, "ours_bf16": "bfloat16"}
+    seq_floor(model, train_ids)  # warm-up
+    for row_dtype in variants.values():
+        seq_ours(model, train, queries, row_dtype)
+    if kronfluence_side is not None:
+        seq_kronfluence(model, train_ids, query_ids)
+    times: dict[str, list[dict[str, float]]] = {"floor": [], "kronfluence": [],
+                                                **{k: [] for k in variants}}
+    scores = {}
+    for _ in range(args.repeats):
+        times["floor"].append({"pass": seq_floor(model, train_ids)})
+        for key, row_dtype in variants.items():
+            t, scores[key] = seq_ours(model, train, queries, row_dtype)
+            times[key].append(t)
+        if kronfluence_side is not None:
+            times["kronfluence"].append(seq_kronfluence(model, train_ids, query_ids))
+
+    def best(key: str, stage: str) -> float:
+        return min(t[stage] for t in times[key]) if times[key] else float("nan")
+
+    def total(key: str, fused: bool = False) -> float:
+        if not times[key]:
+            return float("nan")
+        if fused:
+            return min(t["fit"] + t["pairwise+self"] for t in times[key])
+        return min(t["fit"] + t["pairwise"] + t["self"] for t in times[key])
+
+    fl = best("floor", "pass")
+    agreement = _pearson(scores["ours"], scores["ours_bf16"])
+    params = sum(p.numel() for p in model.parameters())
+    lines = [f"character GPT (2 blocks, width 64, {params} parameters), N={len(train_ids)} "
+             f"windows of {SEQ_LEN} characters, Q={len(query_ids)}, batch {SEQ_BATCH}, EK-FAC, "
+             f"damping {DAMPING:g}, {args.threads} threads, min of {args.repeats} interleaved "
+             f"runs; load average {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end",
+             "", f"floor (one forward + backward over the training windows): {fl:.3f} s", "",
+             "| stage | passes | ours (s) | ours bf16 rows (s) | Kronfluence (s) "
+             "| ours / Kronfluence | ours bf16 / Kronfluence | ours / floor of its passes "
+             "| ours bf16 / floor of its passes |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    summary: dict[str, Any] = {"floor_seconds": fl, "bf16_vs_float32_pairwise_pearson": agreement}
+    stages = [("covariances", 1), ("eigen", 1), ("fit", 2), ("pairwise", 1), ("self", 1),
+              ("pairwise+self", 1)]
+    for stage, passes in stages:
+        o, b = best("ours", stage), best("ours_bf16", stage)
+        k = best("kronfluence", stage) if stage in ("fit", "pairwise", "self") else float("nan")
+        if stage == "pairwise+self" and times["kronfluence"]:  # the peer runs two passes
+            k = min(t["pairwise"] + t["self"] for t in times["kronfluence"])
+        lines.append(f"| {stage} | {passes} | {o:.2f} | {b:.2f} | {k:.2f} | {o / k:.2f} "
+                     f"| {b / k:.2f} | {o / (passes * fl):.2f} | {b / (passes * fl):.2f} |")
+        summary[stage] = {"ours": o, "ours_bf16": b, "kronfluence": k, "ours_over_kronfluence": o / k,
+                          "ours_bf16_over_kronfluence": b / k,
+                          "ours_over_floor": o / (passes * fl),
+                          "ours_bf16_over_floor": b / (passes * fl)}
+    o, b, k = total("ours"), total("ours_bf16"), total("kronfluence")
+    lines.append(f"| fit + pairwise + self | 4 | {o:.2f} | {b:.2f} | {k:.2f} | {o / k:.2f} "
+                 f"| {b / k:.2f} | {o / (4 * fl):.2f} | {b / (4 * fl):.2f} |")
+    summary["total"] = {"ours": o, "ours_bf16": b, "kronfluence": k,
+                        "ours_over_kronfluence": o / k, "ours_bf16_over_kronfluence": b / k}
+    o, b = total("ours", fused=True), total("ours_bf16", fused=True)
+    lines.append(f"| fit + one scoring pass (pairwise and self) | 3 | {o:.2f} | {b:.2f} | {k:.2f} "
+                 f"| {o / k:.2f} | {b / k:.2f} | {o / (3 * fl):.2f} | {b / (3 * fl):.2f} |")
+    summary["total_fused"] = {"ours": o, "ours_bf16": b, "kronfluence": k,
+                              "ours_over_kronfluence": o / k, "ours_bf16_over_kronfluence": b / k}
+    lines += ["", "pairwise+self: `compute_pairwise_scores(..., self_influence=True)`, both from "
+              "one pass over the training data (the `InfluenceScores` callback does this); "
+              "Kronfluence's column there is its pairwise + self passes.",
+              "", f"bf16 rows vs float32 rows: pairwise scores Pearson {agreement:.6f}"]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    (out / "speed_sequence.md").write_text(text)
+    (out / "speed_sequence.json").write_text(json.dumps({"summary": summary, "runs": times},
+                                                        indent=2))
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.corrcoef(torch.stack([a.flatten().double(), b.flatten().double()]))[0, 1])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workload", choices=["digits", "sequence", "both"], default="both")
+    p.add_argument("--seq-chunks", type=int, default=2048, help="training windows (sequence)")
     p.add_argument("--queries", type=int, default=100)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--epochs", type=int, default=10, help="epochs of the training comparison")
@@ -241,6 +426,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.workload in ("sequence", "both"):
+        sequence_benchmark(args, out)
+    if args.workload == "sequence":
+        return
     x, y, xt, yt = protocol.make_digits()
     model = protocol.trainer(x, y)(None, 0)
     train = DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=False)

@@ -43,6 +43,7 @@ from lightning_influence.passes import (
     iterate_rows,
     model_device,
     move_to_device,
+    row_dtype_of,
     row_mode,
 )
 from lightning_influence.statistics import (
@@ -110,10 +111,10 @@ def fit_covariances(model: nn.Module, loader: Any, task: Task | str | None = Non
                     exclude: Sequence[str] | None = None, seed: int = 0,
                     max_batches: int | None = None, progress: bool = True,
                     covariances: dict[str, CovarianceStatistic] | None = None,
-                    fisher: str = "sampled",
+                    fisher: str = "sampled", row_dtype: str | None = None,
                     ) -> dict[str, CovarianceStatistic]:
     """Accumulate the K-FAC covariances ``A`` and ``S`` over a dataloader (``fisher``: see
-    :func:`fisher_mode`).
+    :func:`fisher_mode`; ``row_dtype``: see :func:`~lightning_influence.passes.row_dtype_of`).
 
     Returns per layer a :class:`CovarianceStatistic` (sums; ``compute()`` divides and, under
     ``torch.distributed``, sums across processes first).
@@ -124,7 +125,8 @@ def fit_covariances(model: nn.Module, loader: Any, task: Task | str | None = Non
     covs = covariances if covariances is not None else new_covariances(tracker)
     for _, _, batch, rows, _ in iterate_rows(model, loader, task, tracker, row_mode(fisher),
                                           desc="influence: covariances", progress=progress,
-                                          seed=seed, max_batches=max_batches):
+                                          seed=seed, max_batches=max_batches,
+                                          row_dtype=row_dtype_of(row_dtype)):
         add_rows(covs, rows, task.row_mask(move_to_device(batch, model_device(model))))
     return covs
 
@@ -160,7 +162,8 @@ def eigenbases(covariances: dict[str, CovarianceStatistic]) -> dict[str, dict[st
 def fit_eigenvalues(model: nn.Module, loader: Any, task: Task, tracker: LayerTracker,
                     bases: dict[str, dict[str, Tensor]] | None, *, seed: int = 0,
                     max_batches: int | None = None, progress: bool = True,
-                    fisher: str = "sampled") -> dict[str, EigenvalueStatistic]:
+                    fisher: str = "sampled", row_dtype: str | None = None,
+                    ) -> dict[str, EigenvalueStatistic]:
     """The eigenvalue-correction pass: Lambda = mean over examples of (Q_S^T G_n Q_A)^2.
 
     With ``bases=None`` the bases are the identity: the result is the diagonal Fisher.
@@ -168,7 +171,8 @@ def fit_eigenvalues(model: nn.Module, loader: Any, task: Task, tracker: LayerTra
     stats = {layer.name: EigenvalueStatistic(layer.d_in, layer.d_out) for layer in tracker}
     for _, _, _, rows, _ in iterate_rows(model, loader, task, tracker, row_mode(fisher),
                                          desc="influence: eigenvalue correction", progress=progress,
-                                      seed=seed + 1, max_batches=max_batches):
+                                         seed=seed + 1, max_batches=max_batches,
+                                         row_dtype=row_dtype_of(row_dtype)):
         for name, (a, g) in rows.items():
             if bases is not None:
                 a = a @ bases[name]["q_a"].to(a.dtype)
@@ -230,7 +234,8 @@ def fit_factors(model: nn.Module, loader: Any, task: Task | str | None = None, *
                 covariances: dict[str, CovarianceStatistic] | None = None,
                 output_dir: str | Path | None = None, overwrite: bool = False, seed: int = 0,
                 max_batches: int | None = None, progress: bool = True,
-                write: bool = True, fisher: str = "sampled") -> Factors:
+                write: bool = True, fisher: str = "sampled",
+                row_dtype: str | None = None) -> Factors:
     """Fit the curvature factors of a model on a dataloader.
 
     Args:
@@ -258,6 +263,11 @@ def fit_factors(model: nn.Module, loader: Any, task: Task | str | None = None, *
             the same curvature without sampling noise, one backward per class; classification
             and regression) or ``"empirical"`` (the true labels, as Kronfluence's
             ``use_empirical_fisher``: deterministic, for agreement checks).
+        row_dtype: ``None`` (default: the rows as the model makes them) or ``"bfloat16"``:
+            the covariance products, eigenbasis rotations and per-example contractions run in
+            bfloat16 (3-4x faster on hardware with native bfloat16 products, ~0.2% error per
+            product); recorded in the factors, and the scoring passes use it too. See
+            :func:`~lightning_influence.passes.row_dtype_of`.
 
     Raises:
         FactorMismatchError: stored factors belong to another model, layer set or strategy.
@@ -267,6 +277,7 @@ def fit_factors(model: nn.Module, loader: Any, task: Task | str | None = None, *
     row = strategy_row(strategy, fitted_only=True)
     rule = Damping.of(damping, damping_factor, weight_decay)  # checked before any pass
     fisher_mode(fisher)
+    row_dtype_of(row_dtype)
     task = resolve_task(task, model)
     tracker = _tracker(model, tracker, layers, exclude)
 
@@ -277,16 +288,19 @@ def fit_factors(model: nn.Module, loader: Any, task: Task | str | None = None, *
             covs = covariances
             if covs is None:
                 covs = fit_covariances(model, loader, task, tracker=tracker, seed=seed,
-                                       max_batches=max_batches, progress=progress, fisher=fisher)
+                                       max_batches=max_batches, progress=progress, fisher=fisher,
+                                       row_dtype=row_dtype)
             bases = eigenbases(covs)
         eigenvalues = None
         if row.needs_eigenvalue_pass:
             eigenvalues = fit_eigenvalues(model, loader, task, tracker, bases, seed=seed,
                                           max_batches=max_batches, progress=progress,
-                                          fisher=fisher)
+                                          fisher=fisher, row_dtype=row_dtype)
         factors = factors_from_statistics(tracker, strategy, bases, eigenvalues, damping=rule)
         factors.extra["fisher"] = fisher
         factors.extra["batch_layout"] = tracker.batch_layout
+        if row_dtype_of(row_dtype) is not None:
+            factors.extra["row_dtype"] = row_dtype
         if not (row.needs_covariances or row.needs_eigenvalue_pass):  # no pass counted them
             factors.num_examples = count_examples(loader)
         return factors
@@ -294,15 +308,17 @@ def fit_factors(model: nn.Module, loader: Any, task: Task | str | None = None, *
     if output_dir is None:
         return fit()
     return load_or_fit_factors(output_dir, fit, tracker=tracker, strategy=strategy, damping=rule,
-                               fisher=fisher, overwrite=overwrite, write=write)
+                               fisher=fisher, overwrite=overwrite, write=write,
+                               row_dtype=row_dtype)
 
 
 def load_or_fit_factors(output_dir: str | Path, fit: Callable[[], Factors], *,
                         tracker: LayerTracker, strategy: str, damping: Damping,
                         fisher: str = "sampled", overwrite: bool = False,
-                        write: bool = True) -> Factors:
+                        write: bool = True, row_dtype: str | None = None) -> Factors:
     """The reuse decision, in one place: the factors in ``output_dir`` when they were fitted
-    for this model (layers, shapes, weights), strategy and Fisher, with today's ``damping``;
+    for this model (layers, shapes, weights), strategy, Fisher and row dtype, with today's
+    ``damping``;
     else ``fit()``, saved there (with ``write``; atomically).
 
     Raises:
@@ -319,6 +335,13 @@ def load_or_fit_factors(output_dir: str | Path, fit: Callable[[], Factors], *,
             raise FactorMismatchError(
                 f"The factors in {output_dir} were fitted with fisher={stored_fisher!r}, not "
                 f"{fisher!r}. Refit (overwrite=True) or use another output directory."
+            )
+        stored_rows = stored.extra.get("row_dtype")
+        if (row.needs_covariances or row.needs_eigenvalue_pass) and \
+                row_dtype_of(stored_rows) != row_dtype_of(row_dtype):
+            raise FactorMismatchError(
+                f"The factors in {output_dir} were fitted with row_dtype={stored_rows!r}, not "
+                f"{row_dtype!r}. Refit (overwrite=True) or use another output directory."
             )
         log.info("Reusing the factors in %s", output_dir)
         # the curvature is reused; the damping is always the one asked for now

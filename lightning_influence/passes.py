@@ -196,6 +196,26 @@ def fisher_mode(fisher: str) -> str:
     return fisher
 
 
+ROW_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
+
+
+def row_dtype_of(name: str | None) -> torch.dtype | None:
+    """The dtype the influence products run in, from its name (``row_dtype`` of
+    :func:`~lightning_influence.fitting.fit_factors`).
+
+    ``None``/``"float32"``: the rows as the model makes them (float32 for a float32 model; the
+    reference). ``"bfloat16"``: activation and output-gradient rows are cast to bfloat16 before
+    the covariance products, the eigenbasis rotations and the per-example contractions, which
+    then run 3-4x faster where the hardware multiplies bfloat16 natively (CPUs with AVX512-BF16
+    or AMX, recent GPUs), at about 0.2% relative error per product (8-bit mantissas, errors
+    that average out over rows). Sums, squares, eigendecompositions and the reciprocal of
+    Lambda + damping stay in float32/float64; the model itself runs unchanged.
+    """
+    if name not in (None, *ROW_DTYPES):
+        raise ValueError(f"row_dtype={name!r} is not one of {[None, *ROW_DTYPES]}.")
+    return ROW_DTYPES.get(name) if name is not None else None
+
+
 def row_mode(fisher: str) -> str:
     """The loss whose gradients are the rows of a Fisher choice (see :func:`batch_rows`)."""
     return _ROW_MODES[fisher_mode(fisher)]
@@ -302,7 +322,7 @@ def check_rows(rows: dict[str, tuple[Tensor, Tensor]], batch_index: int | None) 
 def iterate_rows(model: nn.Module, loader: Any, task: Task, tracker: LayerTracker, mode: str, *,
                  desc: str, progress: bool = True, seed: int = 0, max_batches: int | None = None,
                  shard: bool = True, skip: set[int] | None = None,
-                 autocast: torch.dtype | None = None,
+                 autocast: torch.dtype | None = None, row_dtype: torch.dtype | None = None,
                  ) -> Iterator[tuple[int, int, Any, dict[str, tuple[Tensor, Tensor]], Tensor]]:
     """Yield ``(batch_index, first_example_index, batch, rows, losses)`` with checks and progress.
 
@@ -310,6 +330,7 @@ def iterate_rows(model: nn.Module, loader: Any, task: Task, tracker: LayerTracke
     batches (see :mod:`lightning_influence.distributed`). Labels are sampled with a generator
     seeded by ``seed`` and the batch index, so the draw does not depend on the sharding.
     Batch indices in ``skip`` (finished in an earlier, interrupted run) are left out.
+    With ``row_dtype`` the rows are cast to it (see :func:`row_dtype_of`).
     """
     seen: set[str] = set()
     count = 0
@@ -322,6 +343,8 @@ def iterate_rows(model: nn.Module, loader: Any, task: Task, tracker: LayerTracke
                 break
             generator = sampling_generator(seed, b) if mode == "sampled" else None
             rows, losses = batch_rows(model, batch, task, tracker, mode, generator, b, autocast)
+            if row_dtype is not None:
+                rows = {name: (a.to(row_dtype), g.to(row_dtype)) for name, (a, g) in rows.items()}
             seen.update(rows)
             count += 1
             yield b, offset, batch, rows, losses

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from lightning_influence.factors import LayerFactors
 from lightning_influence.lowrank import LowRankGradient
+from lightning_influence.statistics import accumulation_dtype
 
 __all__ = ["per_example_gradients", "pairwise_layer_scores", "token_layer_scores",
            "self_layer_scores", "low_rank_layer_scores", "low_rank_token_scores"]
@@ -90,7 +91,7 @@ def token_layer_scores(preconditioned: Tensor | LowRankGradient, a: Tensor, g: T
 
 
 def self_layer_scores(factors: LayerFactors, a: Tensor, g: Tensor,
-                      chunk_elements: int = 2**25) -> Tensor:
+                      chunk_elements: int = 2**22) -> Tensor:
     """One layer's self-influence ``<P(G_n), G_n>`` ``[N]`` from rows ``a``, ``g``.
 
     In the eigenbasis, ``<P(G), G> = sum (Q_S^T G Q_A)^2 / (Lambda + damping)``; for single-row
@@ -106,11 +107,15 @@ def self_layer_scores(factors: LayerFactors, a: Tensor, g: Tensor,
         if inv is None:
             return sq_g.sum(-1) * sq_a.sum(-1)
         return torch.einsum("no,oi,ni->n", sq_g, inv, sq_a)
-    out = a.new_empty(n)
+    dtype = accumulation_dtype(a.dtype)
+    out = a.new_empty(n, dtype=dtype)
+    weights = None if inv is None else factors.inverse_eigenvalues(out).flatten()
     step = max(1, chunk_elements // (o * i))
     for s in range(0, n, step):
-        rot = per_example_gradients(a_rot[s:s + step], g_rot[s:s + step]).square()
-        out[s:s + step] = rot.flatten(1).sum(-1) if inv is None else (rot * inv).flatten(1).sum(-1)
+        # squared in place, then one matrix-vector product with 1 / (Lambda + damping): the
+        # [n, O, I] chunk is read once more and no second buffer is written
+        sq = per_example_gradients(a_rot[s:s + step], g_rot[s:s + step]).to(dtype).square_()
+        out[s:s + step] = sq.flatten(1).sum(-1) if weights is None else sq.flatten(1) @ weights
     return out
 
 

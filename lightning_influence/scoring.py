@@ -35,6 +35,7 @@ from lightning_influence.passes import (
     iterate_rows,
     model_device,
     move_to_device,
+    row_dtype_of,
 )
 from lightning_influence.ranking import StreamingTopK, TopKResult
 from lightning_influence.score_store import ScoreStore, data_fingerprint
@@ -108,7 +109,8 @@ class BoundInfluence:
                  keep_scores: bool = True, per_layer: bool = False, normalize: bool = False,
                  query_grads: dict[str, Tensor] | None = None,
                  scores_dir: str | Path | None = None, chunk_batches: int = 16,
-                 autocast: torch.dtype | None = None, progress: bool = True) -> PairwiseResult:
+                 autocast: torch.dtype | None = None, self_influence: bool = False,
+                 progress: bool = True) -> PairwiseResult:
         """Score every query against every training example in one streaming pass.
 
         ``score[q, n] = sum_layers <P(grad L(z_q)), grad L(z_n)>``; positive = proponent (helpful).
@@ -129,6 +131,9 @@ class BoundInfluence:
             autocast: run the model's forward/backward under ``torch.autocast`` with this dtype
                 (``torch.bfloat16``/``torch.float16``) and contract in it; preconditioned query
                 gradients, Lambda's reciprocal and the score sums stay in float32/float64.
+            self_influence: also compute every training example's self-influence from the same
+                rows (``result.self_result``, as :meth:`self_scores` would return it): one
+                forward and backward over the training data instead of two.
 
         Inside a process group the training batches are shared out among the ranks; every rank
         returns the same merged result.
@@ -145,20 +150,27 @@ class BoundInfluence:
         topk = StreamingTopK(num_queries, top_k, len(names) if per_layer else 0)
         kept: list[dict[str, Tensor]] = []
 
+        always_kept = ("indices", "losses", "self_scores", "self_layer_scores")
+
         def fold(chunk: dict[str, Tensor]) -> None:
             topk.update(chunk["scores"], chunk["indices"], chunk.get("layer_scores"))
-            kept.append({k: v for k, v in chunk.items() if keep_scores or k in ("indices", "losses")})
+            kept.append({k: v for k, v in chunk.items() if keep_scores or k in always_kept})
 
         def pairwise_chunk(rows: dict[str, tuple[Tensor, Tensor]], losses: Tensor) -> dict:
             n = losses.shape[0]
             per = torch.stack([pairwise_layer_scores(query_grads[name], *rows[name])
                                if name in rows else losses.new_zeros(num_queries, n)
                                for name in names]).double().cpu() * scale  # [L, Q, N]
-            return {"scores": per.sum(0), **({"layer_scores": per} if per_layer else {})}
+            chunk = {"scores": per.sum(0), **({"layer_scores": per} if per_layer else {})}
+            if self_influence:
+                own = self_terms(factors, rows, n).cpu() * scale  # [L, N]
+                chunk.update(self_scores=own.sum(0), self_layer_scores=own)
+            return chunk
 
         self._stream("pairwise", train_loader, pairwise_chunk, fold, lambda: _signature(
             factors, query_losses, top_k=top_k, per_layer=per_layer, scale=scale,
-            autocast=str(autocast), train=data_fingerprint(train_loader)),
+            autocast=str(autocast), train=data_fingerprint(train_loader),
+            **({"self_influence": True} if self_influence else {})),
             scores_dir=scores_dir, chunk_batches=chunk_batches, autocast=autocast,
             progress=progress)
         topk, kept = _gather(topk, kept)
@@ -168,6 +180,9 @@ class BoundInfluence:
             num_train=merged["indices"].numel(), scores=merged.get("scores") if keep_scores else None,
             layer_scores=merged.get("layer_scores") if keep_scores else None,
             normalized=scale != 1.0, train_losses=merged["losses"],
+            self_result=SelfResult(merged["self_scores"], merged["self_layer_scores"], names,
+                                   merged["losses"], normalized=scale != 1.0)
+            if self_influence else None,
         )
 
     def self_scores(self, train_loader: Any, *, normalize: bool = False,
@@ -206,14 +221,16 @@ class BoundInfluence:
         """The skeleton both scoring passes share: one pass over the training batches (this
         rank's share; the finished ones of an interrupted run read back from ``scores_dir``),
         each batch's scores ``chunk_of(rows, losses)`` with its indices and losses handed to
-        ``fold`` and, with ``scores_dir``, written as score chunks under ``signature()``."""
+        ``fold`` and, with ``scores_dir``, written as score chunks under ``signature()``. The
+        training rows are in the dtype the factors were fitted with (their ``row_dtype``)."""
         store = (ScoreStore(scores_dir, kind, signature(), chunk_batches)
                  if scores_dir is not None else None)
         skip = _resume(store, fold)
         for b, offset, _, rows, losses in iterate_rows(
                 self.model, train_loader, self.task, self.tracker, "loss",
                 desc=_PASS_DESCRIPTIONS[kind],
-                progress=progress, skip=skip, autocast=autocast):
+                progress=progress, skip=skip, autocast=autocast,
+                row_dtype=row_dtype_of(getattr(self.preconditioner, "extra", {}).get("row_dtype"))):
             chunk = {"indices": torch.arange(offset, offset + losses.shape[0]),
                      **chunk_of(rows, losses), "losses": losses.double().cpu()}
             fold(chunk)
@@ -274,6 +291,8 @@ class PairwiseResult:
         query_losses: ``[Q]`` the measurement of each query.
         num_train: N.
         normalized: True when scores were divided by the number of training examples.
+        self_result: the training examples' self-influence when it was computed in the same
+            pass (``self_influence=True``).
     """
 
     top: TopKResult
@@ -284,6 +303,7 @@ class PairwiseResult:
     layer_scores: Tensor | None = None
     normalized: bool = False
     train_losses: Tensor | None = field(default=None, repr=False)
+    self_result: SelfResult | None = field(default=None, repr=False)
 
 
 def compute_pairwise_scores(model: nn.Module, factors: Preconditioner, query_loader: Any,
@@ -294,6 +314,7 @@ def compute_pairwise_scores(model: nn.Module, factors: Preconditioner, query_loa
     ``bind(model, factors, task, tracker).pairwise(query_loader, train_loader, **options)``
     (see :meth:`BoundInfluence.pairwise` for the options: ``top_k``, ``keep_scores``,
     ``per_layer``, ``normalize``, ``query_grads``, ``scores_dir``, ``chunk_batches``,
+    ``self_influence``,
     ``autocast``, ``progress``)."""
     return bind(model, factors, task, tracker).pairwise(query_loader, train_loader, **options)
 

@@ -131,3 +131,36 @@ def test_chunks_of_another_pass_are_refused(tmp_path):
         li.compute_pairwise_scores(model, factors, other_queries, train, "classification",
                                    scores_dir=tmp_path,
                                    progress=False)
+
+
+def test_fused_pairwise_and_self_pass_resumes_from_its_chunks(tmp_path):
+    """self_influence=True writes both scores in the same chunks: a rerun reads them back
+    (the self-influence too), and a pass without self-influence does not take them."""
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import lightning_influence as li
+    from lightning_influence.score_store import ScoreStoreMismatchError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(12, 4), torch.randint(0, 3, (12,))
+    train = DataLoader(TensorDataset(x, y), batch_size=4)
+    queries = DataLoader(TensorDataset(x[:2], y[:2]), batch_size=2)
+    factors = li.fit_factors(model, train, "classification", progress=False)
+    first = li.compute_pairwise_scores(model, factors, queries, train, "classification",
+                                       scores_dir=tmp_path, chunk_batches=1,
+                                       self_influence=True, progress=False)
+    chunks = sorted(tmp_path.rglob("*.safetensors"))
+    assert chunks
+    chunks[-1].unlink()  # as if the pass had been killed before its last chunk
+    again = li.compute_pairwise_scores(model, factors, queries, train, "classification",
+                                       scores_dir=tmp_path, chunk_batches=1,
+                                       self_influence=True, progress=False)
+    assert torch.equal(again.scores, first.scores)
+    assert torch.equal(again.self_result.scores, first.self_result.scores)
+    alone = li.compute_self_scores(model, factors, train, "classification", progress=False)
+    assert torch.equal(first.self_result.scores, alone.scores)
+    with pytest.raises(ScoreStoreMismatchError, match="another pass"):
+        li.compute_pairwise_scores(model, factors, queries, train, "classification",
+                                   scores_dir=tmp_path, chunk_batches=1, progress=False)

@@ -279,6 +279,14 @@ def test_sequence_scores_equal_explicit(lm_problem, strategy):
     assert_scores_close(result.scores, ref.influence(dense, p["qgrads"], p["grads"]))
     self_scores = compute_self_scores(p["model"], factors, p["train"], task, progress=False)
     assert_scores_close(self_scores.scores, ref.self_influence(dense, p["grads"]))
+    # both from one pass over the training data: the same numbers
+    fused = compute_pairwise_scores(p["model"], factors, p["queries"], p["train"], task,
+                                    per_layer=True, self_influence=True, progress=False)
+    assert torch.equal(fused.scores, result.scores)
+    assert torch.equal(fused.self_result.scores, self_scores.scores)
+    assert torch.equal(fused.self_result.layer_scores, self_scores.layer_scores)
+    assert torch.equal(fused.self_result.losses, self_scores.losses)
+    assert result.self_result is None
 
 
 @pytest.mark.parametrize("bias", [True, False])

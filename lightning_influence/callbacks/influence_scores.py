@@ -130,11 +130,13 @@ class InfluenceScores(Callback):
                 pl_module, factors, queries, train, task, top_k=self.top_k,
                 keep_scores=self.keep_scores, per_layer=self.per_layer,
                 normalize=self.normalize, tracker=tracker, progress=show,
-                autocast=self._autocast(trainer), scores_dir=self._chunk_dir(trainer, eigen))
-        if self.self_influence:
-            if not factors.layerwise:
-                rank_zero_info(f"lightning-influence: self-influence through the "
-                               f"{factors.strategy} solver (one solve per training batch)")
+                autocast=self._autocast(trainer), scores_dir=self._chunk_dir(trainer, eigen),
+                self_influence=self.self_influence)  # both from one pass over the training data
+            self.self_result = self.pairwise_result.self_result
+        if self.self_influence and not factors.layerwise:
+            rank_zero_info(f"lightning-influence: self-influence through the "
+                           f"{factors.strategy} solver (one solve per training batch)")
+        if self.self_influence and self.self_result is None:
             self.self_result = compute_self_scores(pl_module, factors, train, task,
                                                    normalize=self.normalize, tracker=tracker,
                                                    progress=show, autocast=self._autocast(trainer),
