@@ -70,23 +70,40 @@ class ClassificationTask(Task):
 
 
 class CausalLMTask(Task):
-    """Next-token task on ``(input_ids,)`` batches of full-length sequences (no padding): the
-    summed next-token cross-entropy, labels drawn per token from the model's softmax for the
-    Fisher, and the query's own summed loss as the measurement (our ``CausalLMTask``)."""
+    """Next-token task on ``(input_ids,)`` batches of full-length sequences, or on dict batches
+    with ``input_ids`` and ``attention_mask`` (padding excluded from the loss and, through
+    ``get_attention_mask``, from the covariances, as our ``CausalLMTask`` does): the summed
+    next-token cross-entropy, labels drawn per token from the model's softmax for the Fisher
+    (only where the loss has a target), and the query's own summed loss as the measurement."""
+
+    def __init__(self, pad_token_id: int | None = None) -> None:
+        self.pad_token_id = pad_token_id
+
+    @staticmethod
+    def _ids_mask(batch):
+        if isinstance(batch, dict):
+            return batch["input_ids"], batch["attention_mask"].bool()
+        (ids,) = batch
+        return ids, torch.ones_like(ids, dtype=torch.bool)
 
     def compute_train_loss(self, batch, model: nn.Module, sample: bool = False) -> torch.Tensor:
-        (ids,) = batch
+        ids, mask = self._ids_mask(batch)
         logits = model(ids)[:, :-1]
         logits = logits.reshape(-1, logits.shape[-1])
+        valid = mask[:, 1:].reshape(-1)
         if sample:
             with torch.no_grad():
                 labels = torch.multinomial(torch.softmax(logits.detach(), dim=-1), 1).flatten()
         else:
             labels = ids[:, 1:].reshape(-1)
-        return F.cross_entropy(logits, labels, reduction="sum")
+        labels = labels.masked_fill(~valid, -100)
+        return F.cross_entropy(logits, labels, reduction="sum", ignore_index=-100)
 
     def compute_measurement(self, batch, model: nn.Module) -> torch.Tensor:
         return self.compute_train_loss(batch, model, sample=False)
+
+    def get_attention_mask(self, batch):
+        return self._ids_mask(batch)[1].long() if isinstance(batch, dict) else None
 
 
 def run_kronfluence(

@@ -30,7 +30,13 @@ def run(script: str, *args: str, timeout: int = 300) -> str:
 
 def test_speed_benchmark_reports_every_ratio(tmp_path):
     run("speed.py", "--queries", "4", "--repeats", "2", "--epochs", "1", "--every", "10",
-        "--threads", "1", "--out", str(tmp_path))
+        "--threads", "1", "--seq-chunks", "64", "--out", str(tmp_path))
+    sequence = json.loads((tmp_path / "speed_sequence.json").read_text())["summary"]
+    for stage in ("covariances", "eigen", "fit", "pairwise", "self", "pairwise+self"):
+        assert sequence[stage]["ours"] > 0 and sequence[stage]["ours_bf16"] > 0
+        assert sequence[stage]["ours_over_floor"] > 0
+    assert math.isnan(sequence["total"]["kronfluence"])
+    assert sequence["bf16_vs_float32_pairwise_pearson"] > 0.99
     summary = json.loads((tmp_path / "speed.json").read_text())["summary"]
     report = (tmp_path / "speed.md").read_text()
     for stage in ("fit", "pairwise", "self"):
@@ -58,6 +64,18 @@ def test_accuracy_benchmark_writes_table_plot_and_wandb_run(tmp_path):
     assert (tmp_path / "accuracy.png").stat().st_size > 10_000
     runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
+
+
+def test_accuracy_tasks_benchmark_reports_every_task(tmp_path):
+    run("accuracy_tasks.py", "--tasks", "mlp,conv", "--seeds", "2", "--subsets", "3",
+        "--queries", "3", "--conv-epochs", "1", "--no-exact", "--threads", "1",
+        "--out", str(tmp_path))
+    summary = json.loads((tmp_path / "accuracy_tasks.json").read_text())
+    for task in ("mlp", "conv"):
+        rows = summary[task]
+        assert set(rows) == {"ours, default (heuristic)", "ours, absolute 0.01"}  # no peer here
+        assert all(len(r["lds"]) == 2 and r["seconds"] > 0 for r in rows.values())
+    assert "| ours, default (heuristic) |" in (tmp_path / "accuracy_tasks.md").read_text()
 
 
 def test_memory_benchmark_prints_the_ratio():
