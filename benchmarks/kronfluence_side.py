@@ -88,7 +88,8 @@ class CausalLMTask(Task):
 
     def compute_train_loss(self, batch, model: nn.Module, sample: bool = False) -> torch.Tensor:
         ids, mask = self._ids_mask(batch)
-        logits = model(ids)[:, :-1]
+        out = model(ids)
+        logits = getattr(out, "logits", out)[:, :-1]  # a Hugging Face ModelOutput or a tensor
         logits = logits.reshape(-1, logits.shape[-1])
         valid = mask[:, 1:].reshape(-1)
         if sample:

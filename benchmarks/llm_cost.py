@@ -1,6 +1,7 @@
 """What influence costs on a Hugging Face language model, as a multiple of training it.
 
     .venv/bin/python benchmarks/llm_cost.py                       # both sizes, ~2k chunks each
+    benchmarks/.venv-kronfluence/bin/python benchmarks/llm_cost.py  # + Kronfluence as the peer
 
 Protocol: Llama-shaped models built from ``transformers`` configs (random init; the cost does not
 depend on the weights) at two sizes, ``--chunks`` training chunks of ``--length`` tokens (random
@@ -11,6 +12,11 @@ In one run, per size:
   model: the unit;
 - fitting EK-FAC (covariance pass, eigendecompositions, eigenvalue pass), pairwise scores of
   ``--queries`` queries against every chunk, and self-influence of every chunk;
+- the same scores from one pass (``compute_pairwise_scores(..., self_influence=True)``, as the
+  ``InfluenceScores`` callback does), in float32 and with ``row_dtype="bfloat16"`` (fit and
+  scoring products in bfloat16);
+- Kronfluence's EK-FAC fit, pairwise and self-influence on the same model and data, with the
+  same per-layer heuristic damping (``--kronfluence-rounds`` rounds, where it is importable);
 - the peak resident memory of each stage (process RSS high-water mark sampled on a thread), and
   the library's own estimate (``lightning_influence.memory``) plus the model's size.
 
@@ -35,9 +41,15 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lightning_influence as li  # noqa: E402
 from lightning_influence.memory import estimate_bytes  # noqa: E402
+
+try:  # the peer, only in the Kronfluence venv (benchmarks/README.md)
+    import kronfluence_side  # noqa: E402
+except ImportError:  # pragma: no cover - depends on the environment
+    kronfluence_side = None
 
 SIZES = {"small": dict(hidden=64, layers=2, heads=4, intermediate=128),
          "large": dict(hidden=256, layers=4, heads=8, intermediate=512)}
@@ -102,16 +114,27 @@ def train_epoch(model: torch.nn.Module, loader: DataLoader) -> float:
 def measure(size: str, args: argparse.Namespace) -> dict[str, float]:
     """The minimum over ``--repeats`` interleaved rounds of each time (a shared machine's times
     vary by tens of percent from run to run); peaks are the largest seen."""
-    rounds = [measure_once(size, args) for _ in range(args.repeats)]
-    row = {k: (max if "peak" in k else min)(r[k] for r in rounds) for k in rounds[0]}
+    rounds = [measure_once(size, args, with_peer=i < args.kronfluence_rounds)
+              for i in range(args.repeats)]
+    row = {k: (max if "peak" in k else min)(r[k] for r in rounds if k in r) for k in rounds[0]}
     row["total_s"] = row["fit_s"] + row["pairwise_s"] + row["self_s"]
     row["total_over_epoch"] = row["total_s"] / row["epoch_s"]
+    row["one_pass_total_s"] = row["fit_s"] + row["fused_s"]
+    row["one_pass_over_epoch"] = row["one_pass_total_s"] / row["epoch_s"]
+    row["bf16_total_s"] = row["fit_bf16_s"] + row["fused_bf16_s"]
+    row["bf16_over_epoch"] = row["bf16_total_s"] / row["epoch_s"]
+    nan = float("nan")
+    row["kronfluence_s"] = row.get("kronfluence_s", nan)
+    row["kronfluence_over_epoch"] = row["kronfluence_s"] / row["epoch_s"]
+    for key in ("total", "one_pass_total", "bf16_total"):
+        row[f"{key}_over_kronfluence"] = row[f"{key}_s"] / row["kronfluence_s"]
     row["peak_mb"] = max(row["fit_peak_mb"], row["pairwise_peak_mb"], row["self_peak_mb"])
     row["repeats"] = args.repeats
     return row
 
 
-def measure_once(size: str, args: argparse.Namespace) -> dict[str, float]:
+def measure_once(size: str, args: argparse.Namespace, with_peer: bool = False,
+                 ) -> dict[str, float]:
     model = make_model(size, args.vocab, args.length)
     train = DataLoader(chunks(args.chunks, args.length, args.vocab, 0), batch_size=args.batch_size)
     queries = DataLoader(chunks(args.queries, args.length, args.vocab, 1),
@@ -134,6 +157,26 @@ def measure_once(size: str, args: argparse.Namespace) -> dict[str, float]:
         li.compute_self_scores(model, factors, train, "causal_lm", progress=False)
         row["self_s"] = time.perf_counter() - start
     row["self_peak_mb"] = (mem.peak - mem.start) / 2**20
+    start = time.perf_counter()
+    li.compute_pairwise_scores(model, factors, queries, train, "causal_lm", top_k=10,
+                               keep_scores=False, self_influence=True, progress=False)
+    row["fused_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    half = li.fit_factors(model, train, "causal_lm", progress=False, row_dtype="bfloat16")
+    row["fit_bf16_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    li.compute_pairwise_scores(model, half, queries, train, "causal_lm", top_k=10,
+                               keep_scores=False, self_influence=True, progress=False)
+    row["fused_bf16_s"] = time.perf_counter() - start
+    if with_peer and kronfluence_side is not None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="kronfluence_") as tmp:
+            r = kronfluence_side.run_kronfluence_datasets(
+                model, train.dataset, queries.dataset, task=kronfluence_side.CausalLMTask(),
+                damping=None, batch_size=args.batch_size, query_batch_size=args.queries,
+                output_dir=tmp, name=f"llama_{size}")
+        row["kronfluence_s"] = r["fit_seconds"] + r["pairwise_seconds"] + r["self_seconds"]
     estimate = estimate_bytes(factors.shapes, "ekfac", num_queries=args.queries,
                               batch_size=args.batch_size, rows_per_example=args.length)
     row["estimate_mb"] = sum(estimate.values()) / 2**20
@@ -150,6 +193,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="rounds; the minimum time is kept")
+    p.add_argument("--kronfluence-rounds", type=int, default=1,
+                   help="rounds that also time Kronfluence (where it is importable)")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -161,11 +206,17 @@ def main() -> None:
              f"of {args.repeats} rounds; peak = resident-memory increase over the stage",
              "",
              "| size | parameters | epoch (s) | fit (s) | pairwise (s) | self (s) | "
-             "fit+pairwise+self / epoch | peak MiB | estimate MiB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "fit+pairwise+self / epoch | fit + one scoring pass / epoch | same, bf16 rows / "
+             "epoch | Kronfluence / epoch | ours / Kronfluence (separate, one pass, bf16) "
+             "| peak MiB | estimate MiB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     for size, r in rows.items():
         lines.append(f"| {size} | {r['parameters']:,.0f} | {r['epoch_s']:.1f} | {r['fit_s']:.1f} "
                      f"| {r['pairwise_s']:.1f} | {r['self_s']:.1f} | {r['total_over_epoch']:.2f} "
+                     f"| {r['one_pass_over_epoch']:.2f} | {r['bf16_over_epoch']:.2f} "
+                     f"| {r['kronfluence_over_epoch']:.2f} | {r['total_over_kronfluence']:.2f}, "
+                     f"{r['one_pass_total_over_kronfluence']:.2f}, "
+                     f"{r['bf16_total_over_kronfluence']:.2f} "
                      f"| {r['peak_mb']:.0f} | {r['estimate_mb']:.0f} |")
     lines += ["", "The floor is about 4 epochs (four passes, each a forward and a backward)."]
     text = "\n".join(lines) + "\n"

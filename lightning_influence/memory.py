@@ -17,7 +17,8 @@ def estimate_bytes(shapes: dict[str, list[int]], strategy: str = "ekfac", num_qu
                    dtype_bytes: int = 4) -> dict[str, int]:
     """Bytes each stage holds at once, summed over the tracked layers.
 
-    - ``covariances``: the float64 sums of A ``[I, I]`` and S ``[O, O]`` (kfac, ekfac);
+    - ``covariances``: the float64 sums of A ``[I, I]`` and S ``[O, O]`` (kfac, ekfac), and
+      the float32 buffers that batches are multiplied into before they are added to them;
     - ``eigenbases``: Q_A and Q_S in float64 (kfac, ekfac);
     - ``eigenvalues``: Lambda ``[O, I]`` in float64 (diagonal, kfac, ekfac);
     - ``query_gradients``: ``Q x O x I`` (or ``Q x r x (O + I)`` at rank r) in the model dtype;
@@ -26,6 +27,9 @@ def estimate_bytes(shapes: dict[str, list[int]], strategy: str = "ekfac", num_qu
     - ``forward_graph``: what autograd holds for the same batch while it runs, the tracked
       layers' saved inputs and their output gradients, ``B x T x (I + O)`` again (the rest of
       the model's activations are not counted);
+    - ``model_outputs``: the widest tracked layer's outputs ``B x T x O`` (a language model's
+      head: the logits) four times over, for the logits, the probabilities the labels are
+      drawn from, their cumulative sums and the loss's gradient;
     - ``score_matrix``: ``Q x N`` float64, only when the full matrix is kept in memory.
     """
     row = strategy_row(strategy)
@@ -34,7 +38,7 @@ def estimate_bytes(shapes: dict[str, list[int]], strategy: str = "ekfac", num_qu
     oi = sum(o * i for o, i in shapes.values())
     oplusi = sum(o + i for o, i in shapes.values())
     out = {
-        "covariances": 8 * sq if kronecker else 0,
+        "covariances": (8 + 4) * sq if kronecker else 0,
         "eigenbases": 8 * sq if kronecker else 0,
         "eigenvalues": 8 * oi if "eigenvalues" in row.stored else 0,
         "query_gradients": dtype_bytes * num_queries * (
@@ -42,6 +46,8 @@ def estimate_bytes(shapes: dict[str, list[int]], strategy: str = "ekfac", num_qu
         "batch_rows": dtype_bytes * batch_size * (
             rows_per_example * oplusi + (oi if rows_per_example > 1 else 0)),
         "forward_graph": dtype_bytes * batch_size * rows_per_example * oplusi,
+        "model_outputs": 4 * dtype_bytes * batch_size * rows_per_example * max(
+            (o for o, _ in shapes.values()), default=0),
         "score_matrix": 8 * num_queries * num_train if keep_scores else 0,
     }
     return out

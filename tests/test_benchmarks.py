@@ -116,3 +116,6 @@ def test_llm_cost_benchmark_reports_the_ratio_to_an_epoch(tmp_path):
     assert small["epoch_s"] > 0 and small["total_over_epoch"] > 0
     assert small["peak_mb"] >= 0 and small["estimate_mb"] > 0
     assert "fit+pairwise+self / epoch" in (tmp_path / "llm_cost.md").read_text()
+    for key in ("one_pass_over_epoch", "bf16_over_epoch"):
+        assert rows["small"][key] > 0
+    assert math.isnan(rows["small"]["kronfluence_s"])  # no peer in this environment
