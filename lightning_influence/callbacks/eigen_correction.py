@@ -14,7 +14,7 @@ from lightning_influence.factors import Damping, Factors, Preconditioner
 from lightning_influence.fitting import fit_factors, load_or_fit_factors
 from lightning_influence.io import check_writable
 from lightning_influence.memory import estimate_bytes, format_estimate
-from lightning_influence.passes import fisher_mode
+from lightning_influence.passes import fisher_mode, row_dtype_of
 from lightning_influence.solvers import CurvatureSolver, make_solver
 from lightning_influence.strategies import ALL_STRATEGIES, SOLVER_STRATEGIES
 from lightning_influence.strategies import strategy as strategy_row
@@ -57,6 +57,8 @@ class EigenCorrection(Callback):
         fisher: ``"sampled"``, ``"exact"`` or ``"empirical"`` (see
             :func:`~lightning_influence.fit_factors`);
             ``None`` takes the InfluenceStatistics callback's (``"sampled"`` without one).
+        row_dtype: ``None`` or ``"bfloat16"``: the eigenvalue pass's and the scoring passes'
+            products in bfloat16 (see :func:`~lightning_influence.fit_factors`).
         solver_options: keyword arguments of the solver class (e.g. ``{"iterations": 2000,
             "scale": 50.0}`` for LiSSA, ``{"max_iterations": 100, "rtol": 1e-6}`` for CG); for
             ``cg``, ``ekfac_preconditioner: true`` preconditions CG with the EK-FAC factors.
@@ -69,7 +71,7 @@ class EigenCorrection(Callback):
                  max_batches: int | None = None, batch_size: int | None = None, seed: int = 0,
                  progress: bool = True, solver_options: dict[str, Any] | None = None,
                  fisher: str | None = None, include_frozen: bool = False,
-                 batch_layout: str = "auto") -> None:
+                 batch_layout: str = "auto", row_dtype: str | None = None) -> None:
         super().__init__()
         if strategy not in ALL_STRATEGIES:
             raise ValueError(f"EigenCorrection: strategy={strategy!r} is not one of "
@@ -92,6 +94,8 @@ class EigenCorrection(Callback):
         self.progress = progress
         self.solver_options = dict(solver_options or {})
         self.fisher = fisher_mode(fisher) if fisher is not None else None
+        row_dtype_of(row_dtype)
+        self.row_dtype = row_dtype
         self.factors: Preconditioner | None = None
         self.factors_path: str | None = None
 
@@ -150,10 +154,12 @@ class EigenCorrection(Callback):
                 pl_module, training_loader(trainer, pl_module, self.batch_size), task,
                 strategy=strategy, tracker=tracker, damping=rule, covariances=covariances,
                 seed=self.seed, max_batches=self.max_batches,
-                progress=self.progress and trainer.is_global_zero, fisher=fisher)
+                progress=self.progress and trainer.is_global_zero, fisher=fisher,
+                row_dtype=self.row_dtype)
 
         factors = load_or_fit_factors(folder, fit, tracker=tracker, strategy=strategy,
                                       damping=rule, fisher=fisher, overwrite=self.overwrite,
+                                      row_dtype=self.row_dtype,
                                       write=trainer.is_global_zero)
         self.factors_path = str(folder)
         return factors
