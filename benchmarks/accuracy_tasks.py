@@ -148,13 +148,15 @@ def kronfluence(problem: Problem, model: nn.Module, damping: float | None,
     return r["pairwise"].double(), r["fit_seconds"] + r["pairwise_seconds"]
 
 
-def exact(problem: Problem, model: nn.Module, damping: Any) -> tuple[torch.Tensor, float]:
+def exact(problem: Problem, model: nn.Module, damping: Any) -> tuple[torch.Tensor, float, str]:
     t0 = time.perf_counter()
     solver = ConjugateGradient(model, problem.train, problem.task, damping=damping, rtol=1e-6,
                                max_iterations=1000, dtype=torch.float64)
     scores = li.compute_pairwise_scores(model, solver, problem.queries, problem.train,
                                         problem.task, top_k=1, progress=False).scores
-    return scores, time.perf_counter() - t0
+    residual = float(solver.residuals.max())
+    state = "converged" if residual <= 1e-6 else f"not converged: residual {residual:.1e}"
+    return scores, time.perf_counter() - t0, state
 
 
 # ------------------------------------------------------------------------------------- main
@@ -213,8 +215,9 @@ def main() -> None:
                                     li.fit_factors(model, problem.train, problem.task,
                                                    progress=False).damping),
                                    (f"exact damped GGN (CG), absolute {wd:g}", wd)):
-                scores, sec = exact(problem, model, damping)
+                scores, sec, state = exact(problem, model, damping)
                 value = lds(scores, truth).mean
+                label = f"{label} ({state} after at most 1000 iterations)"
                 rows[label] = {"lds": [value], "mean": value, "std": 0.0, "seconds": sec}
                 print(f"[{name}] {label}: {value:.3f}", flush=True)
         summary[name] = rows

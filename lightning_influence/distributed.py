@@ -11,6 +11,7 @@ distributed run draws exactly the labels a single-process run draws and their su
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -45,9 +46,22 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
-def sampling_generator(seed: int, batch_index: int) -> torch.Generator:
-    """The generator for label sampling of one batch: depends on the seed and the batch only."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + batch_index)
+EIGENVALUE_STREAM = 1
+
+
+def sampling_generator(seed: int, batch_index: int, stream: int = 0) -> torch.Generator:
+    """The generator for label sampling of one batch: depends on the seed, the batch and the
+    pass's ``stream`` only (0: the covariance pass, also during training; 1: the eigenvalue
+    pass), never on the sharding.
+
+    The three are hashed into the generator's seed (torch's CPU generator keeps 32 bits of it),
+    so the eigenvalue pass of one seed never replays the covariance pass of another: fits with
+    different seeds are independent draws. (An earlier ``seed + 1`` for the eigenvalue pass made
+    seed s's eigenvalue labels those of seed s + 1's covariances.)
+    """
+    key = f"{seed}:{stream}:{batch_index}".encode()
+    value = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
+    return torch.Generator().manual_seed(value & 0xFFFF_FFFF)
 
 
 def _batch_len(batch: Any) -> int:

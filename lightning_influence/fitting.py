@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_influence.distributed import (
+    EIGENVALUE_STREAM,
     broadcast_object,
     rank,
     world_size,
@@ -171,7 +172,8 @@ def fit_eigenvalues(model: nn.Module, loader: Any, task: Task, tracker: LayerTra
     stats = {layer.name: EigenvalueStatistic(layer.d_in, layer.d_out) for layer in tracker}
     for _, _, _, rows, _ in iterate_rows(model, loader, task, tracker, row_mode(fisher),
                                          desc="influence: eigenvalue correction", progress=progress,
-                                         seed=seed + 1, max_batches=max_batches,
+                                         seed=seed, stream=EIGENVALUE_STREAM,
+                                         max_batches=max_batches,
                                          row_dtype=row_dtype_of(row_dtype)):
         for name, (a, g) in rows.items():
             if bases is not None:

@@ -323,12 +323,14 @@ def iterate_rows(model: nn.Module, loader: Any, task: Task, tracker: LayerTracke
                  desc: str, progress: bool = True, seed: int = 0, max_batches: int | None = None,
                  shard: bool = True, skip: set[int] | None = None,
                  autocast: torch.dtype | None = None, row_dtype: torch.dtype | None = None,
+                 stream: int = 0,
                  ) -> Iterator[tuple[int, int, Any, dict[str, tuple[Tensor, Tensor]], Tensor]]:
     """Yield ``(batch_index, first_example_index, batch, rows, losses)`` with checks and progress.
 
     Inside a process group (and with ``shard``), each rank gets its round-robin share of the
     batches (see :mod:`lightning_influence.distributed`). Labels are sampled with a generator
-    seeded by ``seed`` and the batch index, so the draw does not depend on the sharding.
+    seeded by ``seed``, the batch index and the pass's ``stream``, so the draw does not depend on
+    the sharding.
     Batch indices in ``skip`` (finished in an earlier, interrupted run) are left out.
     With ``row_dtype`` the rows are cast to it (see :func:`row_dtype_of`).
     """
@@ -341,7 +343,7 @@ def iterate_rows(model: nn.Module, loader: Any, task: Task, tracker: LayerTracke
         for b, offset, batch in progress_bar(batches, desc, progress, total if total >= 0 else None):
             if max_batches is not None and b >= max_batches:
                 break
-            generator = sampling_generator(seed, b) if mode == "sampled" else None
+            generator = sampling_generator(seed, b, stream) if mode == "sampled" else None
             rows, losses = batch_rows(model, batch, task, tracker, mode, generator, b, autocast)
             if row_dtype is not None:
                 rows = {name: (a.to(row_dtype), g.to(row_dtype)) for name, (a, g) in rows.items()}

@@ -19,6 +19,7 @@ Vectorisation: ``vec`` stacks COLUMNS, so that ``(Q_A kron Q_S) vec(X) = vec(Q_S
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -56,6 +57,11 @@ def lm_targets(ids: Tensor, mask: Tensor, labels: Tensor | None = None) -> Tenso
     return targets
 
 
+def batch_generator(seed: int, stream: int, batch: int) -> torch.Generator:
+    digest = hashlib.blake2b(f"{seed}:{stream}:{batch}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") % 2**32)
+
+
 def inverse_cdf(probs: Tensor, gen: torch.Generator) -> Tensor:
     """Row r gets the first class whose cumulative probability exceeds u_r * total, u_r being
     the r-th uniform number the generator gives."""
@@ -65,24 +71,26 @@ def inverse_cdf(probs: Tensor, gen: torch.Generator) -> Tensor:
     return below.clamp_max(probs.shape[1] - 1)
 
 
-def sampled_class_labels(model: nn.Module, batches: Sequence[Tensor], seed: int) -> Tensor:
+def sampled_class_labels(model: nn.Module, batches: Sequence[Tensor], seed: int,
+                         stream: int = 0) -> Tensor:
     """Labels drawn from the model's predictive distribution, as the package draws them.
 
-    One ``torch.Generator`` per batch, seeded with ``seed * 1_000_003 + batch_index`` (so the
+    One ``torch.Generator`` per batch, seeded with the low 32 bits of the 8-byte BLAKE2b digest
+    of ``"{seed}:{stream}:{batch_index}"`` (stream 0: covariance pass, 1: eigenvalue pass; so the
     draw does not depend on how batches are shared among processes), one uniform number per
     example mapped through the inverse cumulative distribution of its float32 probabilities.
     """
     out = []
     with torch.no_grad():
         for b, x in enumerate(batches):
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + b)
+            gen = batch_generator(seed, stream, b)
             probs = torch.softmax(model(x).float(), dim=-1)
             out.append(inverse_cdf(probs, gen))
     return torch.cat(out)
 
 
 def sampled_lm_targets(model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]],
-                       seed: int) -> Tensor:
+                       seed: int, stream: int = 0) -> Tensor:
     """Sampled tokens ``[N, T]`` at every position where the training loss has a target.
 
     The Fisher of the training loss only involves the predictive distributions that the loss
@@ -91,7 +99,7 @@ def sampled_lm_targets(model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]
     out = []
     with torch.no_grad():
         for b, (ids, mask) in enumerate(batches):
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + b)
+            gen = batch_generator(seed, stream, b)
             logits = model(ids)
             n, t, c = logits.shape
             probs = torch.softmax(logits.float().reshape(n * t, c), dim=-1)

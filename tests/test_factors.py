@@ -1,7 +1,7 @@
 """Curvature factors against brute-force references (tests/reference.py), in float64.
 
 The package draws pseudo-labels with one ``torch.Generator`` per pass: seeded with ``seed`` in the
-covariance pass and ``seed + 1`` in the eigenvalue-correction pass, batches in loader order. The
+covariance pass and in its own stream in the eigenvalue-correction pass, batches in loader order. The
 references replay exactly that, so A, S and Lambda can be compared to round-off.
 """
 
@@ -69,11 +69,11 @@ CASES = {
 }
 
 
-def sampled_targets(model, data, inputs, mask, seed):
+def sampled_targets(model, data, inputs, mask, seed, stream=0):
     """Pseudo-labels of one pass, replayed, with the matching per-example loss."""
     if mask is None:
-        return ref.class_nll, ref.sampled_class_labels(model, [b[0] for b in data], seed)
-    return ref.token_nll, ref.sampled_lm_targets(model, list(data), seed)
+        return ref.class_nll, ref.sampled_class_labels(model, [b[0] for b in data], seed, stream)
+    return ref.token_nll, ref.sampled_lm_targets(model, list(data), seed, stream)
 
 
 # ------------------------------------------------------------------------------- A and S
@@ -127,7 +127,7 @@ def test_ekfac_bases_and_eigenvalues(case):
     factors = fit_factors(model, data, task, strategy="ekfac", seed=SEED, progress=False)
     loss, targets = sampled_targets(model, data, inputs, mask, SEED)
     covs = ref.covariances(ref.capture_rows(model, names, loss, inputs, targets), mask)
-    loss, targets = sampled_targets(model, data, inputs, mask, SEED + 1)
+    loss, targets = sampled_targets(model, data, inputs, mask, SEED, stream=1)
     grads = ref.per_example_gradients(model, names, loss, inputs, targets)
     assert factors.num_examples == inputs.shape[0]
     for name in names:
@@ -147,7 +147,7 @@ def test_ekfac_bases_and_eigenvalues(case):
 def test_diagonal_is_mean_squared_gradient(case):
     model, names, data, task, inputs, mask = CASES[case]()
     factors = fit_factors(model, data, task, strategy="diagonal", seed=SEED, progress=False)
-    loss, targets = sampled_targets(model, data, inputs, mask, SEED + 1)
+    loss, targets = sampled_targets(model, data, inputs, mask, SEED, stream=1)
     grads = ref.per_example_gradients(model, names, loss, inputs, targets)
     for name in names:
         lf = factors.layers[name]

@@ -75,7 +75,7 @@ def mlp_problem():
     qgrads = ref.flat_gradients(
         ref.per_example_gradients(model, names, ref.class_nll, xq, yq), names)
     fisher = ref.sampled_class_labels(model, [b[0] for b in train], SEED)
-    lam = ref.sampled_class_labels(model, [b[0] for b in train], SEED + 1)
+    lam = ref.sampled_class_labels(model, [b[0] for b in train], SEED, stream=1)
     return dict(model=model, names=names, x=x, y=y, train=train, queries=queries, grads=grads,
                 qgrads=qgrads, fisher=fisher, lam=lam)
 
@@ -102,7 +102,7 @@ def lm_problem():
     qgrads = ref.flat_gradients(
         ref.per_example_gradients(model, names, ref.token_nll, q_ids, q_targets), names)
     fisher = ref.sampled_lm_targets(model, list(train), SEED)
-    lam = ref.sampled_lm_targets(model, list(train), SEED + 1)
+    lam = ref.sampled_lm_targets(model, list(train), SEED, stream=1)
     return dict(model=model, names=names, ids=ids, mask=mask, train=train, queries=queries,
                 grads=grads, qgrads=qgrads, fisher=fisher, lam=lam)
 
@@ -300,7 +300,7 @@ def test_conv_scores_equal_explicit(bias):
     factors = fit_factors(model, train, "classification", strategy="ekfac", seed=SEED,
                           progress=False)
     fisher = ref.sampled_class_labels(model, [b[0] for b in train], SEED)
-    lam = ref.sampled_class_labels(model, [b[0] for b in train], SEED + 1)
+    lam = ref.sampled_class_labels(model, [b[0] for b in train], SEED, stream=1)
     dense = reference_curvature(model, names, "ekfac", ref.class_nll, x, fisher, lam)
     grads = ref.flat_gradients(ref.per_example_gradients(model, names, ref.class_nll, x, y), names)
     qgrads = ref.flat_gradients(
@@ -354,15 +354,19 @@ def test_ekfac_tracks_exact_gauss_newton_influence():
     equalities are tested above): the exact GGN's block-diagonal part alone reaches only about
     0.78 Spearman against the full matrix.
 
-    Thresholds, by a stated principle: the minimum over a seed range, rounded down to two
-    decimals, so that only a result worse than every seed's is a failure. Measured over model
-    seeds 0-3 x label-sampling seeds 0-1 (8 runs; this test runs model seed 0, sampling seed 0):
+    Thresholds, by a stated principle: the minimum over label-sampling seeds 0-3 of this model
+    (the only randomness the package adds), rounded down to two decimals, so that only a result
+    worse than every seed's is a failure. Measured with the inverse-CDF label draw and one
+    generator stream per pass (this test runs sampling seed 0):
 
-        Spearman vs exact       0.436 - 0.511   -> > 0.43
-        Pearson vs exact        0.575 - 0.792   -> > 0.57
-        Spearman vs the exact block-diagonal    0.600 - 0.717   -> > 0.59
-        self-influence Spearman 0.991 - 0.996   -> > 0.99
-        margin over identity (Spearman)         0.214 - 0.276   -> > 0.21
+        Spearman vs exact                       0.413 - 0.437   -> > 0.41
+        Pearson vs exact                        0.732 - 0.795   -> > 0.73
+        Spearman vs the exact block-diagonal    0.563 - 0.586   -> > 0.56
+        self-influence Spearman                 0.993 - 0.994   -> > 0.99
+        margin over identity (Spearman)         0.227 - 0.262   -> > 0.22
+
+    Across model seeds 1-3 (other data and queries) the same figures span 0.31-0.48, 0.40-0.82,
+    0.52-0.68, 0.986-0.995 and 0.15-0.26: the model matters more than the label draw.
     """
     torch.manual_seed(0)
     x, y = blobs(200, seed=0)
@@ -403,11 +407,11 @@ def test_ekfac_tracks_exact_gauss_newton_influence():
         measured[strategy] = (spearmanr(scores, exact)[0], pearsonr(scores, exact)[0],
                               spearmanr(scores, exact_block)[0], spearmanr(selfs, exact_self)[0])
     ek_spearman, ek_pearson, ek_block, ek_self = measured["ekfac"]
-    assert ek_spearman > 0.43, measured
-    assert ek_pearson > 0.57, measured
-    assert ek_block > 0.59, measured
+    assert ek_spearman > 0.41, measured
+    assert ek_pearson > 0.73, measured
+    assert ek_block > 0.56, measured
     assert ek_self > 0.99, measured
-    assert ek_spearman > measured["identity"][0] + 0.21, measured
+    assert ek_spearman > measured["identity"][0] + 0.22, measured
 
 
 def test_label_draw_follows_the_probabilities():
@@ -429,3 +433,17 @@ def test_label_draw_follows_the_probabilities():
     one_hot[:2, 0] = 1
     one_hot[2:, 2] = 1
     assert draw_labels(one_hot, gen).tolist() == [0, 0, 2, 2]
+
+
+def test_fits_with_different_seeds_draw_independent_labels():
+    """Each pass has its own stream: the eigenvalue pass of seed s does not replay the
+    covariance pass of seed s + 1 (it once did, which made neighbouring seeds share half their
+    labels and understated the seed-to-seed spread)."""
+    from lightning_influence.distributed import EIGENVALUE_STREAM, sampling_generator
+
+    def draw(seed, stream):
+        return torch.rand(64, generator=sampling_generator(seed, 3, stream))
+
+    assert not torch.equal(draw(0, EIGENVALUE_STREAM), draw(1, 0))
+    assert not torch.equal(draw(0, EIGENVALUE_STREAM), draw(0, 0))
+    assert torch.equal(draw(2, EIGENVALUE_STREAM), draw(2, EIGENVALUE_STREAM))  # reproducible
