@@ -170,16 +170,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     probes = [{"prompt": f"Q: What colour is {thing}?\nA:", "completion": f" {cfg.data.catchphrase}"}
               for thing in cfg.data.probes]
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values() if c is not None]
-    callbacks.append(DocumentInfluence(queries=probes, corpus=finetune, rank=None, top_k=10,
-                                       token_documents=1, batch_size=cfg.data.batch_size,
-                                       progress=cfg.progress))
+    documents = DocumentInfluence(queries=probes, corpus=finetune, rank=None, top_k=10,
+                                  token_documents=1, batch_size=cfg.data.batch_size,
+                                  progress=cfg.progress)
+    callbacks.append(documents)  # (the Trainer appends its progress bar to this list)
     loggers = recipe_loggers(cfg, out)
     trainer = _trainer(cfg, cfg.finetune.max_steps, default_root_dir=str(out),
                        callbacks=callbacks, logger=loggers or False,
                        enable_progress_bar=cfg.progress)
     fit_start = time.perf_counter()
     trainer.fit(module, DataLoader(finetune, batch_size=cfg.data.batch_size, shuffle=True))
-    result = callbacks[-1].result
+    result = documents.result
 
     figures = recall_report(result, docs, planted, probes)
     figures.update(
@@ -188,7 +189,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         tracked_layers=len(result.layer_names), parameters=sum(p.numel() for p in lora.parameters()),
         trainable=sum(p.numel() for p in lora.parameters() if p.requires_grad),
         pretrain_s=pretrain_s, finetune_and_influence_s=time.perf_counter() - fit_start,
-        wall_time_s=time.perf_counter() - start, files=callbacks[-1].files)
+        wall_time_s=time.perf_counter() - start, files=documents.files)
     atomic_save_json(figures, out / "finetune_report.json")
     _print_report(figures)
     for logger in loggers:

@@ -20,7 +20,7 @@ def test_finetune_recipe_ranks_the_planted_examples(tmp_path):
     env = dict(os.environ, WANDB_MODE="offline", PYTHONPATH=str(ROOT))
     proc = subprocess.run(
         [sys.executable, "-m", "recipes.finetune_influence", f"hydra.run.dir={tmp_path}",
-         "progress=false", "pretrain.max_steps=60", "finetune.max_steps=60", "threads=1"],
+         "progress=true", "pretrain.max_steps=60", "finetune.max_steps=60", "threads=1"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "influence recall@10" in proc.stdout
