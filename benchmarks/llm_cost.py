@@ -183,6 +183,87 @@ def measure_once(size: str, args: argparse.Namespace, with_peer: bool = False,
     return row
 
 
+def stage_in_this_process(args: argparse.Namespace) -> None:
+    """``--stage``: build the model and data, then run one stage and print its peak as JSON.
+
+    The peak is the process's resident high-water mark (``ru_maxrss``) at the end minus the
+    resident memory just before the stage (after one warm-up forward and backward): in a fresh
+    process no memory freed by an earlier stage can be reused unseen, so this is the stage's
+    own peak."""
+    import resource
+
+    model = make_model(args.size, args.vocab, args.length)
+    train = DataLoader(chunks(args.chunks, args.length, args.vocab, 0), batch_size=args.batch_size)
+    queries = DataLoader(chunks(args.queries, args.length, args.vocab, 1),
+                         batch_size=args.queries)
+    factors = None if args.stage == "fit" else li.Factors.load(args.factors_dir)
+    # warm torch's runtime (kernels, thread pools, autograd engine) with one plain forward and
+    # backward, so that its one-time allocations are not counted as the stage's
+    task = li.CausalLMTask()
+    batch = next(iter(train))
+    task.loss(task.forward(model, batch), batch).sum().backward()
+    model.zero_grad(set_to_none=True)
+    before = psutil.Process(os.getpid()).memory_info().rss
+    if args.stage == "fit":
+        li.fit_factors(model, train, "causal_lm", progress=False, output_dir=args.factors_dir,
+                       overwrite=True)
+    elif args.stage == "pairwise":
+        li.compute_pairwise_scores(model, factors, queries, train, "causal_lm", top_k=10,
+                                   keep_scores=False, progress=False)
+    else:
+        li.compute_self_scores(model, factors, train, "causal_lm", progress=False)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    print(json.dumps({"peak_mb": (peak - before) / 2**20}))  # noqa: T201 - read by the parent
+
+
+def isolated_peaks(size: str, args: argparse.Namespace) -> dict[str, float]:
+    """Each stage's peak in a fresh process (see :func:`stage_in_this_process`)."""
+    import subprocess
+    import tempfile
+
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="llm_cost_") as tmp:
+        for stage in ("fit", "pairwise", "self"):
+            cmd = [sys.executable, __file__, "--stage", stage, "--size", size, "--factors-dir",
+                   tmp, "--chunks", str(args.chunks), "--length", str(args.length), "--vocab",
+                   str(args.vocab), "--queries", str(args.queries), "--batch-size",
+                   str(args.batch_size), "--threads", str(args.threads)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            out[f"{stage}_isolated_peak_mb"] = json.loads(proc.stdout.strip().splitlines()[-1])[
+                "peak_mb"]
+    return out
+
+
+def memory_report(args: argparse.Namespace) -> None:
+    """``--memory-only``: each stage's peak in a fresh process against the estimate."""
+    from lightning_influence.tracking import LayerTracker
+
+    rows = {}
+    for size in args.sizes.split(","):
+        shapes = LayerTracker(make_model(size, args.vocab, args.length)).describe()
+        estimate = estimate_bytes(shapes, "ekfac", num_queries=args.queries,
+                                  batch_size=args.batch_size, rows_per_example=args.length)
+        row = {"estimate_mb": sum(estimate.values()) / 2**20, **isolated_peaks(size, args)}
+        row["isolated_peak_mb"] = max(row[f"{s}_isolated_peak_mb"] for s in ("fit", "pairwise", "self"))
+        row["estimate_over_isolated_peak"] = row["estimate_mb"] / row["isolated_peak_mb"]
+        rows[size] = row
+    lines = [f"Llama-shaped models, {args.chunks} chunks x {args.length} tokens, {args.queries} "
+             f"queries, batch {args.batch_size}; each stage in a fresh process (after one warm-up "
+             "forward and backward), peak = ru_maxrss - resident memory before the stage", "",
+             "| size | fit | pairwise | self | estimate | estimate / largest peak |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for size, r in rows.items():
+        lines.append(f"| {size} | {r['fit_isolated_peak_mb']:.0f} MiB | "
+                     f"{r['pairwise_isolated_peak_mb']:.0f} MiB | {r['self_isolated_peak_mb']:.0f} MiB "
+                     f"| {r['estimate_mb']:.0f} MiB | {r['estimate_over_isolated_peak']:.2f} |")
+    text = "\n".join(lines) + "\n"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "llm_memory.md").write_text(text)
+    (out / "llm_memory.json").write_text(json.dumps(rows, indent=2))
+    print(text)  # noqa: T201 - the benchmark's report is its output
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="small,large")
@@ -196,9 +277,29 @@ def main() -> None:
     p.add_argument("--kronfluence-rounds", type=int, default=1,
                    help="rounds that also time Kronfluence (where it is importable)")
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--isolated-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure each stage's peak in a fresh process")
+    p.add_argument("--memory-only", action="store_true",
+                   help="only each stage's peak in a fresh process beside the estimate "
+                        "(writes llm_memory.md/json)")
+    p.add_argument("--stage", choices=["fit", "pairwise", "self"], help=argparse.SUPPRESS)
+    p.add_argument("--size", help=argparse.SUPPRESS)
+    p.add_argument("--factors-dir", help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.stage:
+        stage_in_this_process(args)
+        return
+    if args.memory_only:
+        memory_report(args)
+        return
     rows = {size: measure(size, args) for size in args.sizes.split(",")}
+    if args.isolated_memory:
+        for size, row in rows.items():
+            row.update(isolated_peaks(size, args))
+            row["isolated_peak_mb"] = max(row[f"{s}_isolated_peak_mb"]
+                                          for s in ("fit", "pairwise", "self"))
+            row["estimate_over_isolated_peak"] = row["estimate_mb"] / row["isolated_peak_mb"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"Llama-shaped models, {args.chunks} chunks x {args.length} tokens, {args.queries} "
@@ -218,6 +319,14 @@ def main() -> None:
                      f"{r['one_pass_total_over_kronfluence']:.2f}, "
                      f"{r['bf16_total_over_kronfluence']:.2f} "
                      f"| {r['peak_mb']:.0f} | {r['estimate_mb']:.0f} |")
+    if args.isolated_memory:
+        lines += ["", "| size | fit peak (fresh process) | pairwise | self | estimate | "
+                  "estimate / largest peak |", "|---|---:|---:|---:|---:|---:|"]
+        for size, r in rows.items():
+            lines.append(f"| {size} | {r['fit_isolated_peak_mb']:.0f} MiB | "
+                         f"{r['pairwise_isolated_peak_mb']:.0f} MiB | "
+                         f"{r['self_isolated_peak_mb']:.0f} MiB | {r['estimate_mb']:.0f} MiB | "
+                         f"{r['estimate_over_isolated_peak']:.2f} |")
     lines += ["", "The floor is about 4 epochs (four passes, each a forward and a backward)."]
     text = "\n".join(lines) + "\n"
     (out / "llm_cost.md").write_text(text)

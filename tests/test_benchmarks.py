@@ -110,7 +110,7 @@ def test_language_model_accuracy_benchmark(tmp_path):
 def test_llm_cost_benchmark_reports_the_ratio_to_an_epoch(tmp_path):
     pytest.importorskip("transformers")
     run("llm_cost.py", "--chunks", "32", "--queries", "2", "--sizes", "small", "--threads", "1",
-        "--repeats", "1", "--out", str(tmp_path))
+        "--repeats", "1", "--no-isolated-memory", "--out", str(tmp_path))
     rows = json.loads((tmp_path / "llm_cost.json").read_text())
     small = rows["small"]
     assert small["epoch_s"] > 0 and small["total_over_epoch"] > 0
@@ -119,3 +119,13 @@ def test_llm_cost_benchmark_reports_the_ratio_to_an_epoch(tmp_path):
     for key in ("one_pass_over_epoch", "bf16_over_epoch"):
         assert rows["small"][key] > 0
     assert math.isnan(rows["small"]["kronfluence_s"])  # no peer in this environment
+
+
+def test_llm_memory_measures_each_stage_in_a_fresh_process(tmp_path):
+    pytest.importorskip("transformers")
+    run("llm_cost.py", "--memory-only", "--chunks", "32", "--queries", "2", "--sizes", "small",
+        "--threads", "1", "--out", str(tmp_path))
+    row = json.loads((tmp_path / "llm_memory.json").read_text())["small"]
+    for stage in ("fit", "pairwise", "self"):
+        assert row[f"{stage}_isolated_peak_mb"] > 0
+    assert row["estimate_over_isolated_peak"] > 0
