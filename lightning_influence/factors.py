@@ -206,7 +206,10 @@ def model_fingerprint(tracker: LayerTracker) -> dict[str, str]:
     weights = hashlib.sha256()
     for layer in sorted(tracker, key=lambda layer: layer.name):  # any layer order
         for p in layer.parameters():
-            weights.update(p.detach().to("cpu", torch.float64).numpy().tobytes())
+            # a parameter sharded by FSDP (a DTensor) is gathered: every rank hashes the whole
+            # weight (a collective: every rank fingerprints, in the same order)
+            full = p.full_tensor() if hasattr(p, "full_tensor") else p
+            weights.update(full.detach().to("cpu", torch.float64).numpy().tobytes())
     return {"architecture": arch, "weights": weights.hexdigest()[:16]}
 
 
