@@ -75,11 +75,11 @@ BATCH = 128
 
 
 def ours(model, strategy: str, damping, train, queries, seed: int = 0,
-         fisher: str = "sampled") -> dict[str, Any]:
+         fisher: str = "sampled", task: Any = "classification") -> dict[str, Any]:
     t0 = time.perf_counter()
-    factors = li.fit_factors(model, train, "classification", strategy=strategy, damping=damping,
+    factors = li.fit_factors(model, train, task, strategy=strategy, damping=damping,
                              seed=seed, progress=False, fisher=fisher)
-    scores = li.compute_pairwise_scores(model, factors, queries, train, "classification",
+    scores = li.compute_pairwise_scores(model, factors, queries, train, task,
                                         top_k=1, progress=False).scores
     return {"scores": scores, "seconds": time.perf_counter() - t0, "factors": factors}
 
@@ -119,12 +119,12 @@ def lissa_path(model, damping, train, queries, steps: list[int]) -> list[dict[st
 
 
 def conjugate_gradient(model, damping, train, queries, block_diagonal: bool = False,
-                       max_iterations: int = 1000) -> dict[str, Any]:
+                       max_iterations: int = 1000, task: Any = "classification") -> dict[str, Any]:
     t0 = time.perf_counter()
-    solver = ConjugateGradient(model, train, "classification", damping=damping, rtol=1e-6,
+    solver = ConjugateGradient(model, train, task, damping=damping, rtol=1e-6,
                                max_iterations=max_iterations, dtype=torch.float64,
                                block_diagonal=block_diagonal)
-    scores = li.compute_pairwise_scores(model, solver, queries, train, "classification",
+    scores = li.compute_pairwise_scores(model, solver, queries, train, task,
                                         top_k=1, progress=False).scores
     return {"scores": scores, "seconds": time.perf_counter() - t0,
             "iterations": solver.iterations, "residual": float(solver.residuals.max())}

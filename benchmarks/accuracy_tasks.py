@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import accuracy  # noqa: E402  (its methods, with a task)
 import digits_protocol as protocol  # noqa: E402
 
 import lightning_influence as li  # noqa: E402
@@ -57,7 +58,6 @@ from lightning_influence.evaluation import (  # noqa: E402
     lds,
     subset_measurements,
 )
-from lightning_influence.solvers import ConjugateGradient  # noqa: E402
 
 try:  # the peer, only in the Kronfluence venv (benchmarks/README.md)
     import kronfluence_side  # noqa: E402
@@ -131,12 +131,9 @@ def ground_truth(problem: Problem, model: nn.Module, args: argparse.Namespace, c
 
 # ---------------------------------------------------------------------------------- methods
 def ours(problem: Problem, model: nn.Module, damping: Any, seed: int) -> tuple[torch.Tensor, float]:
-    t0 = time.perf_counter()
-    factors = li.fit_factors(model, problem.train, problem.task, damping=damping, seed=seed,
-                             progress=False)
-    scores = li.compute_pairwise_scores(model, factors, problem.queries, problem.train,
-                                        problem.task, top_k=1, progress=False).scores
-    return scores, time.perf_counter() - t0
+    r = accuracy.ours(model, "ekfac", damping, problem.train, problem.queries, seed=seed,
+                      task=problem.task)
+    return r["scores"], r["seconds"]
 
 
 def kronfluence(problem: Problem, model: nn.Module, damping: float | None,
@@ -149,14 +146,11 @@ def kronfluence(problem: Problem, model: nn.Module, damping: float | None,
 
 
 def exact(problem: Problem, model: nn.Module, damping: Any) -> tuple[torch.Tensor, float, str]:
-    t0 = time.perf_counter()
-    solver = ConjugateGradient(model, problem.train, problem.task, damping=damping, rtol=1e-6,
-                               max_iterations=1000, dtype=torch.float64)
-    scores = li.compute_pairwise_scores(model, solver, problem.queries, problem.train,
-                                        problem.task, top_k=1, progress=False).scores
-    residual = float(solver.residuals.max())
+    cg = accuracy.conjugate_gradient(model, damping, problem.train, problem.queries,
+                                     task=problem.task)
+    residual = cg["residual"]
     state = "converged" if residual <= 1e-6 else f"not converged: residual {residual:.1e}"
-    return scores, time.perf_counter() - t0, state
+    return cg["scores"], cg["seconds"], state
 
 
 # ------------------------------------------------------------------------------------- main

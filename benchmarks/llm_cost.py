@@ -177,9 +177,7 @@ def measure_once(size: str, args: argparse.Namespace, with_peer: bool = False,
                 damping=None, batch_size=args.batch_size, query_batch_size=args.queries,
                 output_dir=tmp, name=f"llama_{size}")
         row["kronfluence_s"] = r["fit_seconds"] + r["pairwise_seconds"] + r["self_seconds"]
-    estimate = estimate_bytes(factors.shapes, "ekfac", num_queries=args.queries,
-                              batch_size=args.batch_size, rows_per_example=args.length)
-    row["estimate_mb"] = sum(estimate.values()) / 2**20
+    row["estimate_mb"] = estimate_mb(factors.shapes, args)
     return row
 
 
@@ -216,14 +214,25 @@ def stage_in_this_process(args: argparse.Namespace) -> None:
     print(json.dumps({"peak_mb": (peak - before) / 2**20}))  # noqa: T201 - read by the parent
 
 
-def isolated_peaks(size: str, args: argparse.Namespace) -> dict[str, float]:
-    """Each stage's peak in a fresh process (see :func:`stage_in_this_process`)."""
+def estimate_mb(shapes: dict[str, list[int]], args: argparse.Namespace) -> float:
+    """The library's memory estimate of these runs, in MiB."""
+    estimate = estimate_bytes(shapes, "ekfac", num_queries=args.queries,
+                              batch_size=args.batch_size, rows_per_example=args.length)
+    return sum(estimate.values()) / 2**20
+
+
+STAGES = ("fit", "pairwise", "self")
+
+
+def isolated_peaks(size: str, args: argparse.Namespace, estimate: float) -> dict[str, float]:
+    """Each stage's peak in a fresh process (see :func:`stage_in_this_process`), the largest,
+    and the ``estimate`` (MiB) over it."""
     import subprocess
     import tempfile
 
     out = {}
     with tempfile.TemporaryDirectory(prefix="llm_cost_") as tmp:
-        for stage in ("fit", "pairwise", "self"):
+        for stage in STAGES:
             cmd = [sys.executable, __file__, "--stage", stage, "--size", size, "--factors-dir",
                    tmp, "--chunks", str(args.chunks), "--length", str(args.length), "--vocab",
                    str(args.vocab), "--queries", str(args.queries), "--batch-size",
@@ -231,7 +240,20 @@ def isolated_peaks(size: str, args: argparse.Namespace) -> dict[str, float]:
             proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
             out[f"{stage}_isolated_peak_mb"] = json.loads(proc.stdout.strip().splitlines()[-1])[
                 "peak_mb"]
+    out["isolated_peak_mb"] = max(out[f"{stage}_isolated_peak_mb"] for stage in STAGES)
+    out["estimate_over_isolated_peak"] = estimate / out["isolated_peak_mb"]
     return out
+
+
+def isolated_table(rows: dict[str, dict[str, float]]) -> list[str]:
+    """The markdown table of :func:`isolated_peaks` beside the estimate, one row per size."""
+    lines = ["| size | fit | pairwise | self | estimate | estimate / largest peak |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for size, r in rows.items():
+        lines.append(f"| {size} | {r['fit_isolated_peak_mb']:.0f} MiB | "
+                     f"{r['pairwise_isolated_peak_mb']:.0f} MiB | {r['self_isolated_peak_mb']:.0f} MiB "
+                     f"| {r['estimate_mb']:.0f} MiB | {r['estimate_over_isolated_peak']:.2f} |")
+    return lines
 
 
 def memory_report(args: argparse.Namespace) -> None:
@@ -240,22 +262,13 @@ def memory_report(args: argparse.Namespace) -> None:
 
     rows = {}
     for size in args.sizes.split(","):
-        shapes = LayerTracker(make_model(size, args.vocab, args.length)).describe()
-        estimate = estimate_bytes(shapes, "ekfac", num_queries=args.queries,
-                                  batch_size=args.batch_size, rows_per_example=args.length)
-        row = {"estimate_mb": sum(estimate.values()) / 2**20, **isolated_peaks(size, args)}
-        row["isolated_peak_mb"] = max(row[f"{s}_isolated_peak_mb"] for s in ("fit", "pairwise", "self"))
-        row["estimate_over_isolated_peak"] = row["estimate_mb"] / row["isolated_peak_mb"]
-        rows[size] = row
+        estimate = estimate_mb(LayerTracker(make_model(size, args.vocab, args.length)).describe(),
+                               args)
+        rows[size] = {"estimate_mb": estimate, **isolated_peaks(size, args, estimate)}
     lines = [f"Llama-shaped models, {args.chunks} chunks x {args.length} tokens, {args.queries} "
              f"queries, batch {args.batch_size}; each stage in a fresh process (after one warm-up "
              "forward and backward), peak = ru_maxrss - resident memory before the stage", "",
-             "| size | fit | pairwise | self | estimate | estimate / largest peak |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for size, r in rows.items():
-        lines.append(f"| {size} | {r['fit_isolated_peak_mb']:.0f} MiB | "
-                     f"{r['pairwise_isolated_peak_mb']:.0f} MiB | {r['self_isolated_peak_mb']:.0f} MiB "
-                     f"| {r['estimate_mb']:.0f} MiB | {r['estimate_over_isolated_peak']:.2f} |")
+             *isolated_table(rows)]
     text = "\n".join(lines) + "\n"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -296,10 +309,7 @@ def main() -> None:
     rows = {size: measure(size, args) for size in args.sizes.split(",")}
     if args.isolated_memory:
         for size, row in rows.items():
-            row.update(isolated_peaks(size, args))
-            row["isolated_peak_mb"] = max(row[f"{s}_isolated_peak_mb"]
-                                          for s in ("fit", "pairwise", "self"))
-            row["estimate_over_isolated_peak"] = row["estimate_mb"] / row["isolated_peak_mb"]
+            row.update(isolated_peaks(size, args, row["estimate_mb"]))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"Llama-shaped models, {args.chunks} chunks x {args.length} tokens, {args.queries} "
@@ -320,13 +330,7 @@ def main() -> None:
                      f"{r['bf16_total_over_kronfluence']:.2f} "
                      f"| {r['peak_mb']:.0f} | {r['estimate_mb']:.0f} |")
     if args.isolated_memory:
-        lines += ["", "| size | fit peak (fresh process) | pairwise | self | estimate | "
-                  "estimate / largest peak |", "|---|---:|---:|---:|---:|---:|"]
-        for size, r in rows.items():
-            lines.append(f"| {size} | {r['fit_isolated_peak_mb']:.0f} MiB | "
-                         f"{r['pairwise_isolated_peak_mb']:.0f} MiB | "
-                         f"{r['self_isolated_peak_mb']:.0f} MiB | {r['estimate_mb']:.0f} MiB | "
-                         f"{r['estimate_over_isolated_peak']:.2f} |")
+        lines += ["", "Peaks of each stage in a fresh process:", "", *isolated_table(rows)]
     lines += ["", "The floor is about 4 epochs (four passes, each a forward and a backward)."]
     text = "\n".join(lines) + "\n"
     (out / "llm_cost.md").write_text(text)

@@ -70,6 +70,7 @@ import digits_protocol as protocol  # noqa: E402
 
 import lightning_influence as li  # noqa: E402
 from lightning_influence.callbacks import InfluenceStatistics  # noqa: E402
+from lightning_influence.evaluation import correlations  # noqa: E402
 
 try:  # the peer, only in the Kronfluence venv (benchmarks/README.md)
     import kronfluence_side  # noqa: E402
@@ -355,7 +356,7 @@ def sequence_benchmark(args: argparse.Namespace, out: Path) -> None:
         return min(t["fit"] + t["pairwise"] + t["self"] for t in times[key])
 
     fl = best("floor", "pass")
-    agreement = _pearson(scores["ours"], scores["ours_bf16"])
+    agreement = correlations(scores["ours"], scores["ours_bf16"])["pearson"]
     params = sum(p.numel() for p in model.parameters())
     lines = [f"character GPT (2 blocks, width 64, {params} parameters), N={len(train_ids)} "
              f"windows of {SEQ_LEN} characters, Q={len(query_ids)}, batch {SEQ_BATCH}, EK-FAC, "
@@ -399,10 +400,6 @@ def sequence_benchmark(args: argparse.Namespace, out: Path) -> None:
     (out / "speed_sequence.md").write_text(text)
     (out / "speed_sequence.json").write_text(json.dumps({"summary": summary, "runs": times},
                                                         indent=2))
-
-
-def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.corrcoef(torch.stack([a.flatten().double(), b.flatten().double()]))[0, 1])
 
 
 def main() -> None:

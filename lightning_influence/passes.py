@@ -247,7 +247,7 @@ def batch_rows(model: nn.Module, batch: Any, task: Task, tracker: LayerTracker, 
         rows, losses = rows_from_outputs(outputs, cap, batch, task, tracker, mode, generator,
                                          batch_index, check=autocast is None)
     if autocast is not None:
-        rows = {name: (a.to(autocast), g.to(autocast)) for name, (a, g) in rows.items()}
+        rows = cast_rows(rows, autocast)
         check_rows(rows, batch_index)
     return rows, losses
 
@@ -312,6 +312,12 @@ def _exact_fisher_rows(outputs: Tensor, cap: Capture, batch: Any, task: Task,
     return rows, pseudo.detach().sum(0)
 
 
+def cast_rows(rows: dict[str, tuple[Tensor, Tensor]], dtype: torch.dtype,
+              ) -> dict[str, tuple[Tensor, Tensor]]:
+    """Every layer's rows ``(a, g)`` in ``dtype`` (autocast's, or ``row_dtype``)."""
+    return {name: (a.to(dtype), g.to(dtype)) for name, (a, g) in rows.items()}
+
+
 def check_rows(rows: dict[str, tuple[Tensor, Tensor]], batch_index: int | None) -> None:
     """A clear error naming the layer (and batch) when activation or gradient rows hold NaN/Inf."""
     for name, (a, g) in rows.items():
@@ -346,7 +352,7 @@ def iterate_rows(model: nn.Module, loader: Any, task: Task, tracker: LayerTracke
             generator = sampling_generator(seed, b, stream) if mode == "sampled" else None
             rows, losses = batch_rows(model, batch, task, tracker, mode, generator, b, autocast)
             if row_dtype is not None:
-                rows = {name: (a.to(row_dtype), g.to(row_dtype)) for name, (a, g) in rows.items()}
+                rows = cast_rows(rows, row_dtype)
             seen.update(rows)
             count += 1
             yield b, offset, batch, rows, losses

@@ -163,8 +163,7 @@ class BoundInfluence:
                                for name in names]).double().cpu() * scale  # [L, Q, N]
             chunk = {"scores": per.sum(0), **({"layer_scores": per} if per_layer else {})}
             if self_influence:
-                own = self_terms(factors, rows, n).cpu() * scale  # [L, N]
-                chunk.update(self_scores=own.sum(0), self_layer_scores=own)
+                chunk.update(_self_chunk(factors, rows, n, scale, prefix="self_"))
             return chunk
 
         self._stream("pairwise", train_loader, pairwise_chunk, fold, lambda: _signature(
@@ -180,9 +179,8 @@ class BoundInfluence:
             num_train=merged["indices"].numel(), scores=merged.get("scores") if keep_scores else None,
             layer_scores=merged.get("layer_scores") if keep_scores else None,
             normalized=scale != 1.0, train_losses=merged["losses"],
-            self_result=SelfResult(merged["self_scores"], merged["self_layer_scores"], names,
-                                   merged["losses"], normalized=scale != 1.0)
-            if self_influence else None,
+            self_result=_self_result(merged, names, scale, prefix="self_") if self_influence
+            else None,
         )
 
     def self_scores(self, train_loader: Any, *, normalize: bool = False,
@@ -199,8 +197,7 @@ class BoundInfluence:
         scale = _normalization(factors, normalize)
         kept: list[dict[str, Tensor]] = []
         def self_chunk(rows: dict[str, tuple[Tensor, Tensor]], losses: Tensor) -> dict:
-            per = self_terms(factors, rows, losses.shape[0]).cpu() * scale  # [L, N]
-            return {"scores": per.sum(0), "layer_scores": per}
+            return _self_chunk(factors, rows, losses.shape[0], scale)
 
         self._stream("self", train_loader, self_chunk, kept.append, lambda: _signature(
             factors, None, scale=scale, autocast=str(autocast),
@@ -209,8 +206,7 @@ class BoundInfluence:
             progress=progress)
         _, kept = _gather(None, kept)
         merged = _assemble(kept)
-        return SelfResult(merged["scores"], merged["layer_scores"], names, merged["losses"],
-                          normalized=scale != 1.0)
+        return _self_result(merged, names, scale)
 
 
     def _stream(self, kind: str, train_loader: Any,
@@ -412,6 +408,22 @@ def self_terms(preconditioner: Preconditioner, rows: dict[str, tuple[Tensor, Ten
     solved = preconditioner.precondition(grads)
     return torch.stack([(solved[name].double() * grads[name].double()).flatten(1).sum(1)
                         for name in preconditioner.shapes])
+
+
+def _self_chunk(preconditioner: Preconditioner, rows: dict[str, tuple[Tensor, Tensor]], n: int,
+                scale: float, prefix: str = "") -> dict[str, Tensor]:
+    """One batch's self-influence as chunk entries: ``{prefix}scores [N]`` and
+    ``{prefix}layer_scores [L, N]`` (the self-influence pass, or the pairwise pass that also
+    computes it, under ``prefix="self_"``)."""
+    per = self_terms(preconditioner, rows, n).cpu() * scale  # [L, N]
+    return {f"{prefix}scores": per.sum(0), f"{prefix}layer_scores": per}
+
+
+def _self_result(merged: dict[str, Tensor], names: list[str], scale: float,
+                 prefix: str = "") -> SelfResult:
+    """The :class:`SelfResult` of assembled chunks written by :func:`_self_chunk`."""
+    return SelfResult(merged[f"{prefix}scores"], merged[f"{prefix}layer_scores"], names,
+                      merged["losses"], normalized=scale != 1.0)
 
 
 @dataclass
