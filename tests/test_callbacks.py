@@ -434,3 +434,23 @@ def test_during_training_tracks_a_frozen_layer_through_the_separate_pass(tmp_pat
     assert "ran without gradient" in callbacks[0].fallback_reason
     assert set(callbacks[1].factors.shapes) == {"net.0", "net.2"}
     assert not model.net[0].weight.requires_grad
+
+
+def test_eigen_correction_takes_row_dtype_and_scores_use_it(tmp_path):
+    """EigenCorrection(row_dtype="bfloat16") fits with bfloat16 rows, records it with the
+    factors, and the scores callback (pairwise and self-influence in one pass) reads the same
+    rows; an unknown row dtype is refused when the callback is built."""
+    torch.manual_seed(0)
+    callbacks = [InfluenceStatistics(progress=False),
+                 EigenCorrection(progress=False, row_dtype="bfloat16"),
+                 InfluenceScores(num_queries=4, top_k=3, keep_scores=True, progress=False)]
+    train, val = _loaders()
+    _trainer(tmp_path, callbacks).fit(TinyClassifier(), train, val)
+    factors = callbacks[1].factors
+    assert factors.extra["row_dtype"] == "bfloat16"
+    assert li.Factors.load(callbacks[1].factors_path).extra["row_dtype"] == "bfloat16"
+    scores = callbacks[2]
+    assert scores.pairwise_result.self_result is scores.self_result  # one pass gave both
+    assert torch.isfinite(scores.self_result.scores).all()
+    with pytest.raises(ValueError, match="row_dtype='float16'"):
+        EigenCorrection(row_dtype="float16")
