@@ -131,18 +131,20 @@ def conjugate_gradient(model, damping, train, queries, block_diagonal: bool = Fa
 
 
 def preconditioned_cg_path(model, damping, number, train, queries, steps: list[int],
+                           fisher: str = "sampled", task: Any = "classification",
                            ) -> list[dict[str, Any]]:
-    """CG on the full damped system preconditioned by our EK-FAC factors, stopped after each
-    number of iterations in ``steps`` (one run per depth; the time includes the EK-FAC fit)."""
+    """CG on the full damped system preconditioned by our EK-FAC factors (fitted with
+    ``fisher``), stopped after each number of iterations in ``steps`` (one run per depth; the
+    time includes the EK-FAC fit)."""
     out = []
     for depth in steps:
         t0 = time.perf_counter()
-        fitted = li.fit_factors(model, train, "classification", strategy="ekfac",
-                                damping=number, progress=False)
-        solver = ConjugateGradient(model, train, "classification", damping=damping, rtol=1e-6,
+        fitted = li.fit_factors(model, train, task, strategy="ekfac", damping=number,
+                                progress=False, fisher=fisher)
+        solver = ConjugateGradient(model, train, task, damping=damping, rtol=1e-6,
                                    max_iterations=depth, dtype=torch.float64,
                                    preconditioner=fitted)
-        scores = li.compute_pairwise_scores(model, solver, queries, train, "classification",
+        scores = li.compute_pairwise_scores(model, solver, queries, train, task,
                                             top_k=1, progress=False).scores
         out.append({"name": f"CG + EK-FAC preconditioner ({depth} it.)", "scores": scores,
                     "seconds": time.perf_counter() - t0, "depth": depth,

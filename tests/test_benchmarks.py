@@ -78,6 +78,23 @@ def test_accuracy_tasks_benchmark_reports_every_task(tmp_path):
     assert "| ours, default (heuristic) |" in (tmp_path / "accuracy_tasks.md").read_text()
 
 
+def test_accuracy_ceiling_benchmark_reports_ratios_per_model(tmp_path):
+    run("accuracy_ceiling.py", "--models", "2", "--label-seeds", "2", "--subsets", "8",
+        "--queries", "4", "--pcg-steps", "1,2", "--timing-runs", "1", "--epochs", "2",
+        "--cg-iterations", "2", "--threads", "1", "--out", str(tmp_path))
+    summary = json.loads((tmp_path / "accuracy_ceiling.json").read_text())
+    names = ["EK-FAC, default (sampled labels)", "EK-FAC, fisher=exact", "K-FAC, fisher=exact",
+             "CG + exact-Fisher EK-FAC, 1 it.", "CG + exact-Fisher EK-FAC, 2 it.",
+             "exact damped GGN (0.01), CG"]
+    assert [k for k in summary if k != "per_model"] == names
+    assert len(summary["per_model"]) == 2
+    assert summary[names[0]]["time_ratio"] == [1.0, 1.0]  # the unit of time
+    assert summary[names[-1]]["ratio"] == [1.0, 1.0]  # the ceiling
+    assert all(math.isfinite(r) for n in names for r in summary[n]["ratio"])
+    # 2 CG iterations from scratch cannot reach a residual of 1e-6: the report must say so
+    assert "NOT converged" in (tmp_path / "accuracy_ceiling.md").read_text()
+
+
 def test_memory_benchmark_prints_the_ratio():
     out = run("memory.py", "--scale", "2", "--queries", "4")
     assert "peak RSS ratio 2x / 1x:" in out

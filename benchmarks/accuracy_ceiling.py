@@ -1,0 +1,160 @@
+"""How close each configuration gets to the exact influence, and at what cost, over trained models.
+
+    .venv/bin/python benchmarks/accuracy_ceiling.py [--models 5]
+
+Issue 13's second bar on the digits MLP (benchmarks/digits_protocol.py, 64-128-128-10): a
+configuration at <= 2x the default EK-FAC's wall time whose LDS is >= 0.9 of the exact damped
+Gauss-Newton influence's. One trained model is one draw, so the ratio is measured on ``--models``
+models trained with different seeds (the LDS ground truth, ``--subsets`` models retrained on
+random halves, is the training procedure's and is shared; cached in ``<out>/cache`` like
+benchmarks/accuracy_tasks.py's).
+
+For each model:
+
+- the ceiling: the exact influence at damping 1e-2 (the weight decay; CG in float64 to a relative
+  residual of 1e-6);
+- the default: EK-FAC, one sampled label per example, heuristic damping, LDS averaged over
+  ``--label-seeds`` label-sampling seeds; its wall time (fit + pairwise scores, minimum of
+  ``--timing-runs``) is the unit of time;
+- EK-FAC and K-FAC with ``fisher="exact"`` (every class weighted by its probability: no label
+  sampling), heuristic damping;
+- the road beyond: CG on the exact damped system preconditioned by exact-Fisher EK-FAC (fitted at
+  the same damping), stopped after ``--pcg-steps`` iterations (float64, the solvers' default).
+
+Writes ``<out>/accuracy_ceiling.md`` and ``<out>/accuracy_ceiling.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import accuracy  # noqa: E402
+import accuracy_tasks  # noqa: E402
+import digits_protocol as protocol  # noqa: E402
+
+from lightning_influence.evaluation import lds  # noqa: E402
+
+
+def _timed(fn, runs: int) -> tuple[Any, float]:
+    """``fn()``'s result and its minimum wall time over ``runs`` runs."""
+    best, result = float("inf"), None
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - t0)
+    return result, best
+
+
+def measure(problem: accuracy_tasks.Problem, seed: int, truth: Any,
+            args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """LDS and seconds of every configuration on the model trained with ``seed``."""
+    model = problem.train_fn(None, seed)
+    wd = problem.weight_decay
+    train, queries, task = problem.train, problem.queries, problem.task
+    rows: dict[str, dict[str, float]] = {}
+
+    def ours(strategy: str, fisher: str, label_seed: int = 0):
+        return lambda: accuracy.ours(model, strategy, None, train, queries, seed=label_seed,
+                                     fisher=fisher, task=task)["scores"]
+
+    scores, seconds = _timed(ours("ekfac", "sampled"), args.timing_runs)
+    values = [lds(scores, truth).mean] + [lds(ours("ekfac", "sampled", s)(), truth).mean
+                                         for s in range(1, args.label_seeds)]
+    rows["EK-FAC, default (sampled labels)"] = {"lds": statistics.mean(values),
+                                                "seconds": seconds}
+    for strategy in ("ekfac", "kfac"):
+        scores, seconds = _timed(ours(strategy, "exact"), args.timing_runs)
+        rows[f"{'EK-FAC' if strategy == 'ekfac' else 'K-FAC'}, fisher=exact"] = {
+            "lds": lds(scores, truth).mean, "seconds": seconds}
+    for r in accuracy.preconditioned_cg_path(model, wd, wd, train, queries,
+                                             [int(s) for s in args.pcg_steps.split(",")],
+                                             fisher="exact", task=task):
+        rows[f"CG + exact-Fisher EK-FAC, {r['depth']} it."] = {
+            "lds": lds(r["scores"], truth).mean, "seconds": r["seconds"]}
+    cg = accuracy.conjugate_gradient(model, wd, train, queries, task=task,
+                                     max_iterations=args.cg_iterations)
+    rows[f"exact damped GGN ({wd:g}), CG"] = {"lds": lds(cg["scores"], truth).mean,
+                                              "seconds": cg["seconds"],
+                                              "residual": cg["residual"]}
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", type=int, default=5, help="models trained with seeds 0..n-1")
+    p.add_argument("--label-seeds", type=int, default=3)
+    p.add_argument("--subsets", type=int, default=100)
+    p.add_argument("--queries", type=int, default=50)
+    p.add_argument("--pcg-steps", default="2,3,5")
+    p.add_argument("--timing-runs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=protocol.EPOCHS,
+                   help="training epochs of every model (and of the LDS retraining)")
+    p.add_argument("--cg-iterations", type=int, default=1000,
+                   help="CG iterations at most for the exact solve (to a residual of 1e-6)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args()
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    problem = accuracy_tasks.Problem("mlp", argparse.Namespace(queries=args.queries,
+                                                                conv_epochs=20))
+    problem.train_fn.epochs = args.epochs
+    cache = out / "cache" if args.epochs == protocol.EPOCHS else out / "cache" / f"e{args.epochs}"
+    truth = accuracy_tasks.ground_truth(problem, problem.train_fn(None, 0), args, cache)
+    per_model = []
+    for seed in range(args.models):
+        rows = measure(problem, seed, truth, args)
+        per_model.append(rows)
+        print(f"model {seed}: " + "; ".join(f"{k} {v['lds']:.3f} ({v['seconds']:.2f} s)"
+                                            for k, v in rows.items()), flush=True)
+
+    default, ceiling = next(iter(per_model[0])), list(per_model[0])[-1]
+    residual = max(m[ceiling]["residual"] for m in per_model)
+    state = ("converged on every model" if residual <= 1e-6 else
+             f"NOT converged (max relative residual {residual:.1e}): raise --cg-iterations")
+    lines = [f"digits MLP 64-128-128-10, N={len(problem.train_set)}, Q={args.queries}; LDS over "
+             f"{args.subsets} retrained halves; {args.models} models trained with seeds "
+             f"0..{args.models - 1}; {args.threads} threads, load average "
+             f"{os.getloadavg()[0]:.2f} at the end", "",
+             "Ratios are taken per model, then averaged (mean ± standard deviation over models): "
+             "LDS over the exact GGN's, time over the default EK-FAC's. The exact solve "
+             f"(CG, float64, to a relative residual of 1e-6): {state}.", "",
+             "| configuration | LDS | LDS / exact | time / default | per model (LDS / exact) |",
+             "|---|---:|---:|---:|---|"]
+    summary: dict[str, Any] = {"per_model": per_model}
+    for name in per_model[0]:
+        ratio = [m[name]["lds"] / m[ceiling]["lds"] if m[ceiling]["lds"] else float("nan")
+                 for m in per_model]
+        cost = [m[name]["seconds"] / m[default]["seconds"] for m in per_model]
+        value = [m[name]["lds"] for m in per_model]
+
+        def ms(v: list[float], digits: int = 3) -> str:
+            std = statistics.stdev(v) if len(v) > 1 else 0.0
+            return f"{statistics.mean(v):.{digits}f} ± {std:.{digits}f}"
+
+        summary[name] = {"lds": value, "ratio": ratio, "time_ratio": cost}
+        lines.append(f"| {name} | {ms(value)} | {ms(ratio)} | {ms(cost, 2)} | "
+                     f"{', '.join(f'{r:.3f}' for r in ratio)} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    (out / "accuracy_ceiling.md").write_text(text)
+    (out / "accuracy_ceiling.json").write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
