@@ -201,26 +201,15 @@ def test_lora_tracks_the_adapters_only():
         li.fit_factors(fresh, train, "causal_lm", progress=False)
 
 
-def _bpe_tokenizer(texts):
-    """A byte-level BPE tokenizer trained here on the given texts (no hub)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300,
-                                                       special_tokens=["<|endoftext|>"]))
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok,
-                                                eos_token="<|endoftext|>")
-
-
 def test_document_influence_takes_a_hugging_face_tokenizer_and_rows():
     from pydoc_data.topics import topics
 
     from lightning_influence.language import Query, chunk_documents, document_influence
 
     rows = [{"text": text, "name": name} for name, text in list(topics.items())[:12]]
-    hf_tok = _bpe_tokenizer([r["text"] for r in rows])
+    from recipes.finetune_influence import train_tokenizer  # byte-level BPE, trained here
+
+    hf_tok = train_tokenizer([r["text"] for r in rows], vocab_size=300)
     assert hf_tok.pad_token_id is None  # like most causal LMs: the EOS id pads
     corpus = chunk_documents(rows, hf_tok, 48)
     assert corpus.tokenizer.pad_id == hf_tok.eos_token_id and corpus.num_documents == 12
