@@ -97,19 +97,19 @@ def self_layer_scores(factors: LayerFactors, a: Tensor, g: Tensor,
     In the eigenbasis, ``<P(G), G> = sum (Q_S^T G Q_A)^2 / (Lambda + damping)``; for single-row
     layers ``(Q_S^T G_n Q_A)^2 = (g'_n)^2 (a'_n^2)^T``, so no per-example matrix is built.
     """
-    inv = factors.inverse_eigenvalues(a)
     a_rot = a @ factors._get("basis_in", a) if factors.basis_in is not None else a
     g_rot = g @ factors._get("basis_out", g) if factors.basis_out is not None else g
     n, t, i = a.shape
     o = g.shape[-1]
+    dtype = accumulation_dtype(a.dtype)  # 16-bit rows: squares and sums in float32
     if t == 1:
-        sq_a, sq_g = a_rot[:, 0].square(), g_rot[:, 0].square()
+        sq_a, sq_g = a_rot[:, 0].to(dtype).square(), g_rot[:, 0].to(dtype).square()
+        inv = factors.inverse_eigenvalues(sq_a)
         if inv is None:
             return sq_g.sum(-1) * sq_a.sum(-1)
         return torch.einsum("no,oi,ni->n", sq_g, inv, sq_a)
-    dtype = accumulation_dtype(a.dtype)
     out = a.new_empty(n, dtype=dtype)
-    weights = None if inv is None else factors.inverse_eigenvalues(out).flatten()
+    weights = None if factors.eigenvalues is None else factors.inverse_eigenvalues(out).flatten()
     step = max(1, chunk_elements // (o * i))
     for s in range(0, n, step):
         # squared in place, then one matrix-vector product with 1 / (Lambda + damping): the

@@ -332,6 +332,32 @@ def test_chunked_contractions_equal_unchunked(lm_problem):
                      rtol=1e-12, atol=0)
 
 
+def test_bfloat16_rows_square_and_sum_in_float32_with_one_row_or_many():
+    """Self-influence from 16-bit rows is squared and summed in float32 on both paths (one row
+    per example, and sequences): equal to float64 arithmetic on the same rotated rows."""
+    from lightning_influence.factors import LayerFactors
+
+    gen = torch.Generator().manual_seed(0)
+    o, i = 6, 5
+    lf = LayerFactors(torch.rand(o, i, generator=gen, dtype=torch.float64) + 0.1,
+                      torch.linalg.qr(torch.randn(i, i, generator=gen, dtype=torch.float64))[0],
+                      torch.linalg.qr(torch.randn(o, o, generator=gen, dtype=torch.float64))[0],
+                      damping=1e-3)
+    for t in (1, 3):
+        a = torch.randn(64, t, i, generator=gen).bfloat16()
+        g = torch.randn(64, t, o, generator=gen).bfloat16()
+        got = self_layer_scores(lf, a, g)
+        assert got.dtype == torch.float32
+        # the same bf16 rotations, then float64 from there on
+        a_rot = (a @ lf.basis_in.bfloat16()).double()
+        g_rot = (g @ lf.basis_out.bfloat16()).double()
+        grads = torch.einsum("nto,nti->noi", g_rot, a_rot)
+        if t > 1:  # the sequence path forms the per-example gradient from bf16 rows
+            grads = torch.einsum("nto,nti->noi", g_rot.bfloat16(), a_rot.bfloat16()).double()
+        expected = (grads.square() / (lf.eigenvalues + lf.damping)).sum((1, 2))
+        assert_close(got.double(), expected, rtol=1e-5, atol=0)
+
+
 # ------------------------------------------------------------------------------- accuracy
 def blobs(n, seed):
     """Three Gaussian classes in 8 dimensions, 10% of the labels flipped at random."""
