@@ -263,9 +263,9 @@ def fit_factors(model: nn.Module, loader: Any, task: Task | str | None = None, *
         fisher: ``"sampled"`` (default: one label per example sampled from the model, as in
             the paper and Kronfluence), ``"exact"`` (every label weighted by its probability:
             the same curvature without sampling noise, one backward per class; classification
-            and regression; the more accurate choice for a classifier with few classes: on
-            the digits MLP it lifts LDS from 0.870 to 0.899 of the exact influence's for 1.25x
-            the time, see benchmarks/accuracy_ceiling.py) or ``"empirical"`` (the true
+            and regression; on the digits MLP it lifts LDS from 0.870 to 0.899 of the exact
+            influence's for 1.25x the time, on a conv net it gains nothing for 2.3x: see
+            benchmarks/accuracy_ceiling.py) or ``"empirical"`` (the true
             labels, as Kronfluence's ``use_empirical_fisher``: deterministic, for agreement
             checks).
         row_dtype: ``None`` (default: the rows as the model makes them) or ``"bfloat16"``:

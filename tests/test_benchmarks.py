@@ -95,6 +95,17 @@ def test_accuracy_ceiling_benchmark_reports_ratios_per_model(tmp_path):
     assert "NOT converged" in (tmp_path / "accuracy_ceiling.md").read_text()
 
 
+def test_accuracy_ceiling_benchmark_without_the_exact_solve_on_the_conv_net(tmp_path):
+    run("accuracy_ceiling.py", "--task", "conv", "--no-exact", "--pcg-steps", "", "--models", "1",
+        "--label-seeds", "1", "--subsets", "8", "--queries", "4", "--timing-runs", "1",
+        "--epochs", "1", "--threads", "1", "--out", str(tmp_path))
+    summary = json.loads((tmp_path / "accuracy_ceiling_conv.json").read_text())
+    assert [k for k in summary if k != "per_model"] == [
+        "EK-FAC, default (sampled labels)", "EK-FAC, fisher=exact", "K-FAC, fisher=exact"]
+    assert all(summary[k]["ratio"] == [] for k in summary if k != "per_model")
+    assert "| K-FAC, fisher=exact |" in (tmp_path / "accuracy_ceiling_conv.md").read_text()
+
+
 def test_memory_benchmark_prints_the_ratio():
     out = run("memory.py", "--scale", "2", "--queries", "4")
     assert "peak RSS ratio 2x / 1x:" in out
