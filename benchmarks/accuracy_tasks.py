@@ -117,7 +117,7 @@ class Problem:
         self.queries = DataLoader(self.query_set, batch_size=self.batch, shuffle=False)
 
 
-def ground_truth(problem: Problem, model: nn.Module, args: argparse.Namespace, cache: Path):
+def ground_truth(problem: Problem, args: argparse.Namespace, cache: Path):
     path = cache / f"{problem.name}_subsets{args.subsets}_q{args.queries}.pt"
     if path.exists():
         return torch.load(path, weights_only=False)
@@ -178,7 +178,7 @@ def main() -> None:
         problem = Problem(name, args)
         model = problem.train_fn(None, 0)
         t0 = time.perf_counter()
-        truth = ground_truth(problem, model, args, out / "cache")
+        truth = ground_truth(problem, args, out / "cache")
         print(f"[{name}] ground truth ready ({time.perf_counter() - t0:.0f} s)", flush=True)
         wd = problem.weight_decay
         methods: list[tuple[str, Any, Any]] = [

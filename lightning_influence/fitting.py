@@ -265,9 +265,8 @@ def fit_factors(model: nn.Module, loader: Any, task: Task | str | None = None, *
             the same curvature without sampling noise, one backward per class; classification
             and regression; on the digits MLP it lifts LDS from 0.870 to 0.899 of the exact
             influence's for 1.25x the time, on a conv net it gains nothing for 2.3x: see
-            benchmarks/accuracy_ceiling.py) or ``"empirical"`` (the true
-            labels, as Kronfluence's ``use_empirical_fisher``: deterministic, for agreement
-            checks).
+            benchmarks/accuracy_ceiling.py) or ``"empirical"`` (the true labels, as
+            Kronfluence's ``use_empirical_fisher``: deterministic, for agreement checks).
         row_dtype: ``None`` (default: the rows as the model makes them) or ``"bfloat16"``:
             the covariance products, eigenbasis rotations and per-example contractions run in
             bfloat16 (3-4x faster on hardware with native bfloat16 products, ~0.2% error per
