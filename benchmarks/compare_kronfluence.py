@@ -27,28 +27,22 @@ timed); ours keep everything in memory (no output_dir). Kronfluence's output dir
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import platform
-import sys
 import tempfile
-import time
-from pathlib import Path
 
+import harness
+import kronfluence_side
 import numpy as np
 import torch
-import torch.nn.functional as F
+from digits_protocol import make_digits, make_mlp, train_plain  # the shared digits protocol
+from kronfluence_side import run_kronfluence
 from scipy.stats import pearsonr, spearmanr
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import kronfluence_side  # noqa: E402
-from digits_protocol import make_digits, make_mlp  # noqa: E402  (the shared digits protocol)
-from kronfluence_side import run_kronfluence  # noqa: E402
-
-import lightning_influence as li  # noqa: E402
+import lightning_influence as li
 
 TOP_K = 10
 
@@ -59,17 +53,7 @@ def train_mlp(x, y, *, epochs: int, seed: int, lr: float = 1e-3, weight_decay: f
     torch.manual_seed(seed)
     model = make_mlp()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), batch_size):
-            idx = perm[i : i + batch_size]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval()
+    return train_plain(model, opt, x, y, epochs=epochs, seed=seed, batch_size=batch_size)
 
 
 # ------------------------------------------------------------------------------- empirical Fisher
@@ -104,19 +88,17 @@ def run_ours(model, train_x, train_y, query_x, query_y, *, strategy: str, dampin
                               shuffle=False)
     query_loader = DataLoader(TensorDataset(query_x, query_y), batch_size=batch_size,
                               shuffle=False)
-    t0 = time.perf_counter()
+    clock = harness.Stopwatch()
     factors = li.fit_factors(model, train_loader, task, strategy=strategy,
                              damping=damping, seed=seed, progress=False)
-    fit_seconds = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    fit_seconds = clock.lap()
     pairwise = li.compute_pairwise_scores(model, factors, query_loader, train_loader,
                                           task, top_k=TOP_K, keep_scores=True,
                                           progress=False)
-    pairwise_seconds = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    pairwise_seconds = clock.lap()
     self_result = li.compute_self_scores(model, factors, train_loader, task,
                                          progress=False)
-    self_seconds = time.perf_counter() - t0
+    self_seconds = clock.lap()
     return {"pairwise": pairwise.scores, "self": self_result.scores, "factors": factors,
             "fit_seconds": fit_seconds, "pairwise_seconds": pairwise_seconds,
             "self_seconds": self_seconds}
@@ -152,18 +134,17 @@ def agreement(a: dict, b: dict) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------- main
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = harness.parser(__doc__, threads=2, repeats=1, seed=0, out=None,
+                       repeats_help="timed runs after the warm-up (at least 2 runs in all; min "
+                                    "is reported)",
+                       seed_help="training seed and first label-sampling seed (the second is "
+                                 "seed+1)")
     p.add_argument("--damping", type=float, default=None,
                    help="absolute damping for both libraries; default: the 0.1*mean(Lambda) "
                         "per-layer heuristic of each")
     p.add_argument("--strategy", choices=("ekfac", "kfac"), default="ekfac")
     p.add_argument("--queries", type=int, default=100, help="first Q test examples as queries")
     p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--seed", type=int, default=0,
-                   help="training seed and first label-sampling seed (the second is seed+1)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=1,
-                   help="timed runs after the warm-up (at least 2 runs in all; min is reported)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--fisher", choices=("sampled", "empirical"), default="sampled",
                    help="labels of the curvature passes: sampled from the model (default, the "
@@ -172,11 +153,10 @@ def main() -> None:
                    help="Kronfluence's output directory (default: a fresh temporary directory)")
     args = p.parse_args()
 
-    torch.set_num_threads(args.threads)
+    bench = harness.start(args)
     x_tr, y_tr, x_te, y_te = make_digits()
-    t0 = time.perf_counter()
-    model = train_mlp(x_tr, y_tr, epochs=args.epochs, seed=args.seed)
-    train_seconds = time.perf_counter() - t0
+    train_seconds, model = harness.timed(lambda: train_mlp(x_tr, y_tr, epochs=args.epochs,
+                                                           seed=args.seed))
     with torch.no_grad():
         acc = (model(x_te).argmax(-1) == y_te).float().mean().item()
     qx, qy = x_te[: args.queries], y_te[: args.queries]
@@ -186,7 +166,7 @@ def main() -> None:
                    else f"{args.damping:g} (absolute)")
 
     print(f"torch {torch.__version__}, {args.threads} threads, python {platform.python_version()}, "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start")
+          f"{os.cpu_count()} CPUs, {bench.load(end=False)}")
     print(f"MLP 64-128-128-10 (ReLU, AdamW, {args.epochs} epochs, {train_seconds:.1f}s): "
           f"N={len(x_tr)} train, test acc {acc:.4f}; Q={len(qx)} queries")
     print(f"strategy={args.strategy}, damping={damping_txt}, batch={args.batch_size}, "
@@ -197,20 +177,21 @@ def main() -> None:
     if args.fisher == "empirical":
         use_empirical_fisher()
         our_task = _OursEmpiricalTask()
-    ours: dict[int, dict] = {}
-    kron: dict[int, dict] = {}
-    ours_times: list[dict] = []
-    kron_times: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="kronfluence_") as tmp:
         out_dir = args.kf_output_dir or tmp
-        for s in seeds:
-            # interleave the libraries so that drift of the machine hits both alike
-            r = run_kronfluence(model, x_tr, y_tr, qx, qy, output_dir=out_dir, seed=s, **kw)
-            kron_times.append(r)
-            kron.setdefault(s, r)
-            r = run_ours(model, x_tr, y_tr, qx, qy, seed=s, task=our_task, **kw)
-            ours_times.append(r)
-            ours.setdefault(s, r)
+        # the libraries alternate, so that drift of the machine hits both alike
+        runs = harness.interleave({
+            "kronfluence": lambda i: run_kronfluence(model, x_tr, y_tr, qx, qy,
+                                                     output_dir=out_dir, seed=seeds[i], **kw),
+            "ours": lambda i: run_ours(model, x_tr, y_tr, qx, qy, seed=seeds[i], task=our_task,
+                                       **kw),
+        }, n_runs)
+    kron_times, ours_times = runs["kronfluence"], runs["ours"]
+    kron: dict[int, dict] = {}
+    ours: dict[int, dict] = {}
+    for s, k, o in zip(seeds, kron_times, ours_times, strict=True):
+        kron.setdefault(s, k)
+        ours.setdefault(s, o)
 
     s0, s1 = args.seed, args.seed + 1
     rows = [
@@ -233,20 +214,18 @@ def main() -> None:
     print()
     print(f"{'wall-clock seconds (min of ' + str(n_runs) + ')':32s}{'ours':>10s}{'Kronfl.':>10s}"
           f"{'ours/KF':>10s}")
-    for stage in ("fit", "pairwise", "self"):
-        key = f"{stage}_seconds"
-        o = min(r[key] for r in ours_times)
-        k = min(r[key] for r in kron_times)
-        print(f"{stage:32s}{o:10.3f}{k:10.3f}{o / k:10.3f}")
-    o = min(sum(r[f"{s}_seconds"] for s in ("fit", "pairwise", "self")) for r in ours_times)
-    k = min(sum(r[f"{s}_seconds"] for s in ("fit", "pairwise", "self")) for r in kron_times)
+    stages = [f"{s}_seconds" for s in ("fit", "pairwise", "self")]
+    for stage in stages:
+        o, k = harness.best(ours_times, stage), harness.best(kron_times, stage)
+        print(f"{stage.removesuffix('_seconds'):32s}{o:10.3f}{k:10.3f}{o / k:10.3f}")
+    o, k = harness.best_total(ours_times, stages), harness.best_total(kron_times, stages)
     print(f"{'total (min over runs)':32s}{o:10.3f}{k:10.3f}{o / k:10.3f}")
     print("(Kronfluence's times include its disk I/O: saving factors, loading them and saving "
           f"scores under {'--kf-output-dir' if args.kf_output_dir else 'a temp dir'}; ours are in "
           "memory.)")
 
-    print(f"load average {os.getloadavg()[0]:.2f} at end (timings are only trustworthy when it "
-          f"stays well under the CPU count)")
+    print(f"{bench.load()} (timings are only trustworthy when it stays well under the CPU "
+          "count)")
     damp = ours[s0]["factors"].damping
     print("ours damping per layer (seed s): "
           + ", ".join(f"{n}={v:.3g}" for n, v in damp.items()))

@@ -1,19 +1,24 @@
-"""The digits protocol shared by benchmarks/accuracy.py and benchmarks/speed.py.
+"""The digits protocol shared by the benchmarks (accuracy, speed, Kronfluence comparison).
 
-Same data, model and training as benchmarks/compare_kronfluence.py: sklearn digits scaled to
-[0, 1], stratified 80/20 split (1437 train / 360 test), a 64-128-128-10 ReLU MLP trained with
-AdamW (lr 1e-3, weight decay 1e-2, batch 64, 30 epochs), float32. Training goes through
-:class:`lightning_influence.evaluation.SimpleTrainer`, so the model behind the scores and the
-models retrained for LDS come out of one loop.
+Sklearn digits scaled to [0, 1], stratified 80/20 split (1437 train / 360 test), a 64-128-128-10
+ReLU MLP trained with AdamW (lr 1e-3, weight decay 1e-2, batch 64, 30 epochs), float32.
+:func:`trainer` goes through :class:`lightning_influence.evaluation.SimpleTrainer`, so the model
+behind the scores and the models retrained for LDS come out of one loop;
+:func:`train_plain` is the plain PyTorch loop of the Kronfluence scripts (it needs only torch, so
+``kronfluence_side.py`` runs where lightning_influence is not installed).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from lightning_influence.evaluation import SimpleTrainer
+if TYPE_CHECKING:
+    from lightning_influence.evaluation import SimpleTrainer
 
 EPOCHS = 30
 BATCH_SIZE = 64
@@ -40,6 +45,27 @@ def make_mlp() -> nn.Sequential:
 
 
 def trainer(x: torch.Tensor, y: torch.Tensor, epochs: int = EPOCHS) -> SimpleTrainer:
-    """``trainer(indices, seed) -> model``: the protocol's training loop on a subset."""
+    """``trainer(indices, seed) -> model``: the protocol's training loop on a subset (a
+    :class:`~lightning_influence.evaluation.SimpleTrainer`)."""
+    from lightning_influence.evaluation import SimpleTrainer
+
     return SimpleTrainer(make_mlp, TensorDataset(x, y), "classification", epochs=epochs,
                          batch_size=BATCH_SIZE, lr=LR, weight_decay=WEIGHT_DECAY)
+
+
+def train_plain(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+                y: torch.Tensor, *, epochs: int, seed: int, batch_size: int = BATCH_SIZE,
+                ) -> nn.Module:
+    """Mean cross-entropy on ``x [N, 64]``, ``y [N]`` for ``epochs`` epochs of batches drawn
+    by a permutation seeded with ``seed``; returns the model in eval mode."""
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x), batch_size):
+            idx = perm[i : i + batch_size]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model.eval()

@@ -36,12 +36,13 @@ from __future__ import annotations
 
 import copy
 import logging
-import time
 import warnings
 from pathlib import Path
 
+import harness
 import torch
 import torch.nn.functional as F
+from digits_protocol import make_digits, train_plain
 from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.arguments import FactorArguments, ScoreArguments
 from kronfluence.task import Task
@@ -200,7 +201,7 @@ def run_kronfluence_datasets(
         # Kronfluence 1.0.1 builds a disabled torch.cuda.amp.GradScaler in every step (FutureWarning).
         warnings.filterwarnings("ignore", message=r".*GradScaler.*", category=FutureWarning)
         torch.manual_seed(seed)  # drives torch.multinomial in ClassificationTask (Fisher labels)
-        t0 = time.perf_counter()
+        clock = harness.Stopwatch()
         analyzer.fit_all_factors(
             factors_name="factors",
             dataset=train_ds,
@@ -208,9 +209,8 @@ def run_kronfluence_datasets(
             factor_args=factor_args,
             overwrite_output_dir=True,
         )
-        fit_seconds = time.perf_counter() - t0
+        fit_seconds = clock.lap()
 
-        t0 = time.perf_counter()
         analyzer.compute_pairwise_scores(
             scores_name="pairwise",
             factors_name="factors",
@@ -221,9 +221,8 @@ def run_kronfluence_datasets(
             score_args=score_args,
             overwrite_output_dir=True,
         )
-        pairwise_seconds = time.perf_counter() - t0
+        pairwise_seconds = clock.lap()
 
-        t0 = time.perf_counter()
         analyzer.compute_self_scores(
             scores_name="self",
             factors_name="factors",
@@ -232,7 +231,7 @@ def run_kronfluence_datasets(
             score_args=score_args,
             overwrite_output_dir=True,
         )
-        self_seconds = time.perf_counter() - t0
+        self_seconds = clock.lap()
 
     pairwise = analyzer.load_pairwise_scores("pairwise")[ALL_MODULES]
     self_scores = analyzer.load_self_scores("self")[ALL_MODULES]
@@ -250,46 +249,25 @@ def run_kronfluence_datasets(
 # --------------------------------------------------------------------------- smoke test
 
 
-def make_digits(seed: int = 0):
-    """sklearn digits scaled to [0, 1], stratified 80/20 split."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    x, y = load_digits(return_X_y=True)
-    x = x.astype("float32") / 16.0
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.2, random_state=seed, stratify=y)
-    return (torch.from_numpy(x_tr), torch.from_numpy(y_tr).long(),
-            torch.from_numpy(x_te), torch.from_numpy(y_te).long())
-
-
 def make_mlp() -> nn.Sequential:
     return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
 
 
 def train_mlp(x, y, *, epochs: int = 30, seed: int = 0, lr: float = 1e-3, batch_size: int = 64):
+    """The smoke test's 64-128-10 MLP, Adam, on the digits protocol's data and loop."""
     torch.manual_seed(seed)
     model = make_mlp()
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), batch_size):
-            idx = perm[i : i + batch_size]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval()
+    return train_plain(model, torch.optim.Adam(model.parameters(), lr=lr), x, y, epochs=epochs,
+                       seed=seed, batch_size=batch_size)
 
 
 def main() -> None:
-    import argparse
     import tempfile
 
     import numpy as np
     from scipy.stats import spearmanr
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = harness.parser(__doc__, threads=2, out=None)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--num-queries", type=int, default=100)
     p.add_argument("--damping", type=float, default=None, help="absolute; default: heuristic")
@@ -297,7 +275,8 @@ def main() -> None:
     p.add_argument("--float64", action="store_true", help="also run once in float64")
     args = p.parse_args()
 
-    torch.set_num_threads(2)
+    bench = harness.start(args)
+    print(f"{args.threads} threads, {bench.load(end=False)}")
     x_tr, y_tr, x_te, y_te = make_digits()
     model = train_mlp(x_tr, y_tr, epochs=args.epochs)
     with torch.no_grad():
@@ -349,6 +328,7 @@ def main() -> None:
             print(f"float64 seed=0: fit {r64['fit_seconds']:.2f}s, pairwise "
                   f"{r64['pairwise_seconds']:.2f}s, self {r64['self_seconds']:.2f}s; "
                   f"rel. diff vs float32 = {rel:.2e}")
+    print(bench.load())
 
 
 if __name__ == "__main__":
