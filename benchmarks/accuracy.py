@@ -41,47 +41,39 @@ against seconds), ``<out>/accuracy.json`` and an offline W&B run under ``<out>/w
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
+import digits_protocol as protocol
+import harness
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import digits_protocol as protocol  # noqa: E402
-
-import lightning_influence as li  # noqa: E402
-from lightning_influence.evaluation import (  # noqa: E402
+import lightning_influence as li
+from lightning_influence.evaluation import (
     QueryMeasure,
     correlations,
     lds,
     pbrf,
     subset_measurements,
 )
-from lightning_influence.solvers import Arnoldi, ConjugateGradient, LiSSA  # noqa: E402
+from lightning_influence.solvers import Arnoldi, ConjugateGradient, LiSSA
 
-try:  # the peer, only in the Kronfluence venv (benchmarks/README.md)
-    import kronfluence_side  # noqa: E402
-except ImportError:  # pragma: no cover - depends on the environment
-    kronfluence_side = None
+kronfluence_side = harness.optional_peer()  # the peer, only in the Kronfluence venv
 
 BATCH = 128
 
 
 def ours(model, strategy: str, damping, train, queries, seed: int = 0,
          fisher: str = "sampled", task: Any = "classification") -> dict[str, Any]:
-    t0 = time.perf_counter()
+    clock = harness.Stopwatch()
     factors = li.fit_factors(model, train, task, strategy=strategy, damping=damping,
                              seed=seed, progress=False, fisher=fisher)
     scores = li.compute_pairwise_scores(model, factors, queries, train, task,
                                         top_k=1, progress=False).scores
-    return {"scores": scores, "seconds": time.perf_counter() - t0, "factors": factors}
+    return {"scores": scores, "seconds": clock.lap(), "factors": factors}
 
 
 def kronfluence(model, damping, x, y, qx, qy, seed: int = 0) -> dict[str, Any]:
@@ -94,25 +86,25 @@ def kronfluence(model, damping, x, y, qx, qy, seed: int = 0) -> dict[str, Any]:
     return {"scores": r["pairwise"].double(), "seconds": r["fit_seconds"] + r["pairwise_seconds"]}
 
 
-def lissa_path(model, damping, train, queries, steps: list[int]) -> list[dict[str, Any]]:
-    """One LiSSA series; the estimate (and time) at each depth in ``steps``."""
-    t0 = time.perf_counter()
-    solver = LiSSA(model, train, "classification", damping=damping, iterations=max(steps),
-                   batch_size=BATCH, dtype=torch.float32)
-    grads = li.query_gradients(model, queries, "classification", solver, precondition=False,
-                               progress=False)
-    setup = time.perf_counter() - t0
+def lissa_path(model, damping, train, queries, steps: list[int], task: Any = "classification",
+               batch_size: int = BATCH, dtype: torch.dtype = torch.float32,
+               ) -> list[dict[str, Any]]:
+    """One LiSSA series; the estimate (and time) at each depth in ``steps``: the setup, the
+    series to that depth, and one scoring pass."""
+    clock = harness.Stopwatch()
+    solver = LiSSA(model, train, task, damping=damping, iterations=max(steps),
+                   batch_size=batch_size, dtype=dtype)
+    grads = li.query_gradients(model, queries, task, solver, precondition=False, progress=False)
+    setup = clock.lap()
     out, elapsed = [], 0.0
-    t0 = time.perf_counter()
     for depth, estimate in solver.series(grads, steps):
-        elapsed += time.perf_counter() - t0
-        t1 = time.perf_counter()
-        scores = li.compute_pairwise_scores(model, solver, queries, train, "classification",
+        elapsed += clock.lap()
+        scores = li.compute_pairwise_scores(model, solver, queries, train, task,
                                             top_k=1, progress=False, query_grads=estimate).scores
-        score_pass = time.perf_counter() - t1
+        score_pass = clock.lap()
         out.append({"name": f"lissa ({depth} it.)", "scores": scores,
                     "seconds": setup + elapsed + score_pass, "depth": depth})
-        t0 = time.perf_counter()
+        clock.lap()  # the series resumes from here
     for row in out:
         row["scale"] = solver.scale
     return out
@@ -120,13 +112,13 @@ def lissa_path(model, damping, train, queries, steps: list[int]) -> list[dict[st
 
 def conjugate_gradient(model, damping, train, queries, block_diagonal: bool = False,
                        max_iterations: int = 1000, task: Any = "classification") -> dict[str, Any]:
-    t0 = time.perf_counter()
+    clock = harness.Stopwatch()
     solver = ConjugateGradient(model, train, task, damping=damping, rtol=1e-6,
                                max_iterations=max_iterations, dtype=torch.float64,
                                block_diagonal=block_diagonal)
     scores = li.compute_pairwise_scores(model, solver, queries, train, task,
                                         top_k=1, progress=False).scores
-    return {"scores": scores, "seconds": time.perf_counter() - t0,
+    return {"scores": scores, "seconds": clock.lap(),
             "iterations": solver.iterations, "residual": float(solver.residuals.max())}
 
 
@@ -138,7 +130,7 @@ def preconditioned_cg_path(model, damping, number, train, queries, steps: list[i
     time includes the EK-FAC fit)."""
     out = []
     for depth in steps:
-        t0 = time.perf_counter()
+        clock = harness.Stopwatch()
         fitted = li.fit_factors(model, train, task, strategy="ekfac", damping=number,
                                 progress=False, fisher=fisher)
         solver = ConjugateGradient(model, train, task, damping=damping, rtol=1e-6,
@@ -147,8 +139,8 @@ def preconditioned_cg_path(model, damping, number, train, queries, steps: list[i
         scores = li.compute_pairwise_scores(model, solver, queries, train, task,
                                             top_k=1, progress=False).scores
         out.append({"name": f"CG + EK-FAC preconditioner ({depth} it.)", "scores": scores,
-                    "seconds": time.perf_counter() - t0, "depth": depth,
-                    "residual": float(solver.residuals.max())})
+                    "seconds": clock.lap(), "depth": depth,
+                    "residual": float(solver.residuals.max()), "iterations": solver.iterations})
     return out
 
 
@@ -157,13 +149,13 @@ def arnoldi_path(model, damping, train, queries, steps: list[int]) -> list[dict[
     full-data product each; one run per depth), every Ritz pair kept, float64."""
     out = []
     for depth in steps:
-        t0 = time.perf_counter()
+        clock = harness.Stopwatch()
         solver = Arnoldi(model, train, "classification", damping=damping, iterations=depth,
                          dtype=torch.float64)
         scores = li.compute_pairwise_scores(model, solver, queries, train, "classification",
                                             top_k=1, progress=False).scores
         out.append({"name": f"arnoldi ({depth} it.)", "scores": scores,
-                    "seconds": time.perf_counter() - t0, "depth": depth})
+                    "seconds": clock.lap(), "depth": depth})
     return out
 
 
@@ -172,14 +164,12 @@ def _cg_state(cg: dict[str, Any]) -> str:
 
 
 def table(rows: list[dict[str, Any]], header: str) -> str:
-    lines = [header, "",
-             "| method | seconds | PBRF Pearson | PBRF Pearson/query | PBRF Spearman/query | LDS |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        cells = [f"{r[k]:.3f}" if k in r else "-" for k in
-                 ("pbrf_pearson", "pbrf_pearson_q", "pbrf_spearman_q", "lds")]
-        lines.append(f"| {r['name']} | {r['seconds']:.2f} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    cells = [[r["name"], f"{r['seconds']:.2f}"] + [f"{r[k]:.3f}" if k in r else "-" for k in
+                                                  ("pbrf_pearson", "pbrf_pearson_q",
+                                                   "pbrf_spearman_q", "lds")] for r in rows]
+    return "\n".join([header, "", *harness.markdown_table(
+        ["method", "seconds", "PBRF Pearson", "PBRF Pearson/query", "PBRF Spearman/query", "LDS"],
+        cells)])
 
 
 def plot(rows: list[dict[str, Any]], path: Path,
@@ -225,12 +215,12 @@ def plot(rows: list[dict[str, Any]], path: Path,
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = harness.parser(__doc__, threads=2, repeats=1, repeats_help="training seeds per LDS subset",
+                       seed=0)
     p.add_argument("--queries", type=int, default=50)
     p.add_argument("--pbrf-examples", type=int, default=40)
     p.add_argument("--subsets", type=int, default=100)
     p.add_argument("--fraction", type=float, default=0.5)
-    p.add_argument("--repeats", type=int, default=1, help="training seeds per LDS subset")
     p.add_argument("--lissa-steps", default="10,30,100,300,1000,3000,10000")
     p.add_argument("--arnoldi-steps", default="20,50,100",
                    help="Krylov steps of the Arnoldi rows (empty: none)")
@@ -238,19 +228,15 @@ def main() -> None:
                    help="iterations of CG preconditioned by EK-FAC")
     p.add_argument("--damping", default="weight_decay", choices=("weight_decay", "heuristic"))
     p.add_argument("--fisher-seeds", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=protocol.EPOCHS,
                    help="training epochs of the model and of every LDS retraining")
     p.add_argument("--cg-iterations", type=int, default=1000, help="CG iterations at most")
     p.add_argument("--timing-runs", type=int, default=3, help="runs of each fast method (min)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--no-wandb", action="store_true")
     args = p.parse_args()
 
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    bench = harness.start(args)
+    out = bench.out
     x, y, xt, yt = protocol.make_digits()
     train_fn = protocol.trainer(x, y, epochs=args.epochs)
     model = train_fn(None, args.seed)
@@ -258,8 +244,8 @@ def main() -> None:
     train = DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=False)
     qx, qy = xt[:args.queries], yt[:args.queries]
     queries = DataLoader(TensorDataset(qx, qy), batch_size=BATCH, shuffle=False)
-    print(f"torch {torch.__version__}, {args.threads} threads, load average "
-          f"{os.getloadavg()[0]:.2f}; N={n}, Q={len(qx)}, test acc "
+    print(f"torch {torch.__version__}, {args.threads} threads, {bench.load(end=False)}; "
+          f"N={n}, Q={len(qx)}, test acc "
           f"{(model(xt).argmax(1) == yt).float().mean():.4f}, Kronfluence "
           f"{'available' if kronfluence_side else 'not available'}")
 
@@ -269,8 +255,9 @@ def main() -> None:
     print("damping per layer:", {k: f"{v:.3g}" for k, v in damping.items()})
 
     def best_of(fn, *fargs) -> dict[str, Any]:  # cheap methods: min time of `--timing-runs`
-        runs = [fn(*fargs) for _ in range(args.timing_runs)]
-        return dict(runs[0], seconds=min(r["seconds"] for r in runs))
+        seconds, first = harness.fastest(lambda: fn(*fargs), args.timing_runs,
+                                         seconds=lambda r: r["seconds"])
+        return dict(first, seconds=seconds)
 
     rows: list[dict[str, Any]] = []
     for strategy in ("identity", "diagonal", "kfac", "ekfac"):
@@ -283,17 +270,15 @@ def main() -> None:
     if kronfluence_side is not None and args.damping == "weight_decay":
         rows.append({"name": "Kronfluence ekfac",
                      **best_of(kronfluence, model, number, x, y, qx, qy)})
-    t0 = time.perf_counter()
     cg = conjugate_gradient(model, damping, train, queries,
                             max_iterations=args.cg_iterations)
     print(f"CG: {cg['iterations']} iterations, max residual {cg['residual']:.1e}, "
-          f"{time.perf_counter() - t0:.1f}s")
+          f"{cg['seconds']:.1f}s")
     rows.append({"name": f"CG (float64, {_cg_state(cg)})", **cg})
-    t0 = time.perf_counter()
     cg = conjugate_gradient(model, damping, train, queries, block_diagonal=True,
                             max_iterations=args.cg_iterations)
     print(f"block-diagonal CG: {cg['iterations']} iterations, max residual "
-          f"{cg['residual']:.1e}, {time.perf_counter() - t0:.1f}s")
+          f"{cg['residual']:.1e}, {cg['seconds']:.1f}s")
     rows.append({"name": f"block-diagonal GGN, CG (float64, {_cg_state(cg)})", **cg})
     steps = [int(s) for s in args.lissa_steps.split(",")]
     rows.extend(lissa_path(model, damping, train, queries, steps))
@@ -346,20 +331,19 @@ def main() -> None:
     header = (f"digits MLP 64-128-128-10, N={n}, Q={len(qx)}, damping "
               f"{'1e-2 (weight decay)' if number else 'EK-FAC heuristic per layer'}, "
               f"PBRF on {len(picked)} examples (eps=1/N), LDS on {args.subsets} half-size "
-              f"subsets x {args.repeats} seed(s); seconds on {args.threads} CPU threads")
+              f"subsets x {args.repeats} seed(s); seconds on {args.threads} CPU threads, "
+              f"{bench.load()}")
     text = table(rows, header)
     text += "\n\nEK-FAC LDS per label-sampling seed: " + "; ".join(
         f"{k} {', '.join(f'{v:.3f}' for v in vals)} (mean {np.mean(vals):.3f})"
         for k, vals in seeds.items() if vals)
     text += "\nScores: positive = proponent; LDS correlates the measured query loss with -sum of scores.\n"
     print()
-    print(text)
-    (out / "accuracy.md").write_text(text)
-    plot(rows, out / "accuracy.png")
     summary = {r["name"]: {k: v for k, v in r.items() if k not in ("scores", "name", "factors")}
                for r in rows}
     summary["ekfac_lds_per_seed"] = seeds
-    (out / "accuracy.json").write_text(json.dumps(summary, indent=2, default=float))
+    bench.report("accuracy", text, summary)
+    plot(rows, out / "accuracy.png")
     if not args.no_wandb:
         import wandb
 

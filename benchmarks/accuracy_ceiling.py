@@ -33,24 +33,15 @@ the stem for the conv net).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import sys
-from pathlib import Path
 from typing import Any
 
-import torch
+import accuracy
+import accuracy_tasks
+import digits_protocol as protocol
+import harness
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import accuracy  # noqa: E402
-import accuracy_tasks  # noqa: E402
-import digits_protocol as protocol  # noqa: E402
-
-from lightning_influence.evaluation import lds  # noqa: E402
+from lightning_influence.evaluation import lds
 
 
 def measure(problem: accuracy_tasks.Problem, seed: int, truth: Any,
@@ -64,9 +55,10 @@ def measure(problem: accuracy_tasks.Problem, seed: int, truth: Any,
     def ours(strategy: str, fisher: str, label_seed: int = 0, runs: int = 1):
         """Scores of the first of ``runs`` runs and the minimum of their times (fit + scores,
         as accuracy.ours times them)."""
-        results = [accuracy.ours(model, strategy, None, train, queries, seed=label_seed,
-                                 fisher=fisher, task=task) for _ in range(runs)]
-        return results[0]["scores"], min(r["seconds"] for r in results)
+        seconds, first = harness.fastest(
+            lambda: accuracy.ours(model, strategy, None, train, queries, seed=label_seed,
+                                  fisher=fisher, task=task), runs, seconds=lambda r: r["seconds"])
+        return first["scores"], seconds
 
     scores, seconds = ours("ekfac", "sampled", runs=args.timing_runs)
     values = [lds(scores, truth).mean] + [lds(ours("ekfac", "sampled", s)[0], truth).mean
@@ -93,7 +85,7 @@ def measure(problem: accuracy_tasks.Problem, seed: int, truth: Any,
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = harness.parser(__doc__, threads=2)
     p.add_argument("--task", default="mlp", choices=("mlp", "conv"))
     p.add_argument("--models", type=int, default=5, help="models trained with seeds 0..n-1")
     p.add_argument("--label-seeds", type=int, default=3)
@@ -108,16 +100,12 @@ def main() -> None:
                    help="the exact damped GGN influence (the ceiling) on every model")
     p.add_argument("--cg-iterations", type=int, default=1000,
                    help="CG iterations at most for the exact solve (to a residual of 1e-6)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
 
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    bench = harness.start(args)
     problem = accuracy_tasks.Problem(args.task, argparse.Namespace(queries=args.queries,
                                                                     conv_epochs=20))
-    cache = out / "cache"
+    cache = bench.out / "cache"
     if args.epochs is not None and args.epochs != problem.train_fn.epochs:
         problem.train_fn.epochs = args.epochs
         cache = cache / f"e{args.epochs}"  # another training procedure: another ground truth
@@ -135,22 +123,22 @@ def main() -> None:
             "digits conv net (BatchNorm, in-place ReLU)")
     lines = [f"{what}, N={len(problem.train_set)}, Q={args.queries}; LDS over "
              f"{args.subsets} retrained halves; {args.models} models trained with seeds "
-             f"0..{args.models - 1}; {args.threads} threads, load average "
-             f"{os.getloadavg()[0]:.2f} at the end", ""]
+             f"0..{args.models - 1}; {args.threads} threads, {bench.load()}", ""]
     if ceiling is not None:
         residual = max(m[ceiling]["residual"] for m in per_model)
         state = ("converged on every model" if residual <= 1e-6 else
                  f"NOT converged (max relative residual {residual:.1e}): raise --cg-iterations")
         lines += ["Ratios are taken per model, then averaged (mean ± standard deviation over "
                   "models): LDS over the exact GGN's, time over the default EK-FAC's. The exact "
-                  f"solve (CG, float64, to a relative residual of 1e-6): {state}.", "",
-                  "| configuration | LDS | LDS / exact | time / default | per model (LDS / exact) |",
-                  "|---|---:|---:|---:|---|"]
+                  f"solve (CG, float64, to a relative residual of 1e-6): {state}.", ""]
+        header = ["configuration", "LDS", "LDS / exact", "time / default",
+                  "per model (LDS / exact)"]
     else:
         lines += ["Mean ± standard deviation over models; time over the default EK-FAC's, per "
-                  "model. No exact solve (--no-exact).", "",
-                  "| configuration | LDS | time / default | per model (LDS) |", "|---|---:|---:|---|"]
+                  "model. No exact solve (--no-exact).", ""]
+        header = ["configuration", "LDS", "time / default", "per model (LDS)"]
     summary: dict[str, Any] = {"per_model": per_model}
+    cells = []
     for name in per_model[0]:
         ratio = [m[name]["lds"] / m[ceiling]["lds"] if m[ceiling]["lds"] else float("nan")
                  for m in per_model] if ceiling is not None else []
@@ -163,16 +151,13 @@ def main() -> None:
 
         summary[name] = {"lds": value, "ratio": ratio, "time_ratio": cost}
         if ceiling is not None:
-            lines.append(f"| {name} | {ms(value)} | {ms(ratio)} | {ms(cost, 2)} | "
-                         f"{', '.join(f'{r:.3f}' for r in ratio)} |")
+            cells.append([name, ms(value), ms(ratio), ms(cost, 2),
+                          ", ".join(f"{r:.3f}" for r in ratio)])
         else:
-            lines.append(f"| {name} | {ms(value)} | {ms(cost, 2)} | "
-                         f"{', '.join(f'{v:.3f}' for v in value)} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
+            cells.append([name, ms(value), ms(cost, 2), ", ".join(f"{v:.3f}" for v in value)])
+    lines += harness.markdown_table(header, cells, align="l" + "r" * (len(header) - 2) + "l")
     stem = "accuracy_ceiling" if args.task == "mlp" else f"accuracy_ceiling_{args.task}"
-    (out / f"{stem}.md").write_text(text)
-    (out / f"{stem}.json").write_text(json.dumps(summary, indent=2))
+    bench.report(stem, "\n".join(lines) + "\n", summary)
 
 
 if __name__ == "__main__":

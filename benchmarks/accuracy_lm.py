@@ -29,24 +29,15 @@ Writes ``<out>/accuracy_lm.md``, ``<out>/accuracy_lm.json`` and ``<out>/accuracy
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
-import time
-from pathlib import Path
 from typing import Any
 
+import accuracy  # the methods, table and plot
+import harness
 import torch
 from torch.utils.data import DataLoader, Subset
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import accuracy  # noqa: E402  (table and plot)
-
-import lightning_influence as li  # noqa: E402
-from lightning_influence.evaluation import (  # noqa: E402
+import lightning_influence as li
+from lightning_influence.evaluation import (
     QueryMeasure,
     SimpleTrainer,
     correlations,
@@ -54,9 +45,8 @@ from lightning_influence.evaluation import (  # noqa: E402
     pbrf,
     subset_measurements,
 )
-from lightning_influence.language import CharTokenizer, chunk_documents, python_docs  # noqa: E402
-from lightning_influence.solvers import ConjugateGradient, LiSSA  # noqa: E402
-from recipes.lm_influence import CharGPT, GPTConfig  # noqa: E402
+from lightning_influence.language import CharTokenizer, chunk_documents, python_docs
+from recipes.lm_influence import CharGPT, GPTConfig
 
 BATCH = 32
 
@@ -77,7 +67,7 @@ def corpus(args: argparse.Namespace):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = harness.parser(__doc__, threads=2, seed=0)
     p.add_argument("--train-chunks", type=int, default=128)
     p.add_argument("--queries", type=int, default=8)
     p.add_argument("--context", type=int, default=64)
@@ -89,14 +79,9 @@ def main() -> None:
     p.add_argument("--lissa-steps", default="10,30,100,300")
     p.add_argument("--pcg-steps", default="1,3,10")
     p.add_argument("--cg-iterations", type=int, default=40)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
 
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    bench = harness.start(args)
     tokenizer, train_set, query_set = corpus(args)
     cfg = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=args.context,
                     n_layer=args.layers, n_head=2, n_embd=args.width)
@@ -107,24 +92,18 @@ def main() -> None:
 
     train_fn = SimpleTrainer(make_model, train_set, task, epochs=args.epochs, batch_size=BATCH,
                              lr=3e-3, weight_decay=0.1)
-    t0 = time.perf_counter()
-    model = train_fn(None, args.seed)
-    train_seconds = time.perf_counter() - t0
+    train_seconds, model = harness.timed(lambda: train_fn(None, args.seed))
     train = DataLoader(train_set, batch_size=BATCH, shuffle=False)
     queries = DataLoader(query_set, batch_size=BATCH, shuffle=False)
     measure = QueryMeasure(queries, task)
     n = len(train_set)
-    print(f"torch {torch.__version__}, {args.threads} threads, load average "
-          f"{os.getloadavg()[0]:.2f}; N={n} chunks of {args.context} tokens, Q={len(query_set)},"
+    print(f"torch {torch.__version__}, {args.threads} threads, {bench.load(end=False)}; "
+          f"N={n} chunks of {args.context} tokens, Q={len(query_set)},"
           f" {sum(p.numel() for p in model.parameters())} parameters, trained in "
           f"{train_seconds:.1f}s, mean query loss {float(measure(model).mean()):.1f}")
 
-    def ours(strategy: str) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        factors = li.fit_factors(model, train, task, strategy=strategy, progress=False)
-        scores = li.compute_pairwise_scores(model, factors, queries, train, task, top_k=1,
-                                            keep_scores=True, progress=False).scores
-        return {"scores": scores, "seconds": time.perf_counter() - t0, "factors": factors}
+    def ours(strategy: str) -> dict[str, Any]:  # default (heuristic) damping
+        return accuracy.ours(model, strategy, None, train, queries, task=task)
 
     ekfac = ours("ekfac")  # also the warm-up; its per-layer damping is every method's
     damping = ekfac["factors"].damping
@@ -133,39 +112,16 @@ def main() -> None:
         r = ours(strategy)
         rows.append({"name": f"ours {strategy}", "scores": r["scores"], "seconds": r["seconds"]})
 
-    t0 = time.perf_counter()
-    solver = LiSSA(model, train, task, damping=damping, iterations=1, batch_size=BATCH)
-    grads = li.query_gradients(model, queries, task, solver, precondition=False, progress=False)
-    setup, elapsed = time.perf_counter() - t0, 0.0
     steps = sorted(int(s) for s in args.lissa_steps.split(","))
-    t0 = time.perf_counter()
-    for depth, estimate in solver.series(grads, steps):
-        elapsed += time.perf_counter() - t0
-        t1 = time.perf_counter()
-        scores = li.compute_pairwise_scores(model, solver, queries, train, task, top_k=1,
-                                            keep_scores=True, progress=False,
-                                            query_grads=estimate).scores
-        rows.append({"name": f"lissa ({depth} it.)", "scores": scores, "depth": depth,
-                     "seconds": setup + elapsed + time.perf_counter() - t1})
-        t0 = time.perf_counter()
-    print(f"LiSSA scale {solver.scale:.3g}, {rows[-1]['seconds']:.1f}s to depth {steps[-1]}")
-
-    def cg(iterations: int, preconditioned: bool) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        pre = None
-        if preconditioned:
-            pre = li.fit_factors(model, train, task, strategy="ekfac", progress=False)
-        solver = ConjugateGradient(model, train, task, damping=damping, rtol=1e-6,
-                                   max_iterations=iterations, preconditioner=pre)
-        scores = li.compute_pairwise_scores(model, solver, queries, train, task, top_k=1,
-                                            keep_scores=True, progress=False).scores
-        return {"scores": scores, "seconds": time.perf_counter() - t0,
-                "residual": float(solver.residuals.max()), "iterations": solver.iterations}
-
-    for depth in sorted(int(s) for s in args.pcg_steps.split(",")):
-        r = cg(depth, True)
-        rows.append({"name": f"CG + EK-FAC preconditioner ({depth} it.)", "depth": depth, **r})
-    r = cg(args.cg_iterations, False)
+    rows.extend(accuracy.lissa_path(model, damping, train, queries, steps, task=task,
+                                    batch_size=BATCH, dtype=torch.float64))
+    print(f"LiSSA scale {rows[-1]['scale']:.3g}, {rows[-1]['seconds']:.1f}s to depth {steps[-1]}")
+    # CG preconditioned by EK-FAC at the default damping (fitted in each run's time)
+    rows.extend(accuracy.preconditioned_cg_path(
+        model, damping, None, train, queries, sorted(int(s) for s in args.pcg_steps.split(",")),
+        task=task))
+    r = accuracy.conjugate_gradient(model, damping, train, queries, task=task,
+                                    max_iterations=args.cg_iterations)
     state = "converged" if r["residual"] <= 1e-6 else f"{r['iterations']} it."
     rows.append({"name": f"CG ({state}, max residual {r['residual']:.0e})", **r})
     print(f"CG: {r['iterations']} iterations, max residual {r['residual']:.1e}, "
@@ -192,22 +148,20 @@ def main() -> None:
               f"{args.context}), N={n} training chunks, Q={len(query_set)} query chunks of later "
               f"documents, float32 model (solvers and PBRF in float64), damping EK-FAC's "
               f"per-layer heuristic, LDS on {args.subsets} half-size subsets; seconds on "
-              f"{args.threads} CPU threads")
+              f"{args.threads} CPU threads, {bench.load()}")
     text = accuracy.table(rows, header) + "\n"
     if response is not None:
         text += (f"\nPBRF on {len(picked)} chunks: largest final gradient entry "
                  f"{max(response.grad_norms):.1e} after at most 100 L-BFGS iterations (converged "
                  "only when small).\n")
     print()
-    print(text)
-    (out / "accuracy_lm.md").write_text(text)
-    accuracy.plot(rows, out / "accuracy_lm.png",
-                  title=f"tiny character GPT: accuracy versus compute time ({args.threads} "
-                        "CPU threads)")
     summary = {r["name"]: {k: v for k, v in r.items() if k not in ("scores", "name")}
                for r in rows}
-    (out / "accuracy_lm.json").write_text(json.dumps(summary, indent=2, default=float))
-    print(f"written: {out / 'accuracy_lm.md'}, {out / 'accuracy_lm.png'}")
+    bench.report("accuracy_lm", text, summary)
+    accuracy.plot(rows, bench.out / "accuracy_lm.png",
+                  title=f"tiny character GPT: accuracy versus compute time ({args.threads} "
+                        "CPU threads)")
+    print(f"written: {bench.out / 'accuracy_lm.md'}, {bench.out / 'accuracy_lm.png'}")
 
 
 if __name__ == "__main__":

@@ -31,38 +31,27 @@ Writes ``<out>/accuracy_tasks.md`` and ``<out>/accuracy_tasks.json``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
+import accuracy  # its methods, with a task
+import digits_protocol as protocol
+import harness
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import accuracy  # noqa: E402  (its methods, with a task)
-import digits_protocol as protocol  # noqa: E402
-
-import lightning_influence as li  # noqa: E402
-from lightning_influence.evaluation import (  # noqa: E402
+import lightning_influence as li
+from lightning_influence.evaluation import (
     QueryMeasure,
     SimpleTrainer,
     lds,
     subset_measurements,
 )
 
-try:  # the peer, only in the Kronfluence venv (benchmarks/README.md)
-    import kronfluence_side  # noqa: E402
-except ImportError:  # pragma: no cover - depends on the environment
-    kronfluence_side = None
+kronfluence_side = harness.optional_peer()  # the peer, only in the Kronfluence venv
 
 KRONFLUENCE_DEFAULT_DAMPING = 1e-8  # ScoreArguments.damping_factor's default in Kronfluence 1.0.1
 
@@ -155,7 +144,7 @@ def exact(problem: Problem, model: nn.Module, damping: Any) -> tuple[torch.Tenso
 
 # ------------------------------------------------------------------------------------- main
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = harness.parser(__doc__, threads=2)
     p.add_argument("--tasks", default="mlp,conv,gpt")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--subsets", type=int, default=100)
@@ -163,23 +152,17 @@ def main() -> None:
     p.add_argument("--conv-epochs", type=int, default=20)
     p.add_argument("--exact", action=argparse.BooleanOptionalAction, default=True,
                    help="the exact-GGN ceiling on mlp")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
 
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    lines = [f"EK-FAC LDS, mean ± standard deviation over {args.seeds} label-sampling seeds; "
-             f"LDS over {args.subsets} retrained half subsets; {args.threads} threads; load "
-             f"average {os.getloadavg()[0]:.2f} at start", ""]
+    bench = harness.start(args)
+    lines = []
     summary: dict[str, Any] = {}
     for name in args.tasks.split(","):
         problem = Problem(name, args)
         model = problem.train_fn(None, 0)
-        t0 = time.perf_counter()
-        truth = ground_truth(problem, args, out / "cache")
-        print(f"[{name}] ground truth ready ({time.perf_counter() - t0:.0f} s)", flush=True)
+        seconds, truth = harness.timed(
+            lambda problem=problem: ground_truth(problem, args, bench.out / "cache"))
+        print(f"[{name}] ground truth ready ({seconds:.0f} s)", flush=True)
         wd = problem.weight_decay
         methods: list[tuple[str, Any, Any]] = [
             ("ours, default (heuristic)", ours, None),
@@ -216,16 +199,15 @@ def main() -> None:
                 print(f"[{name}] {label}: {value:.3f}", flush=True)
         summary[name] = rows
         lines += [f"**{name}** (N={len(problem.train_set)}, Q={len(problem.query_set)})", "",
-                  "| method | LDS mean | LDS std | per seed | seconds (min) |",
-                  "|---|---:|---:|---|---:|"]
-        for label, r in rows.items():
-            lines.append(f"| {label} | {r['mean']:.3f} | {r['std']:.3f} | "
-                         f"{', '.join(f'{v:.3f}' for v in r['lds'])} | {r['seconds']:.2f} |")
-        lines.append("")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    (out / "accuracy_tasks.md").write_text(text)
-    (out / "accuracy_tasks.json").write_text(json.dumps(summary, indent=2))
+                  *harness.markdown_table(
+                      ["method", "LDS mean", "LDS std", "per seed", "seconds (min)"],
+                      [[label, f"{r['mean']:.3f}", f"{r['std']:.3f}",
+                        ", ".join(f"{v:.3f}" for v in r["lds"]), f"{r['seconds']:.2f}"]
+                       for label, r in rows.items()], align="lrrlr"), ""]
+    lines = [f"EK-FAC LDS, mean ± standard deviation over {args.seeds} label-sampling seeds; "
+             f"LDS over {args.subsets} retrained half subsets; {args.threads} threads; "
+             f"{bench.load()}", "", *lines]
+    bench.report("accuracy_tasks", "\n".join(lines) + "\n", summary)
 
 
 if __name__ == "__main__":

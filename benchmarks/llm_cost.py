@@ -29,53 +29,18 @@ a shared machine). Writes ``<out>/llm_cost.md`` and ``<out>/llm_cost.json``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
-import threading
-import time
-from pathlib import Path
 
-import psutil
+import harness
 import torch
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import lightning_influence as li
+from lightning_influence.memory import estimate_bytes
 
-import lightning_influence as li  # noqa: E402
-from lightning_influence.memory import estimate_bytes  # noqa: E402
-
-try:  # the peer, only in the Kronfluence venv (benchmarks/README.md)
-    import kronfluence_side  # noqa: E402
-except ImportError:  # pragma: no cover - depends on the environment
-    kronfluence_side = None
+kronfluence_side = harness.optional_peer()  # the peer, only in the Kronfluence venv
 
 SIZES = {"small": dict(hidden=64, layers=2, heads=4, intermediate=128),
          "large": dict(hidden=256, layers=4, heads=8, intermediate=512)}
-
-
-class PeakRSS:
-    """The process's resident memory high-water mark over a block (sampled every 5 ms)."""
-
-    def __enter__(self) -> PeakRSS:
-        self.proc = psutil.Process(os.getpid())
-        self.peak = self.proc.memory_info().rss
-        self.start = self.peak
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.005)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
 
 
 def make_model(size: str, vocab: int, length: int) -> torch.nn.Module:
@@ -101,14 +66,14 @@ def train_epoch(model: torch.nn.Module, loader: DataLoader) -> float:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     task = li.CausalLMTask()
     model.train()
-    start = time.perf_counter()
+    clock = harness.Stopwatch()
     for batch in loader:
         opt.zero_grad(set_to_none=True)
         loss = task.loss(task.forward(model, batch), batch).mean()
         loss.backward()
         opt.step()
     model.eval()
-    return time.perf_counter() - start
+    return clock.lap()
 
 
 def measure(size: str, args: argparse.Namespace) -> dict[str, float]:
@@ -116,7 +81,7 @@ def measure(size: str, args: argparse.Namespace) -> dict[str, float]:
     vary by tens of percent from run to run); peaks are the largest seen."""
     rounds = [measure_once(size, args, with_peer=i < args.kronfluence_rounds)
               for i in range(args.repeats)]
-    row = {k: (max if "peak" in k else min)(r[k] for r in rounds if k in r) for k in rounds[0]}
+    row = harness.best_per_key(rounds, keep_max=lambda key: "peak" in key)
     row["total_s"] = row["fit_s"] + row["pairwise_s"] + row["self_s"]
     row["total_over_epoch"] = row["total_s"] / row["epoch_s"]
     row["one_pass_total_s"] = row["fit_s"] + row["fused_s"]
@@ -141,33 +106,27 @@ def measure_once(size: str, args: argparse.Namespace, with_peer: bool = False,
                          batch_size=args.queries)
     row: dict[str, float] = {"parameters": sum(p.numel() for p in model.parameters())}
     row["epoch_s"] = train_epoch(make_model(size, args.vocab, args.length), train)
-    with PeakRSS() as mem:
-        start = time.perf_counter()
-        factors = li.fit_factors(model, train, "causal_lm", progress=False)
-        row["fit_s"] = time.perf_counter() - start
-    row["fit_peak_mb"] = (mem.peak - mem.start) / 2**20
-    with PeakRSS() as mem:
-        start = time.perf_counter()
-        li.compute_pairwise_scores(model, factors, queries, train, "causal_lm", top_k=10,
-                                   keep_scores=False, progress=False)
-        row["pairwise_s"] = time.perf_counter() - start
-    row["pairwise_peak_mb"] = (mem.peak - mem.start) / 2**20
-    with PeakRSS() as mem:
-        start = time.perf_counter()
-        li.compute_self_scores(model, factors, train, "causal_lm", progress=False)
-        row["self_s"] = time.perf_counter() - start
-    row["self_peak_mb"] = (mem.peak - mem.start) / 2**20
-    start = time.perf_counter()
-    li.compute_pairwise_scores(model, factors, queries, train, "causal_lm", top_k=10,
-                               keep_scores=False, self_influence=True, progress=False)
-    row["fused_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    half = li.fit_factors(model, train, "causal_lm", progress=False, row_dtype="bfloat16")
-    row["fit_bf16_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    li.compute_pairwise_scores(model, half, queries, train, "causal_lm", top_k=10,
-                               keep_scores=False, self_influence=True, progress=False)
-    row["fused_bf16_s"] = time.perf_counter() - start
+    with harness.PeakRSS() as mem:
+        row["fit_s"], factors = harness.timed(
+            lambda: li.fit_factors(model, train, "causal_lm", progress=False))
+    row["fit_peak_mb"] = mem.mib
+    with harness.PeakRSS() as mem:
+        row["pairwise_s"], _ = harness.timed(lambda: li.compute_pairwise_scores(
+            model, factors, queries, train, "causal_lm", top_k=10, keep_scores=False,
+            progress=False))
+    row["pairwise_peak_mb"] = mem.mib
+    with harness.PeakRSS() as mem:
+        row["self_s"], _ = harness.timed(
+            lambda: li.compute_self_scores(model, factors, train, "causal_lm", progress=False))
+    row["self_peak_mb"] = mem.mib
+    row["fused_s"], _ = harness.timed(lambda: li.compute_pairwise_scores(
+        model, factors, queries, train, "causal_lm", top_k=10, keep_scores=False,
+        self_influence=True, progress=False))
+    row["fit_bf16_s"], half = harness.timed(
+        lambda: li.fit_factors(model, train, "causal_lm", progress=False, row_dtype="bfloat16"))
+    row["fused_bf16_s"], _ = harness.timed(lambda: li.compute_pairwise_scores(
+        model, half, queries, train, "causal_lm", top_k=10, keep_scores=False,
+        self_influence=True, progress=False))
     if with_peer and kronfluence_side is not None:
         import tempfile
 
@@ -188,8 +147,6 @@ def stage_in_this_process(args: argparse.Namespace) -> None:
     resident memory just before the stage (after one warm-up forward and backward): in a fresh
     process no memory freed by an earlier stage can be reused unseen, so this is the stage's
     own peak."""
-    import resource
-
     model = make_model(args.size, args.vocab, args.length)
     train = DataLoader(chunks(args.chunks, args.length, args.vocab, 0), batch_size=args.batch_size)
     queries = DataLoader(chunks(args.queries, args.length, args.vocab, 1),
@@ -201,7 +158,7 @@ def stage_in_this_process(args: argparse.Namespace) -> None:
     batch = next(iter(train))
     task.loss(task.forward(model, batch), batch).sum().backward()
     model.zero_grad(set_to_none=True)
-    before = psutil.Process(os.getpid()).memory_info().rss
+    before = harness.rss_bytes()
     if args.stage == "fit":
         li.fit_factors(model, train, "causal_lm", progress=False, output_dir=args.factors_dir,
                        overwrite=True)
@@ -210,8 +167,7 @@ def stage_in_this_process(args: argparse.Namespace) -> None:
                                    keep_scores=False, progress=False)
     else:
         li.compute_self_scores(model, factors, train, "causal_lm", progress=False)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    print(json.dumps({"peak_mb": (peak - before) / 2**20}))  # noqa: T201 - read by the parent
+    harness.child_result({"peak_mb": (harness.max_rss_bytes() - before) / 2**20})
 
 
 def estimate_mb(shapes: dict[str, list[int]], args: argparse.Namespace) -> float:
@@ -227,19 +183,16 @@ STAGES = ("fit", "pairwise", "self")
 def isolated_peaks(size: str, args: argparse.Namespace, estimate: float) -> dict[str, float]:
     """Each stage's peak in a fresh process (see :func:`stage_in_this_process`), the largest,
     and the ``estimate`` (MiB) over it."""
-    import subprocess
     import tempfile
 
     out = {}
     with tempfile.TemporaryDirectory(prefix="llm_cost_") as tmp:
         for stage in STAGES:
-            cmd = [sys.executable, __file__, "--stage", stage, "--size", size, "--factors-dir",
-                   tmp, "--chunks", str(args.chunks), "--length", str(args.length), "--vocab",
-                   str(args.vocab), "--queries", str(args.queries), "--batch-size",
-                   str(args.batch_size), "--threads", str(args.threads)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            out[f"{stage}_isolated_peak_mb"] = json.loads(proc.stdout.strip().splitlines()[-1])[
-                "peak_mb"]
+            out[f"{stage}_isolated_peak_mb"] = harness.run_child(
+                __file__, "--stage", stage, "--size", size, "--factors-dir", tmp, "--chunks",
+                str(args.chunks), "--length", str(args.length), "--vocab", str(args.vocab),
+                "--queries", str(args.queries), "--batch-size", str(args.batch_size),
+                "--threads", str(args.threads))["peak_mb"]
     out["isolated_peak_mb"] = max(out[f"{stage}_isolated_peak_mb"] for stage in STAGES)
     out["estimate_over_isolated_peak"] = estimate / out["isolated_peak_mb"]
     return out
@@ -247,16 +200,14 @@ def isolated_peaks(size: str, args: argparse.Namespace, estimate: float) -> dict
 
 def isolated_table(rows: dict[str, dict[str, float]]) -> list[str]:
     """The markdown table of :func:`isolated_peaks` beside the estimate, one row per size."""
-    lines = ["| size | fit | pairwise | self | estimate | estimate / largest peak |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for size, r in rows.items():
-        lines.append(f"| {size} | {r['fit_isolated_peak_mb']:.0f} MiB | "
-                     f"{r['pairwise_isolated_peak_mb']:.0f} MiB | {r['self_isolated_peak_mb']:.0f} MiB "
-                     f"| {r['estimate_mb']:.0f} MiB | {r['estimate_over_isolated_peak']:.2f} |")
-    return lines
+    return harness.markdown_table(
+        ["size", "fit", "pairwise", "self", "estimate", "estimate / largest peak"],
+        [[size, *(f"{r[f'{stage}_isolated_peak_mb']:.0f} MiB" for stage in STAGES),
+          f"{r['estimate_mb']:.0f} MiB", f"{r['estimate_over_isolated_peak']:.2f}"]
+         for size, r in rows.items()])
 
 
-def memory_report(args: argparse.Namespace) -> None:
+def memory_report(args: argparse.Namespace, bench: harness.Bench) -> None:
     """``--memory-only``: each stage's peak in a fresh process against the estimate."""
     from lightning_influence.tracking import LayerTracker
 
@@ -269,27 +220,20 @@ def memory_report(args: argparse.Namespace) -> None:
              f"queries, batch {args.batch_size}; each stage in a fresh process (after one warm-up "
              "forward and backward), peak = ru_maxrss - resident memory before the stage", "",
              *isolated_table(rows)]
-    text = "\n".join(lines) + "\n"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "llm_memory.md").write_text(text)
-    (out / "llm_memory.json").write_text(json.dumps(rows, indent=2))
-    print(text)  # noqa: T201 - the benchmark's report is its output
+    bench.report("llm_memory", "\n".join(lines) + "\n", rows)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = harness.parser(__doc__, threads=2, repeats=3,
+                       repeats_help="rounds; the minimum time is kept")
     p.add_argument("--sizes", default="small,large")
     p.add_argument("--chunks", type=int, default=2048)
     p.add_argument("--length", type=int, default=64)
     p.add_argument("--vocab", type=int, default=512)
     p.add_argument("--queries", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3, help="rounds; the minimum time is kept")
     p.add_argument("--kronfluence-rounds", type=int, default=1,
                    help="rounds that also time Kronfluence (where it is importable)")
-    p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--isolated-memory", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure each stage's peak in a fresh process")
     p.add_argument("--memory-only", action="store_true",
@@ -299,43 +243,40 @@ def main() -> None:
     p.add_argument("--size", help=argparse.SUPPRESS)
     p.add_argument("--factors-dir", help=argparse.SUPPRESS)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    if args.stage:
+    if args.stage:  # a child of isolated_peaks: its result is one line on stdout
+        torch.set_num_threads(args.threads)
         stage_in_this_process(args)
         return
+    bench = harness.start(args)
     if args.memory_only:
-        memory_report(args)
+        memory_report(args, bench)
         return
     rows = {size: measure(size, args) for size in args.sizes.split(",")}
     if args.isolated_memory:
         for size, row in rows.items():
             row.update(isolated_peaks(size, args, row["estimate_mb"]))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     lines = [f"Llama-shaped models, {args.chunks} chunks x {args.length} tokens, {args.queries} "
              f"queries, batch {args.batch_size}, float32, {args.threads} CPU threads, minimum "
-             f"of {args.repeats} rounds; peak = resident-memory increase over the stage",
-             "",
-             "| size | parameters | epoch (s) | fit (s) | pairwise (s) | self (s) | "
-             "fit+pairwise+self / epoch | fit + one scoring pass / epoch | same, bf16 rows / "
-             "epoch | Kronfluence / epoch | ours / Kronfluence (separate, one pass, bf16) "
-             "| peak MiB | estimate MiB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
-    for size, r in rows.items():
-        lines.append(f"| {size} | {r['parameters']:,.0f} | {r['epoch_s']:.1f} | {r['fit_s']:.1f} "
-                     f"| {r['pairwise_s']:.1f} | {r['self_s']:.1f} | {r['total_over_epoch']:.2f} "
-                     f"| {r['one_pass_over_epoch']:.2f} | {r['bf16_over_epoch']:.2f} "
-                     f"| {r['kronfluence_over_epoch']:.2f} | {r['total_over_kronfluence']:.2f}, "
-                     f"{r['one_pass_total_over_kronfluence']:.2f}, "
-                     f"{r['bf16_total_over_kronfluence']:.2f} "
-                     f"| {r['peak_mb']:.0f} | {r['estimate_mb']:.0f} |")
+             f"of {args.repeats} rounds, {bench.load()}; peak = resident-memory increase over "
+             "the stage", "",
+             *harness.markdown_table(
+                 ["size", "parameters", "epoch (s)", "fit (s)", "pairwise (s)", "self (s)",
+                  "fit+pairwise+self / epoch", "fit + one scoring pass / epoch",
+                  "same, bf16 rows / epoch", "Kronfluence / epoch",
+                  "ours / Kronfluence (separate, one pass, bf16)", "peak MiB", "estimate MiB"],
+                 [[size, f"{r['parameters']:,.0f}", f"{r['epoch_s']:.1f}", f"{r['fit_s']:.1f}",
+                   f"{r['pairwise_s']:.1f}", f"{r['self_s']:.1f}", f"{r['total_over_epoch']:.2f}",
+                   f"{r['one_pass_over_epoch']:.2f}", f"{r['bf16_over_epoch']:.2f}",
+                   f"{r['kronfluence_over_epoch']:.2f}",
+                   f"{r['total_over_kronfluence']:.2f}, "
+                   f"{r['one_pass_total_over_kronfluence']:.2f}, "
+                   f"{r['bf16_total_over_kronfluence']:.2f}",
+                   f"{r['peak_mb']:.0f}", f"{r['estimate_mb']:.0f}"] for size, r in rows.items()],
+                 align="l" + "r" * 9 + "lrr")]
     if args.isolated_memory:
         lines += ["", "Peaks of each stage in a fresh process:", "", *isolated_table(rows)]
     lines += ["", "The floor is about 4 epochs (four passes, each a forward and a backward)."]
-    text = "\n".join(lines) + "\n"
-    (out / "llm_cost.md").write_text(text)
-    (out / "llm_cost.json").write_text(json.dumps(rows, indent=2))
-    print(text)  # noqa: T201 - the benchmark's report is its output
+    bench.report("llm_cost", "\n".join(lines) + "\n", rows)
 
 
 if __name__ == "__main__":

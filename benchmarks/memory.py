@@ -5,17 +5,14 @@ self-influence over the training set) in fresh subprocesses, on the training set
 training set (the digits repeated with a little noise), and prints each one's peak RSS and the
 ratio, measured in one run. Installs nothing.
 
-    python benchmarks/memory.py [--scale 10] [--queries 32]
+    python benchmarks/memory.py [--scale 10] [--queries 32] [--threads 2]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import resource
-import subprocess
-import sys
-import time
+
+import harness
 
 
 def job(scale: int, queries: int) -> dict:
@@ -27,7 +24,6 @@ def job(scale: int, queries: int) -> dict:
     import lightning_influence as li
     from lightning_influence.memory import estimate_bytes, format_estimate
 
-    torch.set_num_threads(2)
     torch.manual_seed(0)
     x, y = load_digits(return_X_y=True)
     x = torch.tensor(x / 16.0, dtype=torch.float32)
@@ -40,33 +36,31 @@ def job(scale: int, queries: int) -> dict:
     big_x = torch.cat([x + 0.01 * torch.randn(x.shape, generator=g) for _ in range(scale)])
     train = DataLoader(TensorDataset(big_x, y.repeat(scale)), batch_size=128)
     query = DataLoader(TensorDataset(x[:queries], y[:queries]), batch_size=queries)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.perf_counter()
+    before = harness.max_rss_bytes()
+    clock = harness.Stopwatch()
     li.compute_pairwise_scores(model, factors, query, train, "classification", top_k=10,
                                keep_scores=False, progress=False)
     li.compute_self_scores(model, factors, train, "classification", progress=False)
     est = estimate_bytes(factors.shapes, "ekfac", num_queries=queries, batch_size=128,
                          num_train=len(train.dataset))
     return {"scale": scale, "train_size": len(train.dataset),
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "rss_before_scoring_mib": before / 1024, "seconds": time.perf_counter() - start,
+            "peak_rss_mib": harness.max_rss_bytes() / 2**20,
+            "rss_before_scoring_mib": before / 2**20, "seconds": clock.lap(),
             "estimate": format_estimate(est)}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, threads=2, out=None)
     parser.add_argument("--scale", type=int, default=10)
     parser.add_argument("--queries", type=int, default=32)
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child is not None:
-        print(json.dumps(job(args.child, args.queries)))  # noqa: T201
+    if args.child is not None:  # one scoring job, in this fresh process
+        harness.start(args)
+        harness.child_result(job(args.child, args.queries))
         return
-    results = []
-    for scale in (1, args.scale):
-        out = subprocess.run([sys.executable, __file__, "--child", str(scale), "--queries",
-                              str(args.queries)], capture_output=True, text=True, check=True)
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    results = [harness.run_child(__file__, "--child", str(scale), "--queries", str(args.queries),
+                                 "--threads", str(args.threads)) for scale in (1, args.scale)]
     print(f"{'training set':>14}{'examples':>10}{'peak RSS (MiB)':>16}{'scoring s':>11}")  # noqa: T201
     for r in results:
         print(f"{str(r['scale']) + 'x':>14}{r['train_size']:>10}{r['peak_rss_mib']:>16.1f}"  # noqa: T201

@@ -15,27 +15,20 @@ For each query store (full-rank ``[Q, O, I]`` per layer, and rank ``--rank`` fac
 scoring pass over the same training chunks (``compute_pairwise_scores(query_grads=store)``), each
 the minimum over ``--repeats`` runs. Printed: the times, the 64-vs-1 ratio of the pass and of store
 + pass, what scoring the queries one at a time would cost (Q x the 1-query pass), and each store's
-memory against full rank. Writes ``<out>/query_batching.json``.
+memory against full rank. Writes ``<out>/query_batching.md`` and ``<out>/query_batching.json``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
-import sys
-import time
-from pathlib import Path
 
+import harness
 import torch
 import yaml
 from torch.utils.data import DataLoader, Subset
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from lightning_influence import CausalLMTask, compute_pairwise_scores, fit_factors  # noqa: E402
-from lightning_influence.language import (  # noqa: E402
+from lightning_influence import CausalLMTask, compute_pairwise_scores, fit_factors
+from lightning_influence.language import (
     CharTokenizer,
     Query,
     QueryDataset,
@@ -43,10 +36,10 @@ from lightning_influence.language import (  # noqa: E402
     python_docs,
     queries_from_config,
 )
-from lightning_influence.scoring import build_query_store  # noqa: E402
-from recipes.lm_influence import CharGPT, GPTConfig  # noqa: E402
+from lightning_influence.scoring import build_query_store
+from recipes.lm_influence import CharGPT, GPTConfig
 
-CONFIG = ROOT / "lightning_influence" / "conf" / "lm.yaml"
+CONFIG = harness.ROOT / "lightning_influence" / "conf" / "lm.yaml"
 
 
 def make_queries(n: int, documents, seed: int = 0) -> list[Query]:
@@ -63,28 +56,17 @@ def make_queries(n: int, documents, seed: int = 0) -> list[Query]:
     return queries
 
 
-def timed(fn, repeats: int):
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = harness.parser(__doc__, threads=1, repeats=1,
+                            repeats_help="runs of each timing; the minimum is kept")
     parser.add_argument("--queries", type=int, default=64)
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--max-chunks", type=int, default=None, help="score only the first chunks")
     parser.add_argument("--factor-batches", type=int, default=20)
     parser.add_argument("--train-steps", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default="outputs/benchmarks")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    bench = harness.start(args)
     torch.manual_seed(0)
 
     cfg = yaml.safe_load(CONFIG.read_text())
@@ -125,9 +107,9 @@ def main() -> None:
         for q in (1, args.queries):
             qloader = DataLoader(QueryDataset(queries[:q], tokenizer, corpus.context),
                                  batch_size=args.batch_size)
-            t_store, store = timed(lambda ql=qloader, r=rank: build_query_store(
+            t_store, store = harness.fastest(lambda ql=qloader, r=rank: build_query_store(
                 model, ql, task, factors, rank=r), args.repeats)
-            t_pass, _ = timed(lambda ql=qloader, s=store: compute_pairwise_scores(
+            t_pass, _ = harness.fastest(lambda ql=qloader, s=store: compute_pairwise_scores(
                 model, factors, ql, train, task, query_grads=s, top_k=5, keep_scores=True,
                 progress=False), args.repeats)
             rows.append({"store": "full" if rank is None else f"rank {rank}", "queries": q,
@@ -139,11 +121,12 @@ def main() -> None:
 
     lines = ["",
              f"Training data: {len(chunks)} chunks of {corpus.context} tokens; model "
-             f"{sum(p.numel() for p in model.parameters()):,} parameters; {args.threads} threads.",
-             f"{'store':>8} {'Q':>4} {'store s':>8} {'pass s':>8} {'MiB':>8} {'memory ratio':>13}"]
-    for r in rows:
-        lines.append(f"{r['store']:>8} {r['queries']:>4} {r['store_s']:>8.2f} {r['pass_s']:>8.2f} "
-                     f"{r['store_MiB']:>8.2f} {r['memory_ratio']:>13.3f}")
+             f"{sum(p.numel() for p in model.parameters()):,} parameters; {args.threads} threads; "
+             f"min of {args.repeats} run(s); {bench.load()}.", "",
+             *harness.markdown_table(
+                 ["store", "Q", "store s", "pass s", "MiB", "memory ratio"],
+                 [[r["store"], r["queries"], f"{r['store_s']:.2f}", f"{r['pass_s']:.2f}",
+                   f"{r['store_MiB']:.2f}", f"{r['memory_ratio']:.3f}"] for r in rows]), ""]
     summary = {}
     for name in ("full", f"rank {args.rank}"):
         one, many = [r for r in rows if r["store"] == name]
@@ -152,14 +135,11 @@ def main() -> None:
         serial = args.queries * (one["pass_s"] + one["store_s"])
         summary[name] = {"pass_ratio": pass_ratio, "total_ratio": total_ratio,
                          "one_at_a_time_s": serial}
-        lines.append(f"{name}: {args.queries} queries vs 1, scoring pass x{pass_ratio:.2f}, store + "
+        lines.append(f"- {name}: {args.queries} queries vs 1, scoring pass x{pass_ratio:.2f}, store + "
                      f"pass x{total_ratio:.2f} (one query at a time: {serial:.0f} s, "
                      f"x{args.queries:.0f})")
-    print("\n".join(lines))  # noqa: T201 - a benchmark's report is its output
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "query_batching.json").write_text(json.dumps(
-        {"args": vars(args), "rows": rows, "summary": summary, "chunks": len(chunks)}, indent=2))
+    bench.report("query_batching", "\n".join(lines) + "\n",
+                 {"args": vars(args), "rows": rows, "summary": summary, "chunks": len(chunks)})
 
 
 if __name__ == "__main__":

@@ -49,49 +49,40 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
 import random
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
+import digits_protocol as protocol
+import harness
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # recipes
-import digits_protocol as protocol  # noqa: E402
+import lightning_influence as li
+from lightning_influence.callbacks import InfluenceStatistics
+from lightning_influence.evaluation import correlations
 
-import lightning_influence as li  # noqa: E402
-from lightning_influence.callbacks import InfluenceStatistics  # noqa: E402
-from lightning_influence.evaluation import correlations  # noqa: E402
-
-try:  # the peer, only in the Kronfluence venv (benchmarks/README.md)
-    import kronfluence_side  # noqa: E402
-except ImportError:  # pragma: no cover - depends on the environment
-    kronfluence_side = None
+kronfluence_side = harness.optional_peer()  # the peer, only in the Kronfluence venv
 
 BATCH = 128
 DAMPING = 1e-2
 
 
 def ours(model, train, queries) -> dict[str, float]:
-    t0 = time.perf_counter()
+    clock, times = harness.Stopwatch(), {}
     factors = li.fit_factors(model, train, "classification", strategy="ekfac", damping=DAMPING,
                              progress=False)
-    t1 = time.perf_counter()
+    times["fit"] = clock.lap()
     li.compute_pairwise_scores(model, factors, queries, train, "classification", top_k=10,
                                keep_scores=True, progress=False)
-    t2 = time.perf_counter()
+    times["pairwise"] = clock.lap()
     li.compute_self_scores(model, factors, train, "classification", progress=False)
-    t3 = time.perf_counter()
-    return {"fit": t1 - t0, "pairwise": t2 - t1, "self": t3 - t2}
+    times["self"] = clock.lap()
+    return times
 
 
 def kronfluence(model, x, y, qx, qy) -> dict[str, float]:
@@ -106,19 +97,17 @@ def contraction_floor(q: int, n: int, p: int) -> float:
     """One float32 GEMM ``[Q, P] x [P, N]``: the Q x N dot products of P-dimensional gradients
     that any pairwise method must form, with no other work."""
     a, b = torch.randn(q, p), torch.randn(p, n)
-    t0 = time.perf_counter()
-    a @ b
-    return time.perf_counter() - t0
+    return harness.timed(lambda: a @ b)[0]
 
 
 def floor(model, train) -> float:
     """One forward and backward pass over the training data (parameter gradients)."""
-    t0 = time.perf_counter()
+    clock = harness.Stopwatch()
     for xb, yb in train:
         model.zero_grad(set_to_none=True)
         F.cross_entropy(model(xb), yb, reduction="sum").backward()
     model.zero_grad(set_to_none=True)
-    return time.perf_counter() - t0
+    return clock.lap()
 
 
 class DigitsModule(pl.LightningModule):
@@ -284,34 +273,34 @@ def seq_loss(model, ids: torch.Tensor) -> torch.Tensor:
 
 def seq_floor(model, train_ids: torch.Tensor) -> float:
     """One forward and backward over the training windows (parameter gradients)."""
-    t0 = time.perf_counter()
+    clock = harness.Stopwatch()
     for b in range(0, len(train_ids), SEQ_BATCH):
         model.zero_grad(set_to_none=True)
         seq_loss(model, train_ids[b:b + SEQ_BATCH]).backward()
     model.zero_grad(set_to_none=True)
-    return time.perf_counter() - t0
+    return clock.lap()
 
 
 def seq_ours(model, train, queries, row_dtype: str | None) -> tuple[dict[str, float], Any]:
     from lightning_influence.fitting import fit_covariances
 
     task = li.CausalLMTask()  # no padding: every position counts
-    t0 = time.perf_counter()
+    clock, times = harness.Stopwatch(), {}
     covs = fit_covariances(model, train, task, progress=False, row_dtype=row_dtype)
-    t1 = time.perf_counter()
+    times["covariances"] = clock.lap()
     factors = li.fit_factors(model, train, task, damping=DAMPING, covariances=covs,
                              progress=False, row_dtype=row_dtype)
-    t2 = time.perf_counter()
+    times["eigen"] = clock.lap()
+    times["fit"] = times["covariances"] + times["eigen"]
     pairwise = li.compute_pairwise_scores(model, factors, queries, train, task, top_k=10,
                                           keep_scores=True, progress=False).scores
-    t3 = time.perf_counter()
+    times["pairwise"] = clock.lap()
     li.compute_self_scores(model, factors, train, task, progress=False)
-    t4 = time.perf_counter()
+    times["self"] = clock.lap()
     li.compute_pairwise_scores(model, factors, queries, train, task, top_k=10, keep_scores=True,
                                self_influence=True, progress=False)
-    t5 = time.perf_counter()
-    return ({"covariances": t1 - t0, "eigen": t2 - t1, "fit": t2 - t0, "pairwise": t3 - t2,
-             "self": t4 - t3, "pairwise+self": t5 - t4}, pairwise)
+    times["pairwise+self"] = clock.lap()
+    return times, pairwise
 
 
 def seq_kronfluence(model, train_ids, query_ids) -> dict[str, float]:
@@ -323,50 +312,37 @@ def seq_kronfluence(model, train_ids, query_ids) -> dict[str, float]:
     return {"fit": r["fit_seconds"], "pairwise": r["pairwise_seconds"], "self": r["self_seconds"]}
 
 
-def sequence_benchmark(args: argparse.Namespace, out: Path) -> None:
+def sequence_benchmark(args: argparse.Namespace, bench: harness.Bench) -> None:
     model, train_ids, query_ids = sequence_problem(args.seq_chunks)
     train = DataLoader(Windows(train_ids), batch_size=SEQ_BATCH)
     queries = DataLoader(Windows(query_ids), batch_size=SEQ_BATCH)
-    load_start = os.getloadavg()[0]
-    variants = {"ours": None, "ours_bf16": "bfloat16"}
-    seq_floor(model, train_ids)  # warm-up
-    for row_dtype in variants.values():
-        seq_ours(model, train, queries, row_dtype)
-    if kronfluence_side is not None:
-        seq_kronfluence(model, train_ids, query_ids)
-    times: dict[str, list[dict[str, float]]] = {"floor": [], "kronfluence": [],
-                                                **{k: [] for k in variants}}
     scores = {}
-    for _ in range(args.repeats):
-        times["floor"].append({"pass": seq_floor(model, train_ids)})
-        for key, row_dtype in variants.items():
-            t, scores[key] = seq_ours(model, train, queries, row_dtype)
-            times[key].append(t)
-        if kronfluence_side is not None:
-            times["kronfluence"].append(seq_kronfluence(model, train_ids, query_ids))
+
+    def ours(key: str, row_dtype: str | None):
+        def run(_: int) -> dict[str, float]:
+            seconds, scores[key] = seq_ours(model, train, queries, row_dtype)
+            return seconds
+        return run
+
+    contenders = {"floor": lambda _: {"pass": seq_floor(model, train_ids)},
+                  "ours": ours("ours", None), "ours_bf16": ours("ours_bf16", "bfloat16")}
+    if kronfluence_side is not None:
+        contenders["kronfluence"] = lambda _: seq_kronfluence(model, train_ids, query_ids)
+    # a warm-up call of each (first calls allocate, import and build kernels), then the rounds
+    times = harness.interleave(contenders, args.repeats, warmup=True)
+    times.setdefault("kronfluence", [])
 
     def best(key: str, stage: str) -> float:
-        return min(t[stage] for t in times[key]) if times[key] else float("nan")
+        return harness.best(times[key], stage)
 
     def total(key: str, fused: bool = False) -> float:
-        if not times[key]:
-            return float("nan")
-        if fused:
-            return min(t["fit"] + t["pairwise+self"] for t in times[key])
-        return min(t["fit"] + t["pairwise"] + t["self"] for t in times[key])
+        stages = ("fit", "pairwise+self") if fused else ("fit", "pairwise", "self")
+        return harness.best_total(times[key], stages)
 
     fl = best("floor", "pass")
     agreement = correlations(scores["ours"], scores["ours_bf16"])["pearson"]
     params = sum(p.numel() for p in model.parameters())
-    lines = [f"character GPT (2 blocks, width 64, {params} parameters), N={len(train_ids)} "
-             f"windows of {SEQ_LEN} characters, Q={len(query_ids)}, batch {SEQ_BATCH}, EK-FAC, "
-             f"damping {DAMPING:g}, {args.threads} threads, min of {args.repeats} interleaved "
-             f"runs; load average {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end",
-             "", f"floor (one forward + backward over the training windows): {fl:.3f} s", "",
-             "| stage | passes | ours (s) | ours bf16 rows (s) | Kronfluence (s) "
-             "| ours / Kronfluence | ours bf16 / Kronfluence | ours / floor of its passes "
-             "| ours bf16 / floor of its passes |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = []
     summary: dict[str, Any] = {"floor_seconds": fl, "bf16_vs_float32_pairwise_pearson": agreement}
     stages = [("covariances", 1), ("eigen", 1), ("fit", 2), ("pairwise", 1), ("self", 1),
               ("pairwise+self", 1)]
@@ -374,57 +350,50 @@ def sequence_benchmark(args: argparse.Namespace, out: Path) -> None:
         o, b = best("ours", stage), best("ours_bf16", stage)
         k = best("kronfluence", stage) if stage in ("fit", "pairwise", "self") else float("nan")
         if stage == "pairwise+self" and times["kronfluence"]:  # the peer runs two passes
-            k = min(t["pairwise"] + t["self"] for t in times["kronfluence"])
-        lines.append(f"| {stage} | {passes} | {o:.2f} | {b:.2f} | {k:.2f} | {o / k:.2f} "
-                     f"| {b / k:.2f} | {o / (passes * fl):.2f} | {b / (passes * fl):.2f} |")
+            k = harness.best_total(times["kronfluence"], ("pairwise", "self"))
+        rows.append([stage, passes, f"{o:.2f}", f"{b:.2f}", f"{k:.2f}", f"{o / k:.2f}",
+                     f"{b / k:.2f}", f"{o / (passes * fl):.2f}", f"{b / (passes * fl):.2f}"])
         summary[stage] = {"ours": o, "ours_bf16": b, "kronfluence": k, "ours_over_kronfluence": o / k,
                           "ours_bf16_over_kronfluence": b / k,
                           "ours_over_floor": o / (passes * fl),
                           "ours_bf16_over_floor": b / (passes * fl)}
-    o, b, k = total("ours"), total("ours_bf16"), total("kronfluence")
-    lines.append(f"| fit + pairwise + self | 4 | {o:.2f} | {b:.2f} | {k:.2f} | {o / k:.2f} "
-                 f"| {b / k:.2f} | {o / (4 * fl):.2f} | {b / (4 * fl):.2f} |")
-    summary["total"] = {"ours": o, "ours_bf16": b, "kronfluence": k,
+    for key, label, passes, fused in (("total", "fit + pairwise + self", 4, False),
+                                      ("total_fused", "fit + one scoring pass (pairwise and self)",
+                                       3, True)):
+        o, b, k = total("ours", fused), total("ours_bf16", fused), total("kronfluence")
+        rows.append([label, passes, f"{o:.2f}", f"{b:.2f}", f"{k:.2f}", f"{o / k:.2f}",
+                     f"{b / k:.2f}", f"{o / (passes * fl):.2f}", f"{b / (passes * fl):.2f}"])
+        summary[key] = {"ours": o, "ours_bf16": b, "kronfluence": k,
                         "ours_over_kronfluence": o / k, "ours_bf16_over_kronfluence": b / k}
-    o, b = total("ours", fused=True), total("ours_bf16", fused=True)
-    lines.append(f"| fit + one scoring pass (pairwise and self) | 3 | {o:.2f} | {b:.2f} | {k:.2f} "
-                 f"| {o / k:.2f} | {b / k:.2f} | {o / (3 * fl):.2f} | {b / (3 * fl):.2f} |")
-    summary["total_fused"] = {"ours": o, "ours_bf16": b, "kronfluence": k,
-                              "ours_over_kronfluence": o / k, "ours_bf16_over_kronfluence": b / k}
-    lines += ["", "pairwise+self: `compute_pairwise_scores(..., self_influence=True)`, both from "
-              "one pass over the training data (the `InfluenceScores` callback does this); "
-              "Kronfluence's column there is its pairwise + self passes.",
-              "", f"bf16 rows vs float32 rows: pairwise scores Pearson {agreement:.6f}"]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    (out / "speed_sequence.md").write_text(text)
-    (out / "speed_sequence.json").write_text(json.dumps({"summary": summary, "runs": times},
-                                                        indent=2))
+    lines = [f"character GPT (2 blocks, width 64, {params} parameters), N={len(train_ids)} "
+             f"windows of {SEQ_LEN} characters, Q={len(query_ids)}, batch {SEQ_BATCH}, EK-FAC, "
+             f"damping {DAMPING:g}, {args.threads} threads, min of {args.repeats} interleaved "
+             f"runs; {bench.load()}",
+             "", f"floor (one forward + backward over the training windows): {fl:.3f} s", "",
+             *harness.markdown_table(
+                 ["stage", "passes", "ours (s)", "ours bf16 rows (s)", "Kronfluence (s)",
+                  "ours / Kronfluence", "ours bf16 / Kronfluence", "ours / floor of its passes",
+                  "ours bf16 / floor of its passes"], rows),
+             "", "pairwise+self: `compute_pairwise_scores(..., self_influence=True)`, both from "
+             "one pass over the training data (the `InfluenceScores` callback does this); "
+             "Kronfluence's column there is its pairwise + self passes.",
+             "", f"bf16 rows vs float32 rows: pairwise scores Pearson {agreement:.6f}"]
+    bench.report("speed_sequence", "\n".join(lines) + "\n", {"summary": summary, "runs": times})
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = harness.parser(__doc__, threads=2, repeats=5,
+                       repeats_help="interleaved rounds; the minimum time is kept")
     p.add_argument("--workload", choices=["digits", "sequence", "both"], default="both")
     p.add_argument("--seq-chunks", type=int, default=2048, help="training windows (sequence)")
     p.add_argument("--queries", type=int, default=100)
-    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--epochs", type=int, default=10, help="epochs of the training comparison")
     p.add_argument("--every", default="1,10,20", help="periods of the covariance updates")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
 
-    import logging
-    import warnings
-
-    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    bench = harness.start(args, quiet=True)
     if args.workload in ("sequence", "both"):
-        sequence_benchmark(args, out)
+        sequence_benchmark(args, bench)
     if args.workload == "sequence":
         return
     x, y, xt, yt = protocol.make_digits()
@@ -432,7 +401,6 @@ def main() -> None:
     train = DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=False)
     qx, qy = xt[:args.queries], yt[:args.queries]
     queries = DataLoader(TensorDataset(qx, qy), batch_size=BATCH, shuffle=False)
-    load_start = os.getloadavg()[0]
 
     # warm-up (first calls allocate, import and build kernels), not timed
     floor(model, train)
@@ -442,71 +410,63 @@ def main() -> None:
     training(x, y, 1, 1)
     every = [int(e) for e in args.every.split(",")]
     params = sum(p.numel() for p in model.parameters())
-    times: dict[str, list[Any]] = {"ours": [], "kronfluence": [], "floor": [], "gemm": [],
-                                   "plain": [],
-                                   "noop": [], **{f"every_{e}": [] for e in every},
-                                   **{f"every_{e}_separate": [] for e in every}}
-    order = random.Random(0)
-    for _ in range(args.repeats):  # interleaved, so drift of the machine hits all alike
-        times["floor"].append(floor(model, train))
-        times["gemm"].append(contraction_floor(len(qx), len(x), params))
-        times["ours"].append(ours(model, train, queries))
-        if kronfluence_side is not None:
-            times["kronfluence"].append(kronfluence(model, x, y, qx, qy))
-        # an untimed run first (the scoring stages above leave the allocator and caches in
-        # another state), then the variants in a new random order every repeat: measured, the
-        # first run after the scoring stages was up to 15% slower whatever it was
-        training(x, y, None, 1)
-        variants = [("plain", None, True), ("noop", 0, True)]
-        variants += [(f"every_{e}", e, True) for e in every]
-        variants += [(f"every_{e}_separate", e, False) for e in every]
-        order.shuffle(variants)
-        for key, period, reuse in variants:
-            times[key].append(training(x, y, period, args.epochs, reuse))
-
-    def best(key: str, stage: str | None = None) -> float:
-        return min(t[stage] if stage else t for t in times[key])
+    contenders: dict[str, Any] = {"floor": lambda _: floor(model, train),
+                                  "gemm": lambda _: contraction_floor(len(qx), len(x), params),
+                                  "ours": lambda _: ours(model, train, queries)}
+    if kronfluence_side is not None:
+        contenders["kronfluence"] = lambda _: kronfluence(model, x, y, qx, qy)
+    # an untimed run first (the scoring stages above leave the allocator and caches in another
+    # state), then the variants in a new random order every round: measured, the first run
+    # after the scoring stages was up to 15% slower whatever it was
+    contenders["settle"] = lambda _: training(x, y, None, 1)
+    first = list(contenders)
+    variants = [("plain", None, True), ("noop", 0, True)]
+    variants += [(f"every_{e}", e, True) for e in every]
+    variants += [(f"every_{e}_separate", e, False) for e in every]
+    for key, period, reuse in variants:
+        contenders[key] = (lambda _, period=period, reuse=reuse:
+                           training(x, y, period, args.epochs, reuse))
+    times = harness.interleave(contenders, args.repeats, first=first, shuffle=random.Random(0))
+    del times["settle"]
+    times.setdefault("kronfluence", [])
 
     def wall(key: str) -> list[float]:
         return [t[0] for t in times[key]]
 
-    fl = best("floor")
-    lines = [f"digits MLP 64-128-128-10, N={len(x)}, Q={len(qx)}, batch {BATCH}, EK-FAC, damping "
-             f"{DAMPING:g}, float32, {args.threads} threads, min of {args.repeats} interleaved "
-             f"runs; load average {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end",
-             "", "| stage | ours (s) | Kronfluence (s) | ours / Kronfluence | ours / floor |",
-             "|---|---:|---:|---:|---:|"]
+    fl = harness.best(times["floor"])
+    rows = []
     summary: dict[str, Any] = {"floor_seconds": fl}
     for stage in ("fit", "pairwise", "self"):
-        o = best("ours", stage)
-        k = best("kronfluence", stage) if times["kronfluence"] else float("nan")
-        lines.append(f"| {stage} | {o:.3f} | {k:.3f} | {o / k:.3f} | {o / fl:.2f} |")
+        o, k = harness.best(times["ours"], stage), harness.best(times["kronfluence"], stage)
+        rows.append([stage, f"{o:.3f}", f"{k:.3f}", f"{o / k:.3f}", f"{o / fl:.2f}"])
         summary[stage] = {"ours": o, "kronfluence": k, "ours_over_kronfluence": o / k,
                           "ours_over_floor": o / fl}
-    o = min(sum(t.values()) for t in times["ours"])
-    k = min(sum(t.values()) for t in times["kronfluence"]) if times["kronfluence"] else float("nan")
-    lines.append(f"| fit + pairwise + self | {o:.3f} | {k:.3f} | {o / k:.3f} | {o / fl:.2f} |")
+    o, k = harness.best_total(times["ours"]), harness.best_total(times["kronfluence"])
+    rows.append(["fit + pairwise + self", f"{o:.3f}", f"{k:.3f}", f"{o / k:.3f}", f"{o / fl:.2f}"])
     summary["total"] = {"ours": o, "kronfluence": k, "ours_over_kronfluence": o / k}
-    gemm = best("gemm")
+    gemm = harness.best(times["gemm"])
     summary["gemm_floor_seconds"] = gemm
-    summary["pairwise"]["ours_over_floor_plus_gemm"] = best("ours", "pairwise") / (fl + gemm)
-    lines += ["", f"floor: one forward + backward pass over the {len(x)} training examples = "
-              f"{fl * 1e3:.1f} ms; the pairwise stage also forms {len(qx)} x {len(x)} dot "
-              f"products of {params}-dim gradients (one float32 GEMM alone: {gemm * 1e3:.1f} ms): "
-              f"pairwise / (floor + GEMM) = {summary['pairwise']['ours_over_floor_plus_gemm']:.2f}",
-              "",
-              f"| Lightning training, {args.epochs} epochs | seconds (min) | / plain (min / min) "
-              "| / plain (median of paired runs) | time inside the callback / plain "
-              "| in-run: extra time of the update steps / the run |",
-              "|---|---:|---:|---:|---:|---:|"]
+    summary["pairwise"]["ours_over_floor_plus_gemm"] = (harness.best(times["ours"], "pairwise")
+                                                        / (fl + gemm))
+    lines = [f"digits MLP 64-128-128-10, N={len(x)}, Q={len(qx)}, batch {BATCH}, EK-FAC, damping "
+             f"{DAMPING:g}, float32, {args.threads} threads, min of {args.repeats} interleaved "
+             f"runs; {bench.load()}", "",
+             *harness.markdown_table(["stage", "ours (s)", "Kronfluence (s)", "ours / Kronfluence",
+                                      "ours / floor"], rows),
+             "", f"floor: one forward + backward pass over the {len(x)} training examples = "
+             f"{fl * 1e3:.1f} ms; the pairwise stage also forms {len(qx)} x {len(x)} dot "
+             f"products of {params}-dim gradients (one float32 GEMM alone: {gemm * 1e3:.1f} ms): "
+             f"pairwise / (floor + GEMM) = {summary['pairwise']['ours_over_floor_plus_gemm']:.2f}",
+             ""]
     plain = min(wall("plain"))
-    rows = [("plain", "plain"), ("noop", "a callback that does nothing")]
+    labels = [("plain", "plain"), ("noop", "a callback that does nothing")]
     for e in every:
         steps = f"every {e} step{'s' if e > 1 else ''}"
-        rows += [(f"every_{e}", f"covariances {steps} (default: rows of the training forward)"),
-                 (f"every_{e}_separate", f"covariances {steps}, separate eval-mode pass "
-                                          "(reuse_forward=False)")]
-    for key, label in rows:
+        labels += [(f"every_{e}", f"covariances {steps} (default: rows of the training forward)"),
+                   (f"every_{e}_separate", f"covariances {steps}, separate eval-mode pass "
+                                            "(reuse_forward=False)")]
+    rows = []
+    for key, label in labels:
         seconds = min(wall(key))
         paired = statistics.median(t / p for t, p in zip(wall(key), wall("plain"), strict=True))
         inside = min(t[1] for t in times[key]) / plain
@@ -514,16 +474,17 @@ def main() -> None:
         every_step = key.startswith("every_1") and key.split("_")[1] == "1"
         in_run = None if every_step else statistics.median(t[2] / (t[0] - t[2])
                                                             for t in times[key])
-        lines.append(f"| {label} | {seconds:.3f} | {seconds / plain:.3f} | {paired:.3f} "
-                     f"| {inside:.3f} | {'n/a' if in_run is None else f'{in_run:+.3f}'} |")
+        rows.append([label, f"{seconds:.3f}", f"{seconds / plain:.3f}", f"{paired:.3f}",
+                     f"{inside:.3f}", "n/a" if in_run is None else f"{in_run:+.3f}"])
         summary[f"training_{key}"] = {"seconds": seconds, "over_plain": seconds / plain,
                                       "paired_median_over_plain": paired,
                                       "callback_seconds_over_plain": inside,
                                       "in_run_extra_over_rest": in_run}
-    text = "\n".join(lines) + "\n"
-    print(text)
-    (out / "speed.md").write_text(text)
-    (out / "speed.json").write_text(json.dumps({"summary": summary, "runs": times}, indent=2))
+    lines += harness.markdown_table(
+        [f"Lightning training, {args.epochs} epochs", "seconds (min)", "/ plain (min / min)",
+         "/ plain (median of paired runs)", "time inside the callback / plain",
+         "in-run: extra time of the update steps / the run"], rows)
+    bench.report("speed", "\n".join(lines) + "\n", {"summary": summary, "runs": times})
 
 
 if __name__ == "__main__":
