@@ -19,6 +19,7 @@ from lightning_influence.factors import (
     Preconditioner,
 )
 from lightning_influence.fitting import fit_covariances, fit_factors
+from lightning_influence.options import FitOptions, ScoreOptions
 from lightning_influence.passes import ordered_loader
 from lightning_influence.ranking import StreamingTopK, detection_report, flag_top_fraction
 from lightning_influence.score_store import ScoreStoreMismatchError
@@ -42,6 +43,12 @@ from lightning_influence.tracking import SUPPORTED_MODULES, LayerTracker
 
 __version__ = "0.1.0"
 
+# The Hydra structured configs (callback schemas and option types) go into Hydra's ConfigStore
+# here, so that `pkg://lightning_influence.conf` (which imports this package) finds them.
+from lightning_influence.configs import register_configs  # noqa: E402
+
+register_configs()
+
 __all__ = [
     "BoundInfluence",
     "bind",
@@ -57,6 +64,8 @@ __all__ = [
     "influence_callbacks",
     "ClassificationTask",
     "FactorMismatchError",
+    "FitOptions",
+    "ScoreOptions",
     "Factors",
     "LayerFactors",
     "LayerTracker",

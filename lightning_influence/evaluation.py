@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, Subset
 
 from lightning_influence.factors import Factors, Preconditioner
 from lightning_influence.functional import TaskModel, cast_batch, parameter_keys, split_state
+from lightning_influence.options import ValidationOptions, resolve_options
 from lightning_influence.passes import evaluation_mode, move_to_device
 from lightning_influence.scoring import compute_pairwise_scores, query_gradients
 from lightning_influence.solvers import LiSSA, layer_damping
@@ -111,17 +112,38 @@ def _subset_batch(loader: Any, indices: Sequence[int]) -> Any:
     return loader.collate_fn([loader.dataset[int(i)] for i in indices])
 
 
+@dataclass
+class PBRFOptions:
+    """How :func:`pbrf` optimises each example's response.
+
+    Attributes:
+        epsilon: the up-weight of ``-L_m``; None: ``1 / N`` (removal of one example).
+        max_iterations: L-BFGS iterations at most per example.
+        tolerance: stop when the largest gradient entry of the (eps-scaled) objective is below.
+        history_size: L-BFGS history.
+        dtype: the dtype of the optimisation (float64: the reference).
+        layers: the parameters optimised when ``damping`` is no fitted preconditioner (name
+            patterns, as for :class:`~lightning_influence.LayerTracker`; None: every supported
+            layer).
+    """
+
+    epsilon: float | None = None
+    max_iterations: int = 500
+    tolerance: float = 1e-9
+    history_size: int = 50
+    dtype: torch.dtype = torch.float64
+    layers: Sequence[str] | None = None
+
+
 def pbrf(model: nn.Module, train_loader: Any, query_loader: Any, task: Task | str | None,
          train_indices: Sequence[int] | Tensor, *,
-         damping: float | Mapping[str, float] | Factors, epsilon: float | None = None,
-         max_iterations: int = 500, tolerance: float = 1e-9, history_size: int = 50,
-         dtype: torch.dtype = torch.float64, tracker: LayerTracker | None = None,
-         layers: Sequence[str] | None = None) -> PBRFResult:
+         damping: float | Mapping[str, float] | Factors, options: PBRFOptions | None = None,
+         **overrides: Any) -> PBRFResult:
     """The proximal Bregman response function for chosen training examples (module docstring).
 
     Each example's objective is minimised from ``u = 0`` with full-batch L-BFGS (strong Wolfe
-    line search) over the parameters of the tracked layers, in ``dtype``; the model is not
-    modified. Cost: about ``max_iterations`` full passes over the training data per example.
+    line search) over the parameters of the tracked layers, in ``options.dtype``; the model is
+    not modified. Cost: about ``max_iterations`` full passes over the training data per example.
 
     Args:
         model: the trained model theta_s.
@@ -130,14 +152,17 @@ def pbrf(model: nn.Module, train_loader: Any, query_loader: Any, task: Task | st
         task: a Task or built-in name.
         train_indices: the M examples m.
         damping: the proximity weight per layer (a number, a mapping, or EK-FAC
-            :class:`Factors`' damping), the same ``D`` as the influence being checked.
-        epsilon: the up-weight of ``-L_m``; default ``1 / N`` (removal of one example).
-        max_iterations: L-BFGS iterations at most per example.
-        tolerance: stop when the largest gradient entry of the (eps-scaled) objective is below.
+            :class:`Factors`' damping), the same ``D`` as the influence being checked; fitted
+            factors also choose the tracked layers.
+        options: :class:`PBRFOptions` (``epsilon``, ``max_iterations``, ``tolerance``,
+            ``history_size``, ``dtype``, ``layers``); its fields may also be keywords.
     """
+    options = resolve_options(PBRFOptions, options, overrides, "pbrf()")
+    epsilon, max_iterations, tolerance = options.epsilon, options.max_iterations, options.tolerance
+    history_size, dtype = options.history_size, options.dtype
     task = resolve_task(task, model)
-    tracker = tracker or (damping.tracker(model) if isinstance(damping, Preconditioner)
-                          else LayerTracker(model, layers=layers))
+    tracker = (damping.tracker(model) if isinstance(damping, Preconditioner)
+               else LayerTracker(model, layers=options.layers))
     names = tracker.names()
     per_layer = layer_damping(damping, names, "pbrf")
     device = next(model.parameters()).device
@@ -229,6 +254,27 @@ def pbrf(model: nn.Module, train_loader: Any, query_loader: Any, task: Task | st
 
 
 # ----------------------------------------------------------------------------- retraining
+@dataclass
+class TrainingRecipe:
+    """The loop :class:`SimpleTrainer` retrains with.
+
+    Attributes:
+        epochs, batch_size, lr, weight_decay: of the loop.
+        optimizer: ``"adamw"``, ``"adam"`` or ``"sgd"``.
+    """
+
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    optimizer: str = "adamw"
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("adamw", "adam", "sgd"):
+            raise ValueError(f"SimpleTrainer: optimizer={self.optimizer!r}; choose 'adamw', "
+                             "'adam' or 'sgd'.")
+
+
 class SimpleTrainer:
     """A plain PyTorch training loop, seeded, for retraining on subsets (LOO, LDS).
 
@@ -240,22 +286,21 @@ class SimpleTrainer:
         make_model: builds a fresh model.
         dataset: the full training set (map-style).
         task: how a batch becomes per-example losses.
-        epochs, batch_size, lr, weight_decay: of the loop (AdamW, or SGD with ``optimizer``).
+        recipe: the loop's :class:`TrainingRecipe` (``epochs``, ``batch_size``, ``lr``,
+            ``weight_decay``, ``optimizer``); its fields may also be keywords.
         collate_fn: the loader's collate function (default PyTorch's).
     """
 
     def __init__(self, make_model: Callable[[], nn.Module], dataset: Any,
-                 task: Task | str = "classification", *, epochs: int = 30, batch_size: int = 64,
-                 lr: float = 1e-3, weight_decay: float = 1e-2, optimizer: str = "adamw",
-                 collate_fn: Callable | None = None) -> None:
-        if optimizer not in ("adamw", "adam", "sgd"):
-            raise ValueError(f"SimpleTrainer: optimizer={optimizer!r}; choose 'adamw', 'adam' or "
-                             "'sgd'.")
+                 task: Task | str = "classification", recipe: TrainingRecipe | None = None, *,
+                 collate_fn: Callable | None = None, **overrides: Any) -> None:
+        recipe = resolve_options(TrainingRecipe, recipe, overrides, "SimpleTrainer()")
         self.make_model = make_model
         self.dataset = dataset
         self.task = resolve_task(task)
-        self.epochs, self.batch_size = epochs, batch_size
-        self.lr, self.weight_decay, self.optimizer = lr, weight_decay, optimizer
+        self.epochs, self.batch_size = recipe.epochs, recipe.batch_size
+        self.lr, self.weight_decay, self.optimizer = (recipe.lr, recipe.weight_decay,
+                                                      recipe.optimizer)
         self.collate_fn = collate_fn
 
     def __call__(self, indices: Sequence[int] | Tensor | None, seed: int) -> nn.Module:
@@ -393,9 +438,8 @@ def lds(scores: Tensor, subsets: SubsetMeasurements) -> LDSResult:
 
 # ----------------------------------------------------------------------------- validation
 def validate_influence(model: nn.Module, factors: Factors, query_loader: Any, train_loader: Any,
-                       task: Task | str | None = None, *, num_train: int = 100, seed: int = 0,
-                       lissa: Mapping[str, Any] | None = None, pbrf_examples: int = 0,
-                       pbrf_options: Mapping[str, Any] | None = None) -> dict[str, float]:
+                       task: Task | str | None = None, options: ValidationOptions | None = None,
+                       **overrides: Any) -> dict[str, float]:
     """Check EK-FAC (or any factors) on a user's model against LiSSA and, optionally, PBRF.
 
     On a seeded sample of ``num_train`` training examples, scores the queries with ``factors``
@@ -406,14 +450,20 @@ def validate_influence(model: nn.Module, factors: Factors, query_loader: Any, tr
     estimates are correlated with them.
 
     Args:
-        lissa: keyword arguments of :class:`~lightning_influence.solvers.LiSSA` (default
-            ``iterations=500``).
-        pbrf_options: keyword arguments of :func:`pbrf`.
+        options: :class:`~lightning_influence.options.ValidationOptions` (``num_train``,
+            ``seed``, ``lissa_iterations``, ``lissa_options``, ``pbrf_examples``,
+            ``pbrf_options``); its fields may also be keywords.
 
     Returns:
         A flat dict of metrics (``"<a>_vs_<b>/<correlation>"``, ``"seconds/<stage>"``,
         ``"lissa/scale"``...).
     """
+    if "lissa" in overrides:  # the earlier keyword: LiSSA's arguments, iterations included
+        lissa = dict(overrides.pop("lissa") or {})
+        overrides.setdefault("lissa_iterations", lissa.pop("iterations", 500))
+        overrides.setdefault("lissa_options", lissa or None)
+    options = resolve_options(ValidationOptions, options, overrides, "validate_influence()")
+    num_train, seed, pbrf_examples = options.num_train, options.seed, options.pbrf_examples
     task = resolve_task(task, model)
     n = len(train_loader.dataset)
     gen = torch.Generator().manual_seed(seed)
@@ -426,9 +476,9 @@ def validate_influence(model: nn.Module, factors: Factors, query_loader: Any, tr
     ours = compute_pairwise_scores(model, factors, query_loader, sample, task, top_k=1,
                                    progress=False).scores
     metrics[f"seconds/{factors.strategy}"] = time.perf_counter() - t0
-    options = {"iterations": 500, **(lissa or {})}
     t0 = time.perf_counter()
-    solver = LiSSA(model, train_loader, task, damping=factors, **options)
+    solver = LiSSA(model, train_loader, task, damping=factors,
+                   **{**(options.lissa_options or {}), "iterations": options.lissa_iterations})
     half = max(1, solver.iterations // 2)
     grads = query_gradients(model, query_loader, task, factors, precondition=False,
                             progress=False)
@@ -451,7 +501,7 @@ def validate_influence(model: nn.Module, factors: Factors, query_loader: Any, tr
         picked = chosen[:pbrf_examples]
         t0 = time.perf_counter()
         response = pbrf(model, train_loader, query_loader, task, picked, damping=factors,
-                        **(pbrf_options or {})).changes
+                        **(options.pbrf_options or {})).changes
         metrics["seconds/pbrf"] = time.perf_counter() - t0
         k = len(picked)
         for name, scores in ((factors.strategy, ours), ("lissa", full)):

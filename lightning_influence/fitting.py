@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +35,13 @@ from lightning_influence.factors import (
     eigendecompose,
     model_fingerprint,
 )
+from lightning_influence.options import FitOptions, resolve_options
 from lightning_influence.passes import (
+    RowPass,
     batch_rows,
     check_loader,
     count_examples,
     evaluation_mode,
-    fisher_mode,
     iterate_rows,
     model_device,
     move_to_device,
@@ -65,15 +66,17 @@ __all__ = [
     "factors_from_statistics",
     "fit_factors",
     "load_or_fit_factors",
+    "options_tracker",
 ]
 
 log = logging.getLogger(__name__)
 
 
-def _tracker(model: nn.Module, tracker: LayerTracker | None, layers, exclude) -> LayerTracker:
-    if tracker is not None:
-        return tracker
-    return LayerTracker(model, layers=layers, exclude=exclude)
+def options_tracker(model: nn.Module, options: FitOptions) -> LayerTracker:
+    """The tracker over the layers ``options`` select (layers, exclude, frozen, batch layout)."""
+    return LayerTracker(model, layers=options.layers, exclude=options.exclude,
+                        include_frozen=options.include_frozen,
+                        batch_layout=options.batch_layout)
 
 
 def new_covariances(tracker: LayerTracker, device: torch.device | None = None,
@@ -107,27 +110,30 @@ def add_rows(covariances: dict[str, CovarianceStatistic], rows: dict[str, tuple[
         covariances[name].examples.add_(n)
 
 
-def fit_covariances(model: nn.Module, loader: Any, task: Task | str | None = None, *,
-                    tracker: LayerTracker | None = None, layers: Sequence[str] | None = None,
-                    exclude: Sequence[str] | None = None, seed: int = 0,
-                    max_batches: int | None = None, progress: bool = True,
+def fit_covariances(model: nn.Module, loader: Any, task: Task | str | None = None,
+                    options: FitOptions | None = None, *, tracker: LayerTracker | None = None,
                     covariances: dict[str, CovarianceStatistic] | None = None,
-                    fisher: str = "sampled", row_dtype: str | None = None,
-                    ) -> dict[str, CovarianceStatistic]:
-    """Accumulate the K-FAC covariances ``A`` and ``S`` over a dataloader (``fisher``: see
-    :func:`fisher_mode`; ``row_dtype``: see :func:`~lightning_influence.passes.row_dtype_of`).
+                    **overrides: Any) -> dict[str, CovarianceStatistic]:
+    """Accumulate the K-FAC covariances ``A`` and ``S`` over a dataloader.
+
+    Args:
+        model, loader, task: as in :func:`fit_factors`.
+        options: :class:`~lightning_influence.FitOptions` (``fisher``, ``seed``,
+            ``max_batches``, ``row_dtype``, ``progress`` and the layer selection apply); any of
+            its fields may also be passed as a keyword.
+        tracker: the tracked layers (default: those ``options`` select).
+        covariances: statistics to add to (default: fresh ones).
 
     Returns per layer a :class:`CovarianceStatistic` (sums; ``compute()`` divides and, under
     ``torch.distributed``, sums across processes first).
     """
+    options = resolve_options(FitOptions, options, overrides, "fit_covariances()")
     task = resolve_task(task, model)
-    tracker = _tracker(model, tracker, layers, exclude)
+    tracker = tracker or options_tracker(model, options)
     check_loader(loader, "covariance")
     covs = covariances if covariances is not None else new_covariances(tracker)
-    for _, _, batch, rows, _ in iterate_rows(model, loader, task, tracker, row_mode(fisher),
-                                          desc="influence: covariances", progress=progress,
-                                          seed=seed, max_batches=max_batches,
-                                          row_dtype=row_dtype_of(row_dtype)):
+    spec = RowPass.fitting(options, "influence: covariances")
+    for _, _, batch, rows, _ in iterate_rows(model, loader, task, tracker, spec):
         add_rows(covs, rows, task.row_mask(move_to_device(batch, model_device(model))))
     return covs
 
@@ -161,20 +167,18 @@ def eigenbases(covariances: dict[str, CovarianceStatistic]) -> dict[str, dict[st
 
 
 def fit_eigenvalues(model: nn.Module, loader: Any, task: Task, tracker: LayerTracker,
-                    bases: dict[str, dict[str, Tensor]] | None, *, seed: int = 0,
-                    max_batches: int | None = None, progress: bool = True,
-                    fisher: str = "sampled", row_dtype: str | None = None,
-                    ) -> dict[str, EigenvalueStatistic]:
+                    bases: dict[str, dict[str, Tensor]] | None,
+                    options: FitOptions | None = None) -> dict[str, EigenvalueStatistic]:
     """The eigenvalue-correction pass: Lambda = mean over examples of (Q_S^T G_n Q_A)^2.
 
     With ``bases=None`` the bases are the identity: the result is the diagonal Fisher.
+    ``options``: the passes' settings (``fisher``, ``seed``, ``max_batches``, ``row_dtype``,
+    ``progress``).
     """
+    options = options or FitOptions()
     stats = {layer.name: EigenvalueStatistic(layer.d_in, layer.d_out) for layer in tracker}
-    for _, _, _, rows, _ in iterate_rows(model, loader, task, tracker, row_mode(fisher),
-                                         desc="influence: eigenvalue correction", progress=progress,
-                                         seed=seed, stream=EIGENVALUE_STREAM,
-                                         max_batches=max_batches,
-                                         row_dtype=row_dtype_of(row_dtype)):
+    spec = RowPass.fitting(options, "influence: eigenvalue correction", EIGENVALUE_STREAM)
+    for _, _, _, rows, _ in iterate_rows(model, loader, task, tracker, spec):
         for name, (a, g) in rows.items():
             if bases is not None:
                 a = a @ bases[name]["q_a"].to(a.dtype)
@@ -228,62 +232,44 @@ def factors_from_statistics(tracker: LayerTracker, strategy: str,
                    damping.describe())
 
 
-def fit_factors(model: nn.Module, loader: Any, task: Task | str | None = None, *,
-                strategy: str = "ekfac", layers: Sequence[str] | None = None,
-                exclude: Sequence[str] | None = None, tracker: LayerTracker | None = None,
-                damping: Damping | float | str | None = None, damping_factor: float = 0.1,
-                weight_decay: float | None = None,
+def fit_factors(model: nn.Module, loader: Any, task: Task | str | None = None,
+                options: FitOptions | None = None, *, output_dir: str | Path | None = None,
                 covariances: dict[str, CovarianceStatistic] | None = None,
-                output_dir: str | Path | None = None, overwrite: bool = False, seed: int = 0,
-                max_batches: int | None = None, progress: bool = True,
-                write: bool = True, fisher: str = "sampled",
-                row_dtype: str | None = None) -> Factors:
+                tracker: LayerTracker | None = None, **overrides: Any) -> Factors:
     """Fit the curvature factors of a model on a dataloader.
 
     Args:
         model: the trained model (any ``nn.Module``; a LightningModule works).
         loader: training data, batches as the task expects them.
         task: a :class:`~lightning_influence.task.Task` or a built-in name.
-        strategy: ``"identity"``, ``"diagonal"``, ``"kfac"`` or ``"ekfac"``.
-        layers, exclude: name patterns of the layers to track (default: every trainable
-            Linear, Conv1d, Conv2d and transformers Conv1D; pass ``tracker=LayerTracker(model,
-            include_frozen=True)`` to track frozen layers too, or to declare a
-            ``batch_layout``).
-        damping: a number, ``None``/``"heuristic"`` (``damping_factor`` x mean eigenvalue per
-            layer) or ``"weight_decay"`` (with ``weight_decay``).
+        options: :class:`~lightning_influence.FitOptions`: the strategy, damping, Fisher,
+            layers, row dtype, seed, ... (``FitOptions.help()`` lists them). Any field may also
+            be passed as a keyword, e.g. ``fit_factors(model, loader, "classification",
+            strategy="kfac", damping=1e-3)``; keywords override ``options``.
+        output_dir: when given, factors are saved there (atomically) and reused on a rerun if
+            they match the model, its layers and the strategy (``overwrite=True`` refits).
         covariances: covariance statistics accumulated already (e.g. during training); the
             covariance pass is then skipped.
-        output_dir: when given, factors are saved there (atomically) and reused on a rerun if
-            they match the model, its layers and the strategy.
-        overwrite: refit even when matching factors exist.
-        write: write fitted factors to ``output_dir`` (False on non-zero ranks: they only read).
-        seed: seed of the label sampling.
-        max_batches: cap on the batches of each pass.
-        progress: show progress bars.
-        fisher: ``"sampled"`` (default: one label per example sampled from the model, as in
-            the paper and Kronfluence), ``"exact"`` (every label weighted by its probability:
-            the same curvature without sampling noise, one backward per class; classification
-            and regression; on the digits MLP it lifts LDS from 0.870 to 0.899 of the exact
-            influence's for 1.25x the time, on a conv net it gains nothing for 2.3x: see
-            benchmarks/accuracy_ceiling.py) or ``"empirical"`` (the true labels, as
-            Kronfluence's ``use_empirical_fisher``: deterministic, for agreement checks).
-        row_dtype: ``None`` (default: the rows as the model makes them) or ``"bfloat16"``:
-            the covariance products, eigenbasis rotations and per-example contractions run in
-            bfloat16 (3-4x faster on hardware with native bfloat16 products, ~0.2% error per
-            product); recorded in the factors, and the scoring passes use it too. See
-            :func:`~lightning_influence.passes.row_dtype_of`.
+        tracker: the tracked layers, when they need more than the options say (default:
+            the layers ``options`` select).
+
+    On the Fisher: ``fisher="exact"`` lifts LDS on the digits MLP from 0.870 to 0.899 of the
+    exact influence's for 1.25x the time, and gains nothing on a conv net for 2.3x (see
+    benchmarks/accuracy_ceiling.py); ``row_dtype="bfloat16"`` makes the products 3-4x faster
+    on hardware with native bfloat16 products (see
+    :func:`~lightning_influence.passes.row_dtype_of`).
 
     Raises:
         FactorMismatchError: stored factors belong to another model, layer set or strategy.
-        ValueError: empty dataloader, unsupported layers, bad arguments.
+        ValueError: empty dataloader, unsupported layers, bad options.
+        TypeError: a keyword that is no :class:`~lightning_influence.FitOptions` field.
         FloatingPointError: NaN/Inf in losses, activations, gradients or covariances.
     """
-    row = strategy_row(strategy, fitted_only=True)
-    rule = Damping.of(damping, damping_factor, weight_decay)  # checked before any pass
-    fisher_mode(fisher)
-    row_dtype_of(row_dtype)
+    options = resolve_options(FitOptions, options, overrides, "fit_factors()")
+    row = strategy_row(options.strategy, fitted_only=True)
+    rule = options.damping_rule()  # checked before any pass
     task = resolve_task(task, model)
-    tracker = _tracker(model, tracker, layers, exclude)
+    tracker = tracker or options_tracker(model, options)
 
     def fit() -> Factors:
         check_loader(loader, "training")
@@ -291,46 +277,41 @@ def fit_factors(model: nn.Module, loader: Any, task: Task | str | None = None, *
         if row.needs_covariances:
             covs = covariances
             if covs is None:
-                covs = fit_covariances(model, loader, task, tracker=tracker, seed=seed,
-                                       max_batches=max_batches, progress=progress, fisher=fisher,
-                                       row_dtype=row_dtype)
+                covs = fit_covariances(model, loader, task, options, tracker=tracker)
             bases = eigenbases(covs)
         eigenvalues = None
         if row.needs_eigenvalue_pass:
-            eigenvalues = fit_eigenvalues(model, loader, task, tracker, bases, seed=seed,
-                                          max_batches=max_batches, progress=progress,
-                                          fisher=fisher, row_dtype=row_dtype)
-        factors = factors_from_statistics(tracker, strategy, bases, eigenvalues, damping=rule)
-        factors.extra["fisher"] = fisher
+            eigenvalues = fit_eigenvalues(model, loader, task, tracker, bases, options)
+        factors = factors_from_statistics(tracker, options.strategy, bases, eigenvalues,
+                                          damping=rule)
+        factors.extra["fisher"] = options.fisher
         factors.extra["batch_layout"] = tracker.batch_layout
-        if row_dtype_of(row_dtype) is not None:
-            factors.extra["row_dtype"] = row_dtype
+        if row_dtype_of(options.row_dtype) is not None:
+            factors.extra["row_dtype"] = options.row_dtype
         if not (row.needs_covariances or row.needs_eigenvalue_pass):  # no pass counted them
             factors.num_examples = count_examples(loader)
         return factors
 
     if output_dir is None:
         return fit()
-    return load_or_fit_factors(output_dir, fit, tracker=tracker, strategy=strategy, damping=rule,
-                               fisher=fisher, overwrite=overwrite, write=write,
-                               row_dtype=row_dtype)
+    return load_or_fit_factors(output_dir, fit, tracker=tracker, options=options)
 
 
 def load_or_fit_factors(output_dir: str | Path, fit: Callable[[], Factors], *,
-                        tracker: LayerTracker, strategy: str, damping: Damping,
-                        fisher: str = "sampled", overwrite: bool = False,
-                        write: bool = True, row_dtype: str | None = None) -> Factors:
+                        tracker: LayerTracker, options: FitOptions,
+                        write: bool = True) -> Factors:
     """The reuse decision, in one place: the factors in ``output_dir`` when they were fitted
-    for this model (layers, shapes, weights), strategy, Fisher and row dtype, with today's
-    ``damping``;
-    else ``fit()``, saved there (with ``write``; atomically).
+    for this model (layers, shapes, weights) with the strategy, Fisher and row dtype of
+    ``options``, damped as ``options`` say now; else ``fit()``, saved there (with ``write``;
+    atomically; ``options.overwrite`` always refits).
 
     Raises:
         FactorMismatchError: the stored factors belong to another model, layer set, strategy
             or Fisher (``overwrite=True`` refits).
         CorruptFactorsError: the stored file cannot be trusted (``overwrite=True`` refits).
     """
-    if not overwrite and Factors.exists(output_dir):
+    strategy, fisher, row_dtype = options.strategy, options.fisher, options.row_dtype
+    if not options.overwrite and Factors.exists(output_dir):
         stored = Factors.load(output_dir)
         stored.check_fits(tracker, strategy, source=f"The factors in {output_dir}")
         row = strategy_row(strategy)
@@ -349,7 +330,7 @@ def load_or_fit_factors(output_dir: str | Path, fit: Callable[[], Factors], *,
             )
         log.info("Reusing the factors in %s", output_dir)
         # the curvature is reused; the damping is always the one asked for now
-        return stored.with_damping(damping)
+        return stored.with_damping(options.damping_rule())
     factors = fit()
     if write:
         try:

@@ -6,16 +6,42 @@ examples, B batch size, T rows per example.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
+from lightning_influence.options import resolve_options
 from lightning_influence.strategies import strategy as strategy_row
 
-__all__ = ["estimate_bytes", "format_estimate"]
+__all__ = ["Workload", "estimate_bytes", "format_estimate"]
 
 
-def estimate_bytes(shapes: dict[str, list[int]], strategy: str = "ekfac", num_queries: int = 0,
-                   query_rank: int | None = None, batch_size: int = 0, rows_per_example: int = 1,
-                   num_train: int = 0, keep_scores: bool = False,
-                   dtype_bytes: int = 4) -> dict[str, int]:
-    """Bytes each stage holds at once, summed over the tracked layers.
+@dataclass
+class Workload:
+    """What a stage processes at once.
+
+    Attributes:
+        num_queries: Q, the queries whose gradients are held.
+        query_rank: r, their rank per layer (None: full).
+        batch_size: B, examples per batch.
+        rows_per_example: T, rows (tokens, positions) per example.
+        num_train: N, training examples (for a kept score matrix).
+        keep_scores: the whole ``[Q, N]`` matrix is kept.
+        dtype_bytes: bytes per number of the rows and query gradients.
+    """
+
+    num_queries: int = 0
+    query_rank: int | None = None
+    batch_size: int = 0
+    rows_per_example: int = 1
+    num_train: int = 0
+    keep_scores: bool = False
+    dtype_bytes: int = 4
+
+
+def estimate_bytes(shapes: dict[str, list[int]], strategy: str = "ekfac",
+                   workload: Workload | None = None, **fields: Any) -> dict[str, int]:
+    """Bytes each stage holds at once, summed over the tracked layers, for a
+    :class:`Workload` (its fields may also be keywords).
 
     - ``covariances``: the float64 sums of A ``[I, I]`` and S ``[O, O]`` (kfac, ekfac), and
       the float32 buffers that batches are multiplied into before they are added to them;
@@ -32,6 +58,10 @@ def estimate_bytes(shapes: dict[str, list[int]], strategy: str = "ekfac", num_qu
       drawn from, their cumulative sums and the loss's gradient;
     - ``score_matrix``: ``Q x N`` float64, only when the full matrix is kept in memory.
     """
+    w = resolve_options(Workload, workload, fields, "estimate_bytes()")
+    num_queries, query_rank, batch_size = w.num_queries, w.query_rank, w.batch_size
+    rows_per_example, num_train, keep_scores = w.rows_per_example, w.num_train, w.keep_scores
+    dtype_bytes = w.dtype_bytes
     row = strategy_row(strategy)
     kronecker = row.needs_covariances
     sq = sum(o * o + i * i for o, i in shapes.values())

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -56,6 +57,7 @@ __all__ = [
     "batch_rows",
     "rows_from_outputs",
     "check_rows",
+    "RowPass",
     "iterate_rows",
 ]
 
@@ -236,6 +238,7 @@ def batch_rows(model: nn.Module, batch: Any, task: Task, tracker: LayerTracker, 
     batch = move_to_device(batch, device)
     with tracker.capture() as cap, torch.autocast(device.type, dtype=autocast or torch.bfloat16,
                                                   enabled=autocast is not None):
+        cap.batch_index = batch_index
         try:
             outputs = task.forward(model, batch)
         except Exception as err:  # the model's own error, with where it happened
@@ -244,25 +247,25 @@ def batch_rows(model: nn.Module, batch: Any, task: Task, tracker: LayerTracker, 
                 err.add_note(f"lightning-influence: raised by the model's forward on {where} "
                              f"({type(task).__name__}.forward).")
             raise
-        rows, losses = rows_from_outputs(outputs, cap, batch, task, tracker, mode, generator,
-                                         batch_index, check=autocast is None)
+        rows, losses = rows_from_outputs(outputs, cap, batch, task, tracker, mode, generator)
     if autocast is not None:
         rows = cast_rows(rows, autocast)
-        check_rows(rows, batch_index)
+    check_rows(rows, batch_index)
     return rows, losses
 
 
 def rows_from_outputs(outputs: Tensor, cap: Capture, batch: Any, task: Task,
                       tracker: LayerTracker, mode: str, generator: torch.Generator | None = None,
-                      batch_index: int | None = None, retain_graph: bool = False,
-                      check: bool = True,
+                      retain_graph: bool = False,
                       ) -> tuple[dict[str, tuple[Tensor, Tensor]], Tensor]:
     """The backward half of :func:`batch_rows`, for a forward whose tracked layers were
     recorded in ``cap`` and whose model outputs are ``outputs``; ``retain_graph`` keeps the
-    graph (the forward of a training step, whose own backward follows)."""
+    graph (the forward of a training step, whose own backward follows). The rows are not
+    checked for NaN/Inf here (:func:`check_rows`: the caller checks them once, after any
+    cast)."""
+    batch_index = cap.batch_index
     if mode == "exact":
-        return _exact_fisher_rows(outputs, cap, batch, task, tracker, batch_index, retain_graph,
-                                  check)
+        return _exact_fisher_rows(outputs, cap, batch, task, tracker, retain_graph)
     if mode == "sampled":
         losses = task.sampled_loss(outputs, batch, generator)
     elif mode == "loss":
@@ -284,14 +287,12 @@ def rows_from_outputs(outputs: Tensor, cap: Capture, batch: Any, task: Task,
         where = f"batch {batch_index}" if batch_index is not None else "a batch"
         finite_or_raise(losses.detach(), f"{where} ({mode} loss)", detail)
     rows = tracker.rows(cap, losses, retain_graph=retain_graph)
-    if check:
-        check_rows(rows, batch_index)
     return rows, losses.detach()
 
 
 def _exact_fisher_rows(outputs: Tensor, cap: Capture, batch: Any, task: Task,
-                       tracker: LayerTracker, batch_index: int | None, retain_graph: bool,
-                       check: bool) -> tuple[dict[str, tuple[Tensor, Tensor]], Tensor]:
+                       tracker: LayerTracker, retain_graph: bool,
+                       ) -> tuple[dict[str, tuple[Tensor, Tensor]], Tensor]:
     """Rows of the exact Fisher: ``a [N, T, I]`` and the K gradients of the task's
     :meth:`~lightning_influence.task.Task.fisher_losses`, ``g [K*N, T, O]`` (class-major).
     Returns the pseudo-losses summed over K as the losses."""
@@ -300,15 +301,13 @@ def _exact_fisher_rows(outputs: Tensor, cap: Capture, batch: Any, task: Task,
     if pseudo.dim() != 2 or pseudo.shape[1] != n:
         raise ValueError(f"{type(task).__name__}.fisher_losses returned shape "
                          f"{tuple(pseudo.shape)}; it must be [K, N] (N = {n}).")
-    where = f"batch {batch_index}" if batch_index is not None else "a batch"
+    where = f"batch {cap.batch_index}" if cap.batch_index is not None else "a batch"
     finite_or_raise(pseudo.detach().sum(0), f"{where} (exact-Fisher pseudo-losses)")
     k = pseudo.shape[0]
     per_k = [tracker.rows(cap, pseudo[j], retain_graph=retain_graph or j < k - 1)
              for j in range(k)]
     rows = {name: (a, torch.cat([p[name][1] for p in per_k]) if k > 1 else g)
             for name, (a, g) in per_k[0].items()}
-    if check:
-        check_rows(rows, batch_index)
     return rows, pseudo.detach().sum(0)
 
 
@@ -325,39 +324,71 @@ def check_rows(rows: dict[str, tuple[Tensor, Tensor]], batch_index: int | None) 
         check_finite(g, "output gradients", name, batch_index)
 
 
-def iterate_rows(model: nn.Module, loader: Any, task: Task, tracker: LayerTracker, mode: str, *,
-                 desc: str, progress: bool = True, seed: int = 0, max_batches: int | None = None,
-                 shard: bool = True, skip: set[int] | None = None,
-                 autocast: torch.dtype | None = None, row_dtype: torch.dtype | None = None,
-                 stream: int = 0,
+@dataclass(frozen=True)
+class RowPass:
+    """What one pass over a loader computes, and how it runs (see :func:`iterate_rows`).
+
+    Attributes:
+        mode: the loss whose gradients are the rows (see :func:`batch_rows`): ``"sampled"``,
+            ``"exact"``, ``"loss"`` or ``"measurement"``.
+        desc: the progress bar's label (and the pass's name in messages).
+        progress: show a progress bar.
+        seed: seed of the label sampling; with the batch index and ``stream`` it seeds each
+            batch's generator, so the draw does not depend on the sharding.
+        stream: which pass of a fit this is (covariances 0, eigenvalues 1): each pass draws its
+            own labels.
+        max_batches: cap on the batches.
+        autocast: run the forward under ``torch.autocast`` with this dtype.
+        row_dtype: cast the rows to this dtype (see :func:`row_dtype_of`).
+    """
+
+    mode: str
+    desc: str
+    progress: bool = True
+    seed: int = 0
+    stream: int = 0
+    max_batches: int | None = None
+    autocast: torch.dtype | None = None
+    row_dtype: torch.dtype | None = None
+
+    @classmethod
+    def fitting(cls, options: Any, desc: str, stream: int = 0) -> RowPass:
+        """The pass of a fit with :class:`~lightning_influence.options.FitOptions`."""
+        return cls(row_mode(options.fisher), desc, options.progress, options.seed, stream,
+                   options.max_batches, row_dtype=row_dtype_of(options.row_dtype))
+
+
+def iterate_rows(model: nn.Module, loader: Any, task: Task, tracker: LayerTracker,
+                 spec: RowPass, *, shard: bool = True, skip: set[int] | None = None,
                  ) -> Iterator[tuple[int, int, Any, dict[str, tuple[Tensor, Tensor]], Tensor]]:
-    """Yield ``(batch_index, first_example_index, batch, rows, losses)`` with checks and progress.
+    """Yield ``(batch_index, first_example_index, batch, rows, losses)`` of the pass ``spec``,
+    with checks and progress.
 
     Inside a process group (and with ``shard``), each rank gets its round-robin share of the
-    batches (see :mod:`lightning_influence.distributed`). Labels are sampled with a generator
-    seeded by ``seed``, the batch index and the pass's ``stream``, so the draw does not depend on
-    the sharding.
-    Batch indices in ``skip`` (finished in an earlier, interrupted run) are left out.
-    With ``row_dtype`` the rows are cast to it (see :func:`row_dtype_of`).
+    batches (see :mod:`lightning_influence.distributed`). Batch indices in ``skip`` (finished
+    in an earlier, interrupted run) are left out.
     """
     seen: set[str] = set()
     count = 0
     total, batches = numbered_batches(loader, shard=shard, skip=skip)
-    if max_batches is not None:
+    if spec.max_batches is not None:
         total = -1
     with evaluation_mode(model):
-        for b, offset, batch in progress_bar(batches, desc, progress, total if total >= 0 else None):
-            if max_batches is not None and b >= max_batches:
+        for b, offset, batch in progress_bar(batches, spec.desc, spec.progress,
+                                             total if total >= 0 else None):
+            if spec.max_batches is not None and b >= spec.max_batches:
                 break
-            generator = sampling_generator(seed, b, stream) if mode == "sampled" else None
-            rows, losses = batch_rows(model, batch, task, tracker, mode, generator, b, autocast)
-            if row_dtype is not None:
-                rows = cast_rows(rows, row_dtype)
+            generator = (sampling_generator(spec.seed, b, spec.stream) if spec.mode == "sampled"
+                         else None)
+            rows, losses = batch_rows(model, batch, task, tracker, spec.mode, generator, b,
+                                      spec.autocast)
+            if spec.row_dtype is not None:
+                rows = cast_rows(rows, spec.row_dtype)
             seen.update(rows)
             count += 1
             yield b, offset, batch, rows, losses
     if count == 0 and not is_distributed() and not skip:
-        raise ValueError(f"The dataloader for {desc!r} yielded no batch: influence needs data.")
+        raise ValueError(f"The dataloader for {spec.desc!r} yielded no batch: influence needs "
+                         "data.")
     if count:
-        tracker.warn_unused(seen, desc)
-
+        tracker.warn_unused(seen, spec.desc)

@@ -10,6 +10,7 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from lightning_influence.ranking import flag_top_fraction
 from lightning_influence.scoring import PairwiseResult, SelfResult
 from lightning_influence.task import Task
 
-__all__ = ["ExampleLookup", "write_results", "log_results", "SCORE_COLUMN"]
+__all__ = ["ExampleLookup", "InfluenceReport", "write_results", "log_results", "SCORE_COLUMN"]
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +101,32 @@ def _flag_rows(result: SelfResult, train: ExampleLookup, fraction: float) -> lis
             for r, n in enumerate(flagged.tolist())]
 
 
-def write_results(folder: str | Path, pairwise: PairwiseResult | None, self_result: SelfResult | None,
-                  queries: ExampleLookup | None, train: ExampleLookup,
-                  flag_fraction: float = 0.1, extra: dict[str, Any] | None = None,
-                  ) -> dict[str, Path]:
+@dataclass
+class InfluenceReport:
+    """What a scoring run reports: its results and how to show their examples.
+
+    Attributes:
+        pairwise: the query x training scores (or None when only self-influence was computed).
+        self_result: the self-influence of every training example (or None).
+        queries: looks up and renders the queries (None without pairwise scores).
+        train: looks up and renders the training examples.
+        flag_fraction: the share of training examples flagged by self-influence.
+    """
+
+    pairwise: PairwiseResult | None
+    self_result: SelfResult | None
+    queries: ExampleLookup | None
+    train: ExampleLookup
+    flag_fraction: float = 0.1
+
+
+def write_results(folder: str | Path, report: InfluenceReport,
+                  extra: dict[str, Any] | None = None) -> dict[str, Path]:
     """Write ``scores.safetensors``, ``top_influential.csv``, ``self_influence_flags.csv``,
     ``layer_influence.csv`` and ``summary.json`` to ``folder`` (atomically). Returns the paths."""
+    pairwise, self_result, queries, train = (report.pairwise, report.self_result,
+                                             report.queries, report.train)
+    flag_fraction = report.flag_fraction
     folder = Path(folder)
     tensors: dict[str, Tensor] = {}
     paths: dict[str, Path] = {}
@@ -187,14 +208,15 @@ def _wandb_media(obj: Any) -> Any:
     return wandb.Image(obj)
 
 
-def log_results(loggers: list[Any], pairwise: PairwiseResult | None,
-                self_result: SelfResult | None, queries: ExampleLookup | None,
-                train: ExampleLookup, flag_fraction: float = 0.1, prefix: str = "influence",
+def log_results(loggers: list[Any], report: InfluenceReport, prefix: str = "influence",
                 render: bool = True, metrics: dict[str, float] | None = None) -> list[str]:
     """Log tables and histograms to every W&B logger, scalar metrics to every logger.
 
     Returns the keys logged to W&B (empty when no W&B logger is attached).
     """
+    pairwise, self_result, queries, train = (report.pairwise, report.self_result,
+                                             report.queries, report.train)
+    flag_fraction = report.flag_fraction
     scalars = dict(metrics or {})
     if self_result is not None:
         scalars[f"{prefix}/self_influence_mean"] = float(self_result.scores.mean())

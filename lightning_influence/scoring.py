@@ -29,7 +29,9 @@ from lightning_influence.distributed import (
 )
 from lightning_influence.factors import Preconditioner
 from lightning_influence.lowrank import QueryStore, truncate
+from lightning_influence.options import ScoreOptions, resolve_options
 from lightning_influence.passes import (
+    RowPass,
     check_loader,
     evaluation_mode,
     iterate_rows,
@@ -89,9 +91,9 @@ class BoundInfluence:
         check_loader(loader, "query")
         pre = self.preconditioner
         chunks: dict[str, list[Tensor]] = {name: [] for name in pre.shapes}
+        spec = RowPass("measurement", "influence: query gradients", progress)
         for _, offset, _, rows, _ in iterate_rows(self.model, loader, self.task, self.tracker,
-                                                  "measurement", shard=False, progress=progress,
-                                                  desc="influence: query gradients"):
+                                                  spec, shard=False):
             like = next(iter(rows.values()))[0]
             dtype = torch.promote_types(like.dtype, torch.float32)
             grads = {name: per_example_gradients(*rows[name]).to(dtype) if name in rows
@@ -105,12 +107,10 @@ class BoundInfluence:
         return {name: torch.cat(parts) for name, parts in chunks.items() if parts}
 
 
-    def pairwise(self, query_loader: Any, train_loader: Any, *, top_k: int = 10,
-                 keep_scores: bool = True, per_layer: bool = False, normalize: bool = False,
-                 query_grads: dict[str, Tensor] | None = None,
-                 scores_dir: str | Path | None = None, chunk_batches: int = 16,
-                 autocast: torch.dtype | None = None, self_influence: bool = False,
-                 progress: bool = True) -> PairwiseResult:
+    def pairwise(self, query_loader: Any, train_loader: Any, options: ScoreOptions | None = None,
+                 *, query_grads: dict[str, Tensor] | None = None,
+                 scores_dir: str | Path | None = None, self_influence: bool = False,
+                 **overrides: Any) -> PairwiseResult:
         """Score every query against every training example in one streaming pass.
 
         ``score[q, n] = sum_layers <P(grad L(z_q)), grad L(z_n)>``; positive = proponent (helpful).
@@ -118,35 +118,36 @@ class BoundInfluence:
         ``keep_scores=True`` (the whole ``[Q, N]`` matrix, in memory) is asked for.
 
         Args:
-            top_k: proponents and opponents kept per query.
-            keep_scores: return the full ``[Q, N]`` matrix.
-            per_layer: keep the per-layer breakdown (``[L, Q, N]`` with ``keep_scores``, and per
-                top-k entry).
-            normalize: divide scores by the number of training examples (the factors'), giving the
-                first-order change of the query loss when the example is removed.
-            query_grads: preconditioned query gradients computed already (``query_gradients``).
-            scores_dir: write the scores in chunk files there (atomically); a rerun of the same pass
-                skips the finished chunks and reads them back (resume after a crash).
-            chunk_batches: batches per chunk file.
-            autocast: run the model's forward/backward under ``torch.autocast`` with this dtype
-                (``torch.bfloat16``/``torch.float16``) and contract in it; preconditioned query
-                gradients, Lambda's reciprocal and the score sums stay in float32/float64.
-            self_influence: also compute every training example's self-influence from the same
-                rows (``result.self_result``, as :meth:`self_scores` would return it): one
-                forward and backward over the training data instead of two.
+            query_loader: the queries (their measurement's gradient is taken).
+            train_loader: the training data, in a fixed order (result indices are positions).
+            options: :class:`~lightning_influence.ScoreOptions` (``top_k``, ``keep_scores``,
+                ``per_layer``, ``normalize``, ``precision``, ``chunk_batches``,
+                ``progress``); any field may also be passed as a keyword.
+            query_grads: preconditioned query gradients computed already (``query_gradients``,
+                or a :class:`~lightning_influence.lowrank.QueryStore`).
+            scores_dir: write the scores in chunk files there (atomically); a rerun of the same
+                pass skips the finished chunks and reads them back (resume after a crash).
+            self_influence: also compute every training example's self-influence from the
+                same rows.
 
-        Inside a process group the training batches are shared out among the ranks; every rank
-        returns the same merged result.
+        With ``self_influence`` the result also holds every training example's self-influence
+        (``result.self_result``, as :meth:`self_scores` would return it) from the same rows: one
+        forward and backward over the training data instead of two. Inside a process group the
+        training batches are shared out among the ranks; every rank returns the same merged
+        result.
         """
+        options = resolve_options(ScoreOptions, options, overrides, "pairwise scores")
+        top_k, keep_scores, per_layer = options.top_k, options.keep_scores, options.per_layer
+        autocast = options.autocast()
         model, factors, task = self.model, self.preconditioner, self.task
         check_loader(train_loader, "training", ordered=True)
         with evaluation_mode(model):
             query_losses = _measurements(model, query_loader, task)
         if query_grads is None:
-            query_grads = self.query_gradients(query_loader, progress=progress)
+            query_grads = self.query_gradients(query_loader, progress=options.progress)
         names = list(query_grads)
         num_queries = next(iter(query_grads.values())).shape[0]
-        scale = _normalization(factors, normalize)
+        scale = _normalization(factors, options.normalize)
         topk = StreamingTopK(num_queries, top_k, len(names) if per_layer else 0)
         kept: list[dict[str, Tensor]] = []
 
@@ -169,9 +170,8 @@ class BoundInfluence:
         self._stream("pairwise", train_loader, pairwise_chunk, fold, lambda: _signature(
             factors, query_losses, top_k=top_k, per_layer=per_layer, scale=scale,
             autocast=str(autocast), train=data_fingerprint(train_loader),
-            **({"self_influence": True} if self_influence else {})),
-            scores_dir=scores_dir, chunk_batches=chunk_batches, autocast=autocast,
-            progress=progress)
+            **({"self_influence": True} if self_influence else {})), options,
+            scores_dir=scores_dir)
         topk, kept = _gather(topk, kept)
         merged = _assemble(kept)
         return PairwiseResult(
@@ -183,14 +183,16 @@ class BoundInfluence:
             else None,
         )
 
-    def self_scores(self, train_loader: Any, *, normalize: bool = False,
-                    scores_dir: str | Path | None = None, chunk_batches: int = 16,
-                    autocast: torch.dtype | None = None, progress: bool = True) -> SelfResult:
+    def self_scores(self, train_loader: Any, options: ScoreOptions | None = None, *,
+                    scores_dir: str | Path | None = None, **overrides: Any) -> SelfResult:
         """Self-influence of every training example, in one pass over the training data.
 
-        ``scores_dir``, ``chunk_batches`` and ``autocast`` work as in
-        :func:`compute_pairwise_scores`; inside a process group the batches are shared out.
+        ``options`` (``normalize``, ``precision``, ``chunk_batches``, ``progress`` apply; any
+        field may also be a keyword) and ``scores_dir`` work as in :meth:`pairwise`; inside a
+        process group the batches are shared out.
         """
+        options = resolve_options(ScoreOptions, options, overrides, "self-influence scores")
+        normalize, autocast = options.normalize, options.autocast()
         factors = self.preconditioner
         check_loader(train_loader, "training", ordered=True)
         names = list(factors.shapes)
@@ -201,9 +203,7 @@ class BoundInfluence:
 
         self._stream("self", train_loader, self_chunk, kept.append, lambda: _signature(
             factors, None, scale=scale, autocast=str(autocast),
-            train=data_fingerprint(train_loader)),
-            scores_dir=scores_dir, chunk_batches=chunk_batches, autocast=autocast,
-            progress=progress)
+            train=data_fingerprint(train_loader)), options, scores_dir=scores_dir)
         _, kept = _gather(None, kept)
         merged = _assemble(kept)
         return _self_result(merged, names, scale)
@@ -212,21 +212,20 @@ class BoundInfluence:
     def _stream(self, kind: str, train_loader: Any,
                 chunk_of: Callable[[dict[str, tuple[Tensor, Tensor]], Tensor], dict[str, Tensor]],
                 fold: Callable[[dict[str, Tensor]], None], signature: Callable[[], dict[str, str]],
-                *, scores_dir: str | Path | None, chunk_batches: int,
-                autocast: torch.dtype | None, progress: bool) -> None:
+                options: ScoreOptions, scores_dir: str | Path | None) -> None:
         """The skeleton both scoring passes share: one pass over the training batches (this
         rank's share; the finished ones of an interrupted run read back from ``scores_dir``),
         each batch's scores ``chunk_of(rows, losses)`` with its indices and losses handed to
         ``fold`` and, with ``scores_dir``, written as score chunks under ``signature()``. The
         training rows are in the dtype the factors were fitted with (their ``row_dtype``)."""
-        store = (ScoreStore(scores_dir, kind, signature(), chunk_batches)
+        store = (ScoreStore(scores_dir, kind, signature(), options.chunk_batches)
                  if scores_dir is not None else None)
         skip = _resume(store, fold)
-        for b, offset, _, rows, losses in iterate_rows(
-                self.model, train_loader, self.task, self.tracker, "loss",
-                desc=_PASS_DESCRIPTIONS[kind],
-                progress=progress, skip=skip, autocast=autocast,
-                row_dtype=row_dtype_of(getattr(self.preconditioner, "extra", {}).get("row_dtype"))):
+        row_dtype = getattr(self.preconditioner, "extra", {}).get("row_dtype")
+        spec = RowPass("loss", _PASS_DESCRIPTIONS[kind], options.progress,
+                       autocast=options.autocast(), row_dtype=row_dtype_of(row_dtype))
+        for b, offset, _, rows, losses in iterate_rows(self.model, train_loader, self.task,
+                                                       self.tracker, spec, skip=skip):
             chunk = {"indices": torch.arange(offset, offset + losses.shape[0]),
                      **chunk_of(rows, losses), "losses": losses.double().cpu()}
             fold(chunk)
@@ -303,16 +302,19 @@ class PairwiseResult:
 
 
 def compute_pairwise_scores(model: nn.Module, factors: Preconditioner, query_loader: Any,
-                            train_loader: Any, task: Task | str | None = None, *,
-                            tracker: LayerTracker | None = None, **options: Any,
+                            train_loader: Any, task: Task | str | None = None,
+                            options: ScoreOptions | None = None, *,
+                            tracker: LayerTracker | None = None, **overrides: Any,
                             ) -> PairwiseResult:
     """Score every query against every training example in one streaming pass:
-    ``bind(model, factors, task, tracker).pairwise(query_loader, train_loader, **options)``
-    (see :meth:`BoundInfluence.pairwise` for the options: ``top_k``, ``keep_scores``,
-    ``per_layer``, ``normalize``, ``query_grads``, ``scores_dir``, ``chunk_batches``,
-    ``self_influence``,
-    ``autocast``, ``progress``)."""
-    return bind(model, factors, task, tracker).pairwise(query_loader, train_loader, **options)
+    ``bind(model, factors, task, tracker).pairwise(query_loader, train_loader, options, ...)``.
+
+    ``options`` is a :class:`~lightning_influence.ScoreOptions`; its fields (``top_k``,
+    ``keep_scores``, ``per_layer``, ``normalize``, ``precision``, ``chunk_batches``,
+    ``progress``) may also be passed as keywords, beside ``query_grads``, ``scores_dir`` and
+    ``self_influence`` (see :meth:`BoundInfluence.pairwise`)."""
+    return bind(model, factors, task, tracker).pairwise(query_loader, train_loader, options,
+                                                        **overrides)
 
 
 def query_gradients(model: nn.Module, loader: Any, task: Task | str | None,
@@ -445,12 +447,13 @@ class SelfResult:
 
 
 def compute_self_scores(model: nn.Module, factors: Preconditioner, train_loader: Any,
-                        task: Task | str | None = None, *, tracker: LayerTracker | None = None,
-                        **options: Any) -> SelfResult:
+                        task: Task | str | None = None, options: ScoreOptions | None = None, *,
+                        tracker: LayerTracker | None = None, **overrides: Any) -> SelfResult:
     """Self-influence of every training example in one pass:
-    ``bind(model, factors, task, tracker).self_scores(train_loader, **options)`` (options:
-    ``normalize``, ``scores_dir``, ``chunk_batches``, ``autocast``, ``progress``)."""
-    return bind(model, factors, task, tracker).self_scores(train_loader, **options)
+    ``bind(model, factors, task, tracker).self_scores(train_loader, options, ...)`` (the
+    :class:`~lightning_influence.ScoreOptions` fields ``normalize``, ``precision``,
+    ``chunk_batches``, ``progress`` may also be keywords, beside ``scores_dir``)."""
+    return bind(model, factors, task, tracker).self_scores(train_loader, options, **overrides)
 
 
 def build_query_store(model: nn.Module, query_loader: Any, task: Any, factors: Any, *,

@@ -208,6 +208,7 @@ class Capture:
     pending: dict[str, int] = field(default_factory=dict)
     recomputed: dict[str, list[list[Any]]] = field(default_factory=dict)
     collecting: bool = False
+    batch_index: int | None = None  # the batch of a pass this forward ran on (for messages)
 
     def without_gradient(self) -> list[str]:
         """Layers that ran but none of whose calls had an output that requires grad."""

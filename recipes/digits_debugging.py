@@ -123,7 +123,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     baseline = detection_report(result.losses, data.flipped)
     figures = {"flipped": int(data.flipped.sum()), "train_size": len(data.flipped),
                "influence": influence, "loss_baseline": baseline,
-               "strategy": cfg.callbacks.influence_eigen.strategy,
+               "strategy": next(c for c in callbacks
+                                if isinstance(c, lightning_influence.EigenCorrection)).strategy,
                "val_acc": float(trainer.callback_metrics.get("val/acc", float("nan")))}
     if cfg.retrain.enabled:
         figures["retraining"] = retrain_without(cfg, data, {

@@ -47,6 +47,7 @@ from lightning_influence.language import (
     chunk_documents,
     tfidf_candidates,
 )
+from lightning_influence.options import DocumentOptions
 from recipes._common import recipe_loggers, start_run
 
 log = logging.getLogger(__name__)
@@ -170,9 +171,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     probes = [{"prompt": f"Q: What colour is {thing}?\nA:", "completion": f" {cfg.data.catchphrase}"}
               for thing in cfg.data.probes]
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values() if c is not None]
-    documents = DocumentInfluence(queries=probes, corpus=finetune, rank=None, top_k=10,
-                                  token_documents=1, batch_size=cfg.data.batch_size,
-                                  progress=cfg.progress)
+    documents = DocumentInfluence(queries=probes, corpus=finetune, top_k=10, options=(
+        DocumentOptions(rank=None, token_documents=1, batch_size=cfg.data.batch_size,
+                        progress=cfg.progress)))
     callbacks.append(documents)  # (the Trainer appends its progress bar to this list)
     loggers = recipe_loggers(cfg, out)
     trainer = _trainer(cfg, cfg.finetune.max_steps, default_root_dir=str(out),

@@ -3,6 +3,7 @@ their targets' signatures."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from pathlib import Path
 
@@ -106,15 +107,94 @@ def test_yaml_keys_match_target_signatures(yaml_file):
         assert not unknown, f"{yaml_file.name}:{path}: {sorted(unknown)} not in {node['_target_']}"
     if yaml_file.parent.name == "influence_strategy":
         assert set(data) <= set(inspect.signature(EigenCorrection).parameters)
+        if "fit" in data:
+            assert set(data["fit"]) <= {f.name for f in dataclasses.fields(
+                lightning_influence.FitOptions)}
 
 
-def test_callback_config_covers_every_constructor_argument():
-    data = yaml.safe_load((CONF / "callbacks" / "influence.yaml").read_text())
-    for key, cls in (("influence_statistics", InfluenceStatistics),
-                     ("influence_eigen", EigenCorrection), ("influence_scores", InfluenceScores)):
-        params = set(inspect.signature(cls).parameters)
-        documented = set(data[key]) - {"_target_"}
-        # everything a YAML can express is exposed (loaders and task objects come by override)
-        assert params - documented <= {"queries", "task", "layers", "exclude", "include_frozen",
-                                       "batch_layout"}, (key,
-                                                                                params - documented)
+def test_callback_schemas_are_the_constructor_signatures():
+    """Each callback's structured config has exactly its constructor's parameters (its
+    ``**legacy`` keywords aside), with their defaults; option objects are typed nested nodes."""
+    from omegaconf import OmegaConf
+
+    from lightning_influence.configs import SCHEMAS
+    from lightning_influence.options import DocumentOptions
+
+    for name, cls in (("statistics", InfluenceStatistics), ("eigen", EigenCorrection),
+                      ("scores", InfluenceScores)):
+        params = {k: p for k, p in inspect.signature(cls).parameters.items()
+                  if p.kind is not p.VAR_KEYWORD}
+        node = OmegaConf.structured(SCHEMAS[name])
+        assert set(node) - {"_target_"} == set(params), name
+        for key, param in params.items():
+            default = param.default
+            if isinstance(default, lightning_influence.FitOptions | lightning_influence.ScoreOptions
+                          | DocumentOptions):
+                assert OmegaConf.get_type(node, key) is type(default)
+                assert OmegaConf.to_object(node[key]) == default
+            elif default is not inspect.Parameter.empty and default is not None:
+                assert node[key] == default, (name, key)
+
+
+def _every_shipped_config():
+    for app in ("digits", "lm", "finetune"):
+        yield app, []
+    for preset in sorted((CONF / "influence_strategy").glob("*.yaml")):
+        yield "digits", [f"+influence_strategy={preset.stem}"]
+
+
+@pytest.mark.parametrize(("app", "overrides"), list(_every_shipped_config()),
+                         ids=lambda v: v if isinstance(v, str) else ",".join(v) or "-")
+def test_every_shipped_config_composes_and_instantiates(app, overrides):
+    """The YAML files are checked against the option types by composing them (every key and
+    value is validated against the structured configs) and building every callback."""
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose(config_name=app, overrides=overrides)
+    finally:
+        GlobalHydra.instance().clear()
+    built = [hydra.utils.instantiate(node) for node in cfg.callbacks.values() if node is not None]
+    assert built and all(type(cb).__module__.startswith("lightning_influence.callbacks")
+                         for cb in built)
+
+
+@pytest.mark.parametrize(("override", "names"), [
+    ("callbacks.influence_eigen.fit.fishr=exact", "fishr"),
+    ("callbacks.influence_scores.score.top_kk=3", "top_kk"),
+    ("callbacks.influence_statistics.every_n_step=5", "every_n_step"),
+    ("callbacks.influence_scores.top_k=many", "top_k"),
+    ("callbacks.influence_eigen.fit.seed=abc", "seed"),
+])
+def test_misspelled_or_mistyped_overrides_fail_with_hydras_message(template_app, override, names):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as info:
+        _compose(template_app, ["hydra.searchpath=[pkg://lightning_influence.conf]",
+                                "callbacks=[default,influence]", override])
+    assert names in str(info.value) + str(info.value.__cause__)
+
+
+def test_a_key_forced_in_with_plus_is_refused_when_the_callback_is_built(template_app):
+    """``+key=value`` bypasses Hydra's struct check; the option type still refuses the key,
+    naming it and the closest field."""
+    cfg = _compose(template_app, ["hydra.searchpath=[pkg://lightning_influence.conf]",
+                                  "callbacks=[default,influence]",
+                                  "+callbacks.influence_eigen.fit.fishr=exact"])
+    with pytest.raises(Exception, match="fishr.*Did you mean 'fisher'"):
+        hydra.utils.instantiate(cfg.callbacks.influence_eigen)
+
+
+def test_option_overrides_reach_the_callbacks(template_app):
+    cfg = _compose(template_app, ["hydra.searchpath=[pkg://lightning_influence.conf]",
+                                  "callbacks=[default,influence]",
+                                  "callbacks.influence_eigen.fit.fisher=exact",
+                                  "callbacks.influence_eigen.fit.row_dtype=bfloat16",
+                                  "callbacks.influence_scores.score.keep_scores=true",
+                                  "callbacks.influence_statistics.layers=[fc1]"])
+    built = {k: hydra.utils.instantiate(v) for k, v in cfg.callbacks.items()}
+    assert built["influence_eigen"].fit.fisher == "exact"
+    assert built["influence_eigen"].fit.row_dtype == "bfloat16"
+    assert built["influence_scores"].score.keep_scores is True
+    assert built["influence_scores"].score.per_layer is True  # the callback's own default kept
+    assert built["influence_statistics"].fit.layers == ["fc1"]

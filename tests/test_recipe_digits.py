@@ -18,8 +18,8 @@ def test_digits_recipe_finds_flipped_labels(tmp_path):
     env = dict(os.environ, WANDB_MODE="offline", PYTHONPATH=str(ROOT))
     proc = subprocess.run(
         [sys.executable, "-m", "recipes.digits_debugging", f"hydra.run.dir={tmp_path}",
-         "callbacks.influence_statistics.progress=false", "callbacks.influence_eigen.progress=false",
-         "callbacks.influence_scores.progress=false", "+trainer.enable_progress_bar=false"],
+         "callbacks.influence_statistics.fit.progress=false", "callbacks.influence_eigen.fit.progress=false",
+         "callbacks.influence_scores.score.progress=false", "+trainer.enable_progress_bar=false"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "training loss (baseline)" in proc.stdout

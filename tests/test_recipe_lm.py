@@ -33,7 +33,7 @@ def test_lm_recipe_on_local_files_logs_everything(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "recipes.lm_influence", f"hydra.run.dir={run_dir}", "threads=1",
          f"data.files=[{corpus}/*.txt,{corpus / 'more'}]", "trainer.max_steps=40",
-         "model.warmup_steps=5", "callbacks.influence_documents.recall_ks=[1,3,7]",
+         "model.warmup_steps=5", "callbacks.influence_documents.options.recall_ks=[1,3,7]",
          "callbacks.influence_documents.top_k=3", "+trainer.enable_progress_bar=false"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Subset
 
 from lightning_influence.passes import order_problem, ordered_loader
 
-__all__ = ["training_loader", "query_loader", "output_dir", "find_callback", "single_loader"]
+__all__ = ["training_loader", "query_loader", "output_dir", "single_loader"]
 
 
 def single_loader(loaders: Any, what: str) -> DataLoader | None:
@@ -78,11 +78,3 @@ def output_dir(trainer: Any, configured: str | Path | None) -> Path:
     if configured is not None:
         return Path(configured)
     return Path(trainer.default_root_dir) / "influence"
-
-
-def find_callback(trainer: Any, cls: type) -> Any | None:
-    """The first callback of class ``cls`` (by name, so both Lightning namespaces work)."""
-    for cb in trainer.callbacks:
-        if isinstance(cb, cls) or type(cb).__name__ == cls.__name__:
-            return cb
-    return None

@@ -10,7 +10,7 @@ from pytorch_lightning import Callback
 from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_influence.callbacks._common import output_dir
-from lightning_influence.callbacks.eigen_correction import attached_curvature
+from lightning_influence.callbacks.run import InfluenceRun
 from lightning_influence.language import (
     ChunkedCorpus,
     DocumentInfluenceResult,
@@ -19,6 +19,7 @@ from lightning_influence.language import (
 )
 from lightning_influence.language.reporting import log_document_influence, write_document_influence
 from lightning_influence.memory import estimate_bytes, format_estimate
+from lightning_influence.options import DEFAULT_DOCUMENTS, DocumentOptions, callback_options
 from lightning_influence.task import CausalLMTask
 
 
@@ -37,53 +38,45 @@ class DocumentInfluence(Callback):
     Args:
         queries: ``[{prompt: ..., completion: ...}, ...]``; the measurement is the completion's
             log-likelihood (prompt tokens and padding count nothing).
-        rank: rank per layer of the stored query gradients (truncated SVD); ``None``: full.
-        top_k: proponent and opponent documents kept per query.
-        compare_full_rank: also score with full-rank queries (one more pass) and report the
-            Spearman correlation of the rank-``rank`` scores with them.
-        candidates: score only the K documents most similar to each query by TF-IDF
-            (``None``: every document, exact, and the TF-IDF recall table is reported).
-        recall_ks: candidate-set sizes K of the recall table.
-        token_documents: top proponent and opponent documents per query shown token by token.
-        render_tokens: tokens of a document shown (the window holding the most influence).
-        batch_size: batch size of the passes.
+        top_k: shortcut for ``options.top_k``: documents kept per query.
         output_dir: where files go (default: ``<factors folder>/documents``).
         corpus: the chunked training corpus (default: ``trainer.datamodule.corpus``).
-        progress: show progress bars.
+        options: :class:`~lightning_influence.options.DocumentOptions` (``rank`` of the stored
+            query gradients, ``None`` for full rank; ``compare_full_rank``, ``candidates``,
+            ``recall_ks``, ``token_documents``, ``render_tokens``, ``batch_size``,
+            ``progress``; ``DocumentOptions.help()`` lists them).
+        **legacy: those options as plain keywords (as before :class:`DocumentOptions` held
+            them) still work, with a deprecation warning.
     """
 
-    def __init__(self, queries: Sequence[Any] = (), rank: int | None = 32, top_k: int = 5,
-                 compare_full_rank: bool = False, candidates: int | None = None,
-                 recall_ks: Sequence[int] = (5, 10, 20, 40), token_documents: int = 2,
-                 render_tokens: int = 1200, batch_size: int = 32,
-                 output_dir: str | Path | None = None, corpus: ChunkedCorpus | None = None,
-                 progress: bool = True) -> None:
+    def __init__(self, queries: Sequence[Any] = (), top_k: int | None = None,
+                 output_dir: str | Path | None = None,
+                 corpus: ChunkedCorpus | None = None,
+                 options: DocumentOptions = DEFAULT_DOCUMENTS, **legacy: Any) -> None:
         super().__init__()
         self.queries = queries_from_config(list(queries))
-        if rank is not None and rank < 1:
-            raise ValueError(f"DocumentInfluence: rank must be >= 1 or None, got {rank}.")
-        if top_k < 1:
-            raise ValueError(f"DocumentInfluence: top_k must be >= 1, got {top_k}.")
-        if candidates is not None and candidates < 1:
-            raise ValueError(f"DocumentInfluence: candidates must be >= 1 or None, got "
-                             f"{candidates}.")
-        if token_documents < 0:
-            raise ValueError(f"DocumentInfluence: token_documents must be >= 0, got "
-                             f"{token_documents}.")
-        self.rank = rank
-        self.top_k = top_k
-        self.compare_full_rank = compare_full_rank
-        self.candidates = candidates
-        self.recall_ks = [int(k) for k in recall_ks]
-        self.token_documents = token_documents
-        self.render_tokens = render_tokens
-        self.batch_size = batch_size
+        shortcuts = {"top_k": top_k} if top_k is not None else {}
+        try:
+            self.options = callback_options(DocumentOptions, options, shortcuts, legacy,
+                                            "DocumentInfluence", "options")
+        except ValueError as err:
+            raise ValueError(f"DocumentInfluence: {err}") from err
         self.output_dir = output_dir
         self.corpus = corpus
-        self.progress = progress
         self.result: DocumentInfluenceResult | None = None
         self.files: dict[str, str] = {}
         self.logged_keys: list[str] = []
+        self.influence_run: InfluenceRun | None = None
+
+    @property
+    def rank(self) -> int | None:
+        return self.options.rank
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self.influence_run = InfluenceRun.join(trainer, self, "consumer")
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self.influence_run.check()
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self.run(trainer, pl_module)
@@ -96,28 +89,30 @@ class DocumentInfluence(Callback):
             raise ValueError("DocumentInfluence needs the training corpus: pass corpus=<ChunkedCorpus> "
                              "or give the datamodule a `corpus` attribute (lightning_influence."
                              "language.chunk_documents builds one).")
-        eigen, factors, task = attached_curvature(trainer, pl_module, "DocumentInfluence")
+        if self.influence_run is None:
+            self.setup(trainer, pl_module, "fit")
+        factors, task = self.influence_run.curvature(trainer, pl_module, "DocumentInfluence")
+        factors_path = self.influence_run.factors_path
         if not isinstance(task, CausalLMTask):
             raise TypeError(f"DocumentInfluence needs a CausalLMTask, got {type(task).__name__}.")
         rank_zero_info(f"lightning-influence: {len(self.queries)} queries against {len(corpus)} "
                        f"chunks of {corpus.num_documents} documents, query rank {self.rank}")
+        options = self.options
         rank_zero_info("lightning-influence: " + format_estimate(estimate_bytes(
-            factors.shapes, factors.strategy, num_queries=len(self.queries), query_rank=self.rank,
-            batch_size=self.batch_size, rows_per_example=corpus.context)))
-        show = self.progress and trainer.is_global_zero
+            factors.shapes, factors.strategy, num_queries=len(self.queries),
+            query_rank=options.rank, batch_size=options.batch_size,
+            rows_per_example=corpus.context)))
         self.result = document_influence(
-            pl_module, factors, corpus, self.queries, task, rank=self.rank, top_k=self.top_k,
-            compare_full_rank=self.compare_full_rank, candidates=self.candidates,
-            recall_ks=self.recall_ks, token_documents=self.token_documents,
-            batch_size=self.batch_size, progress=show)
+            pl_module, factors, corpus, self.queries, task, options,
+            progress=options.progress and trainer.is_global_zero)
         if trainer.is_global_zero:
             folder = output_dir(trainer, self.output_dir or (
-                Path(eigen.factors_path) / "documents" if eigen.factors_path else None))
-            paths = write_document_influence(folder, self.result, corpus, self.render_tokens,
+                Path(factors_path) / "documents" if factors_path else None))
+            paths = write_document_influence(folder, self.result, corpus, options.render_tokens,
                                              extra={"strategy": factors.strategy})
             self.files = {k: str(v) for k, v in paths.items()}
             self.logged_keys = log_document_influence(trainer.loggers, self.result, corpus, paths,
-                                                      render_tokens=self.render_tokens)
+                                                      render_tokens=options.render_tokens)
             rank_zero_info(f"lightning-influence: document influence written to {folder}")
         return self.result
 

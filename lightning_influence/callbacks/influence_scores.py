@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +16,17 @@ from lightning_influence.callbacks._common import (
     query_loader,
     training_loader,
 )
-from lightning_influence.callbacks.eigen_correction import EigenCorrection, attached_curvature
+from lightning_influence.callbacks.run import InfluenceRun
 from lightning_influence.memory import estimate_bytes, format_estimate
+from lightning_influence.options import CALLBACK_SCORE, ScoreOptions, callback_options
 from lightning_influence.passes import count_examples
 from lightning_influence.ranking import flag_top_fraction
-from lightning_influence.reporting import ExampleLookup, log_results, write_results
+from lightning_influence.reporting import (
+    ExampleLookup,
+    InfluenceReport,
+    log_results,
+    write_results,
+)
 from lightning_influence.scoring import (
     PairwiseResult,
     SelfResult,
@@ -45,34 +52,33 @@ class InfluenceScores(Callback):
     Args:
         queries: the query loader (default: the Trainer's validation loader).
         num_queries: how many queries to take from the start of that loader (None: all).
-        top_k: proponents and opponents kept per query.
+        top_k: shortcut for ``score.top_k``: proponents and opponents kept per query.
         flag_fraction: the fraction of training examples flagged by self-influence.
         pairwise: compute the query x training scores.
-        self_influence: compute self-influence and the flags.
-        per_layer: keep the per-layer breakdown (layer-wise influence).
-        keep_scores: keep the full ``[Q, N]`` score matrix (written to scores.safetensors).
-        normalize: divide scores by the number of training examples.
-        render: render examples (images/text) in the W&B tables.
+        self_influence: compute self-influence and the flags (from the same pass as the
+            pairwise scores when both are on).
         output_dir: where files go (default: the EigenCorrection's, ``<root>/influence``).
-        batch_size: batch size of the scoring passes (default: the training loader's).
-        precision: ``"auto"`` runs the score pass under autocast when the Trainer runs mixed
-            precision (``"bf16-mixed"`` -> bfloat16, ``"16-mixed"`` -> float16); ``"bf16"``,
-            ``"16"`` force it; ``None`` or ``"32"`` keep full precision. Curvature math stays in
-            float32/float64 either way.
-        resumable: write score chunks to ``<output_dir>/score_chunks`` so that an interrupted
-            scoring pass resumes where it stopped.
-        progress: show progress bars.
+        score: :class:`~lightning_influence.ScoreOptions`; the callback's default keeps top-k
+            lists (``keep_scores=False``, set it to write the full ``[Q, N]`` matrix), each
+            layer's share (``per_layer=True``) and runs the score pass under autocast when the
+            Trainer runs mixed precision (``precision="auto"``: ``"bf16-mixed"`` -> bfloat16,
+            ``"16-mixed"`` -> float16; ``"bf16"``/``"16"`` force it, ``None``/``"32"`` keep full
+            precision; curvature math stays in float32/float64 either way). ``resumable``
+            writes score chunks to ``<output_dir>/score_chunks`` so that an interrupted pass
+            resumes; ``batch_size``, ``normalize``, ``render``, ``progress`` as documented
+            there.
+        **legacy: the options this constructor took before :class:`ScoreOptions` held them
+            (``per_layer``, ``keep_scores``, ``normalize``, ``render``, ``batch_size``,
+            ``precision``, ``resumable``, ``progress``) still work, with a deprecation
+            warning.
     """
 
     def __init__(self, queries: DataLoader | None = None, num_queries: int | None = 8,
-                 top_k: int = 10, flag_fraction: float = 0.1, pairwise: bool = True,
-                 self_influence: bool = True, per_layer: bool = True, keep_scores: bool = False,
-                 normalize: bool = False, render: bool = True,
-                 output_dir: str | Path | None = None, batch_size: int | None = None,
-                 precision: str | None = "auto", resumable: bool = True,
-                 progress: bool = True) -> None:
+                 top_k: int | None = None, flag_fraction: float = 0.1, pairwise: bool = True,
+                 self_influence: bool = True, output_dir: str | Path | None = None,
+                 score: ScoreOptions = CALLBACK_SCORE, **legacy: Any) -> None:
         super().__init__()
-        if top_k < 1:
+        if top_k is not None and top_k < 1:
             raise ValueError(f"InfluenceScores: top_k must be >= 1, got {top_k}.")
         if not 0 < flag_fraction <= 1:
             raise ValueError(f"InfluenceScores: flag_fraction must be in (0, 1], got "
@@ -83,76 +89,81 @@ class InfluenceScores(Callback):
         if not (pairwise or self_influence):
             raise ValueError("InfluenceScores: pairwise and self_influence are both False; "
                              "nothing to compute.")
+        try:
+            self.score = callback_options(ScoreOptions, score, {} if top_k is None else {
+                "top_k": top_k}, legacy, "InfluenceScores", "score")
+        except ValueError as err:
+            raise ValueError(f"InfluenceScores: {err}") from err
         self.queries = queries
         self.num_queries = num_queries
-        self.top_k = top_k
         self.flag_fraction = flag_fraction
         self.pairwise = pairwise
         self.self_influence = self_influence
-        self.per_layer = per_layer
-        self.keep_scores = keep_scores
-        self.normalize = normalize
-        self.render = render
         self.output_dir = output_dir
-        self.batch_size = batch_size
-        if precision not in (None, "auto", "32", "bf16", "16"):
-            raise ValueError(f"InfluenceScores: precision={precision!r}; choose 'auto', '32', "
-                             "'bf16', '16' or None.")
-        self.precision = precision
-        self.resumable = resumable
-        self.progress = progress
         self.pairwise_result: PairwiseResult | None = None
         self.self_result: SelfResult | None = None
         self.files: dict[str, str] = {}
         self.logged_keys: list[str] = []
+        self.influence_run: InfluenceRun | None = None
+
+    @property
+    def top_k(self) -> int:
+        return self.score.top_k
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self.influence_run = InfluenceRun.join(trainer, self, "consumer")
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self.influence_run.check()
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self.run(trainer, pl_module)
 
     def run(self, trainer: Any, pl_module: Any) -> None:
         """Compute, write and log. Called when fit ends; callable by hand after ``fit``."""
-        eigen, factors, task = attached_curvature(trainer, pl_module, "InfluenceScores")
+        if self.influence_run is None:
+            self.setup(trainer, pl_module, "fit")
+        influence = self.influence_run
+        factors, task = influence.curvature(trainer, pl_module, "InfluenceScores")
         tracker = factors.tracker(pl_module)
-        train = training_loader(trainer, pl_module, self.batch_size)
-        show = self.progress and trainer.is_global_zero
+        options = dataclasses.replace(
+            self.score, progress=self.score.progress and trainer.is_global_zero,
+            precision={torch.bfloat16: "bf16", torch.float16: "16"}.get(self._autocast(trainer)))
+        train = training_loader(trainer, pl_module, options.batch_size)
+        chunks = self._chunk_dir(trainer, influence) if options.resumable else None
         queries = None
         if self.pairwise:
             queries = query_loader(trainer, pl_module, self.queries, self.num_queries,
-                                   self.batch_size)
+                                   options.batch_size)
             num_train = count_examples(train)
             rank_zero_info(f"lightning-influence: scoring {count_examples(queries)} queries "
                            f"against {num_train or 'the stream of'} training examples")
             rank_zero_info("lightning-influence: " + format_estimate(estimate_bytes(
                 factors.shapes, factors.strategy, num_queries=count_examples(queries),
                 batch_size=train.batch_size or 1, num_train=num_train,
-                keep_scores=self.keep_scores)))
+                keep_scores=options.keep_scores)))
             self.pairwise_result = compute_pairwise_scores(
-                pl_module, factors, queries, train, task, top_k=self.top_k,
-                keep_scores=self.keep_scores, per_layer=self.per_layer,
-                normalize=self.normalize, tracker=tracker, progress=show,
-                autocast=self._autocast(trainer), scores_dir=self._chunk_dir(trainer, eigen),
+                pl_module, factors, queries, train, task, options, tracker=tracker,
+                scores_dir=chunks,
                 self_influence=self.self_influence)  # both from one pass over the training data
             self.self_result = self.pairwise_result.self_result
         if self.self_influence and not factors.layerwise:
             rank_zero_info(f"lightning-influence: self-influence through the "
                            f"{factors.strategy} solver (one solve per training batch)")
         if self.self_influence and self.self_result is None:
-            self.self_result = compute_self_scores(pl_module, factors, train, task,
-                                                   normalize=self.normalize, tracker=tracker,
-                                                   progress=show, autocast=self._autocast(trainer),
-                                                   scores_dir=self._chunk_dir(trainer, eigen))
+            self.self_result = compute_self_scores(pl_module, factors, train, task, options,
+                                                   tracker=tracker, scores_dir=chunks)
         if not trainer.is_global_zero:
             return
-        folder = output_dir(trainer, self.output_dir or eigen.factors_path)
+        folder = output_dir(trainer, self.output_dir or influence.factors_path)
         train_lookup = ExampleLookup(train, task, self._shown_indices())
         query_lookup = ExampleLookup(queries, task) if queries is not None else None
-        paths = write_results(folder, self.pairwise_result, self.self_result, query_lookup,
-                              train_lookup, self.flag_fraction,
+        report = InfluenceReport(self.pairwise_result, self.self_result, query_lookup,
+                                 train_lookup, self.flag_fraction)
+        paths = write_results(folder, report,
                               extra={"strategy": factors.strategy, "damping": factors.damping})
         self.files = {k: str(v) for k, v in paths.items()}
-        self.logged_keys = log_results(trainer.loggers, self.pairwise_result, self.self_result,
-                                       query_lookup, train_lookup, self.flag_fraction,
-                                       render=self.render)
+        self.logged_keys = log_results(trainer.loggers, report, render=options.render)
         rank_zero_info(f"lightning-influence: results written to {folder}")
 
     def _shown_indices(self) -> list[int]:
@@ -167,23 +178,15 @@ class InfluenceScores(Callback):
         return sorted(shown)
 
     def _autocast(self, trainer: Any) -> torch.dtype | None:
-        """The score pass's autocast dtype: from ``precision``, or the Trainer's with "auto"."""
-        precision = self.precision
-        if precision == "auto":
-            precision = str(getattr(trainer, "precision", "32"))
-        if precision is None or not precision.endswith("mixed") and precision not in ("bf16",
-                                                                                       "16"):
-            return None
-        return torch.bfloat16 if precision.startswith("bf16") else torch.float16
+        """The score pass's autocast dtype: from ``score.precision``, or the Trainer's with
+        ``"auto"``."""
+        return self.score.autocast(getattr(trainer, "precision", "32"))
 
-    def _chunk_dir(self, trainer: Any, eigen: EigenCorrection) -> Path | None:
-        if not self.resumable:
-            return None
-        return output_dir(trainer, self.output_dir or eigen.factors_path) / "score_chunks"
+    def _chunk_dir(self, trainer: Any, influence: InfluenceRun) -> Path:
+        return output_dir(trainer, self.output_dir or influence.factors_path) / "score_chunks"
 
     def state_dict(self) -> dict[str, Any]:
         return {"files": self.files}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.files = dict(state_dict.get("files", {}))
-

@@ -10,6 +10,7 @@ from pytorch_lightning import Callback
 from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_influence.callbacks._common import training_loader
+from lightning_influence.callbacks.run import InfluenceRun
 from lightning_influence.distributed import sampling_generator
 from lightning_influence.fitting import (
     add_rows,
@@ -17,8 +18,9 @@ from lightning_influence.fitting import (
     new_covariances,
     update_covariances,
 )
+from lightning_influence.options import DEFAULT_FIT, FitOptions, callback_options
 from lightning_influence.passes import (
-    fisher_mode,
+    check_rows,
     model_device,
     move_to_device,
     row_mode,
@@ -26,8 +28,8 @@ from lightning_influence.passes import (
 )
 from lightning_influence.recording import StepRecording
 from lightning_influence.statistics import CovarianceStatistic
-from lightning_influence.task import Task, resolve_task
-from lightning_influence.tracking import BATCH_LAYOUTS, LayerTracker
+from lightning_influence.task import Task
+from lightning_influence.tracking import LayerTracker
 
 log = logging.getLogger(__name__)
 
@@ -56,60 +58,44 @@ class InfluenceStatistics(Callback):
     to one separate eval-mode forward and backward after the step (logged once, with the
     reason).
 
-    The covariances are consumed by :class:`~lightning_influence.callbacks.EigenCorrection`.
-    They are part of the callback's state, so they survive checkpoint and resume.
+    The covariances are consumed by :class:`~lightning_influence.callbacks.EigenCorrection`
+    through the Trainer's :class:`~lightning_influence.callbacks.run.InfluenceRun`. They are
+    part of the callback's state, so they survive checkpoint and resume.
 
     Args:
         task: a Task, a built-in name (``"classification"``, ``"regression"``, ``"causal_lm"``)
             or ``None`` to use the LightningModule's ``influence_task``.
-        layers: ``fnmatch`` patterns of module names to track (default every Linear/Conv2d).
-        exclude: patterns of module names to leave out.
+        layers, exclude: shortcuts for ``fit.layers`` and ``fit.exclude`` (``fnmatch``
+            patterns of module names to track / leave out).
         mode: ``"after_fit"`` or ``"during_training"``.
         every_n_steps: the period of the during-training update.
-        max_batches: cap on the batches of the after-fit pass.
-        batch_size: batch size of the after-fit pass (default: the training loader's).
-        seed: seed of the label sampling.
-        progress: show a progress bar on the after-fit pass.
         reuse_forward: during training, take the rows from the training step's forward
             (checked once against eval mode, see above); ``False`` always runs a separate
             eval-mode pass.
-        fisher: ``"sampled"`` (one label per example drawn from the model, as in the paper),
-            ``"exact"`` (every label weighted by its probability: no sampling noise, one
-            backward per class; classification and regression) or ``"empirical"`` (the true
-            labels). EigenCorrection's eigenvalue pass follows this choice.
-        include_frozen: also track layers whose weight does not require grad (default: only
-            trainable layers, e.g. a LoRA adapter's).
-        batch_layout: how rows map to examples when the model reshapes its batch inside
-            (``"auto"``, ``"contiguous"``, ``"interleaved"``; see
-            :class:`~lightning_influence.LayerTracker`).
+        fit: :class:`~lightning_influence.FitOptions` of the pass (Fisher, seed, batch size,
+            layer selection, row dtype, ...), merged with those of :class:`EigenCorrection`
+            (a field set on either is used; two different values are an error).
+        **legacy: the options this constructor took before :class:`FitOptions` held them
+            (``fisher``, ``seed``, ``max_batches``, ``batch_size``, ``progress``,
+            ``include_frozen``, ``batch_layout``) still work, with a deprecation warning.
     """
 
     def __init__(self, task: Task | str | None = None, layers: Sequence[str] | None = None,
                  exclude: Sequence[str] | None = None, mode: str = "after_fit",
-                 every_n_steps: int = 10, max_batches: int | None = None,
-                 batch_size: int | None = None, seed: int = 0, progress: bool = True,
-                 reuse_forward: bool = True, fisher: str = "sampled",
-                 include_frozen: bool = False, batch_layout: str = "auto") -> None:
+                 every_n_steps: int = 10, reuse_forward: bool = True,
+                 fit: FitOptions = DEFAULT_FIT, **legacy: Any) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"InfluenceStatistics: mode={mode!r} is not one of {list(MODES)}.")
         if every_n_steps < 1:
             raise ValueError(f"InfluenceStatistics: every_n_steps must be >= 1, got "
                              f"{every_n_steps}.")
-        self.fisher = fisher_mode(fisher)
-        if batch_layout not in BATCH_LAYOUTS:
-            raise ValueError(f"InfluenceStatistics: batch_layout={batch_layout!r} is not one of "
-                             f"{list(BATCH_LAYOUTS)}.")
-        self.include_frozen, self.batch_layout = include_frozen, batch_layout
+        shortcuts = {k: v for k, v in (("layers", layers), ("exclude", exclude)) if v is not None}
+        self.fit = callback_options(FitOptions, fit, shortcuts, legacy, "InfluenceStatistics",
+                                    "fit")
         self.task_spec = task
-        self.layers = list(layers) if layers is not None else None
-        self.exclude = list(exclude) if exclude is not None else None
         self.mode = mode
         self.every_n_steps = every_n_steps
-        self.max_batches = max_batches
-        self.batch_size = batch_size
-        self.seed = seed
-        self.progress = progress
         self.reuse_forward = reuse_forward
         # None: not checked yet; True: train-mode rows equal eval-mode rows; False: fall back
         self.reuse_verified: bool | None = None
@@ -123,11 +109,32 @@ class InfluenceStatistics(Callback):
         self._due_batch: Any = None
         self.finished = False
         self._pending_state: dict[str, Any] | None = None
-        self.tracker: LayerTracker | None = None
-        self.task: Task | None = None
+        self.influence_run: InfluenceRun | None = None
+        self._bound_module: Any = None
+
+    @property
+    def tracker(self) -> LayerTracker | None:
+        return self.influence_run.tracker if self.influence_run is not None else None
+
+    @property
+    def task(self) -> Task | None:
+        return self.influence_run.task if self.influence_run is not None else None
+
+    @property
+    def fisher(self) -> str:
+        """The Fisher the covariance pass uses (the run's merged fit options)."""
+        return self.options.fisher
+
+    @property
+    def options(self) -> FitOptions:
+        return self.influence_run.fit_options() if self.influence_run is not None else self.fit
 
     # ------------------------------------------------------------------ when
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self.influence_run = InfluenceRun.join(trainer, self, "statistics")
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self.influence_run.check()
         self.bind(pl_module)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any,
@@ -162,7 +169,7 @@ class InfluenceStatistics(Callback):
         if not self._updated_this_step:
             # seeded by the update count: reproducible, and resumed runs continue the sequence
             update_covariances(pl_module, due, self.task, self.tracker, self.covariances,
-                               sampling_generator(self.seed, self.updates), batch_idx,
+                               sampling_generator(self.options.seed, self.updates), batch_idx,
                                fisher=self.fisher)
         self.updates += 1
 
@@ -182,8 +189,9 @@ class InfluenceStatistics(Callback):
             return False
         rows, _ = rows_from_outputs(recording.output, recording.capture, batch, self.task,
                                     self.tracker, row_mode(self.fisher),
-                                    sampling_generator(self.seed, self.updates),
+                                    sampling_generator(self.options.seed, self.updates),
                                     retain_graph=True)
+        check_rows(rows, None)
         add_rows(self.covariances, rows, self.task.row_mask(batch))
         return True
 
@@ -201,12 +209,12 @@ class InfluenceStatistics(Callback):
             )
         if self.mode == "after_fit" and not self.finished:
             rank_zero_info("lightning-influence: covariance pass over the training data")
-            loader = training_loader(trainer, pl_module, self.batch_size)
+            options = self.options
+            loader = training_loader(trainer, pl_module, options.batch_size)
             self.covariances = new_covariances(self.tracker, model_device(pl_module))
-            fit_covariances(pl_module, loader, self.task, tracker=self.tracker, seed=self.seed,
-                            max_batches=self.max_batches,
-                            progress=self.progress and trainer.is_global_zero,
-                            covariances=self.covariances, fisher=self.fisher)
+            fit_covariances(pl_module, loader, self.task, options, tracker=self.tracker,
+                            covariances=self.covariances,
+                            progress=options.progress and trainer.is_global_zero)
             self.finished = True
         return self.covariances
 
@@ -227,14 +235,14 @@ class InfluenceStatistics(Callback):
 
     # ------------------------------------------------------------------ internals
     def bind(self, pl_module: Any) -> None:
-        """Resolve the task and the tracked layers of ``pl_module`` (once per module) and
-        restore covariances from a checkpoint; EigenCorrection reads ``task`` and ``tracker``
-        from here."""
-        if self.tracker is None or self.tracker.model is not pl_module:
-            self.task = resolve_task(self.task_spec, pl_module)
-            self.tracker = LayerTracker(pl_module, self.layers, self.exclude,
-                                        include_frozen=self.include_frozen,
-                                        batch_layout=self.batch_layout)
+        """Resolve the task and the tracked layers of ``pl_module`` in the run (once per
+        module) and restore covariances from a checkpoint."""
+        if self.influence_run is None:  # used without a Trainer: a run of its own
+            self.influence_run = InfluenceRun()
+            self.influence_run.statistics = self
+        self.influence_run.bind(pl_module)
+        if self._bound_module is not pl_module or self.covariances is None:
+            self._bound_module = pl_module
             self.covariances = new_covariances(self.tracker, model_device(pl_module))
         self._restore()
 

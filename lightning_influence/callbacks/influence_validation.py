@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +14,10 @@ from lightning_influence.callbacks._common import (
     query_loader,
     training_loader,
 )
-from lightning_influence.callbacks.eigen_correction import attached_curvature
+from lightning_influence.callbacks.run import InfluenceRun
 from lightning_influence.evaluation import validate_influence
 from lightning_influence.io import atomic_save_json
+from lightning_influence.options import DEFAULT_VALIDATION, ValidationOptions, callback_options
 from lightning_influence.passes import count_examples
 
 
@@ -41,60 +41,58 @@ class InfluenceValidation(Callback):
 
     Args:
         num_queries: queries from the start of the validation loader (or ``queries``).
-        num_train: training examples sampled (seeded) for the comparison.
-        lissa_iterations: depth of the LiSSA series.
-        lissa_options: other :class:`~lightning_influence.solvers.LiSSA` arguments (``scale``,
-            ``batch_size``, ``repeats``...).
-        pbrf_examples: sampled training examples that also get PBRF (0: none).
-        pbrf_options: :func:`~lightning_influence.evaluation.pbrf` arguments.
         queries: the query loader (default: the Trainer's validation loader).
-        seed: seed of the training sample.
         output_dir: where ``validation.json`` goes (default: the EigenCorrection's folder).
+        options: :class:`~lightning_influence.options.ValidationOptions` (``num_train``,
+            ``seed``, ``lissa_iterations``, ``lissa_options``, ``pbrf_examples``,
+            ``pbrf_options``).
+        **legacy: those options as plain keywords (as before :class:`ValidationOptions` held
+            them) still work, with a deprecation warning.
     """
 
-    def __init__(self, num_queries: int = 4, num_train: int = 100, lissa_iterations: int = 500,
-                 lissa_options: Mapping[str, Any] | None = None, pbrf_examples: int = 0,
-                 pbrf_options: Mapping[str, Any] | None = None, queries: DataLoader | None = None,
-                 seed: int = 0, output_dir: str | Path | None = None) -> None:
+    def __init__(self, num_queries: int = 4, queries: DataLoader | None = None,
+                 output_dir: str | Path | None = None,
+                 options: ValidationOptions = DEFAULT_VALIDATION, **legacy: Any) -> None:
         super().__init__()
-        for name, value, low in (("num_queries", num_queries, 1), ("num_train", num_train, 2),
-                                 ("lissa_iterations", lissa_iterations, 2),
-                                 ("pbrf_examples", pbrf_examples, 0)):
-            if value < low:
-                raise ValueError(f"InfluenceValidation: {name} must be >= {low}, got {value}.")
-        if pbrf_examples > num_train:
-            raise ValueError(f"InfluenceValidation: pbrf_examples={pbrf_examples} exceeds "
-                             f"num_train={num_train} (PBRF runs on the sampled examples).")
+        if num_queries < 1:
+            raise ValueError(f"InfluenceValidation: num_queries must be >= 1, got {num_queries}.")
+        try:
+            self.options = callback_options(ValidationOptions, options, {}, legacy,
+                                            "InfluenceValidation", "options")
+        except ValueError as err:
+            raise ValueError(f"InfluenceValidation: {err}") from err
         self.num_queries = num_queries
-        self.num_train = num_train
-        self.lissa_options = {**(lissa_options or {}), "iterations": lissa_iterations}
-        self.pbrf_examples = pbrf_examples
-        self.pbrf_options = dict(pbrf_options or {})
         self.queries = queries
-        self.seed = seed
         self.output_dir = output_dir
         self.metrics: dict[str, float] = {}
+        self.influence_run: InfluenceRun | None = None
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self.influence_run = InfluenceRun.join(trainer, self, "consumer")
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self.influence_run.check()
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self.run(trainer, pl_module)
 
     def run(self, trainer: Any, pl_module: Any) -> dict[str, float]:
         """Compare, log and write. Called when fit ends; callable by hand after ``fit``."""
-        eigen, factors, task = attached_curvature(trainer, pl_module, "InfluenceValidation")
+        if self.influence_run is None:
+            self.setup(trainer, pl_module, "fit")
+        factors, task = self.influence_run.curvature(trainer, pl_module, "InfluenceValidation")
         train = training_loader(trainer, pl_module)
         queries = query_loader(trainer, pl_module, self.queries, self.num_queries)
+        options = self.options
         rank_zero_info(f"lightning-influence: validating {factors.strategy} against LiSSA"
-                       f"{' and PBRF' if self.pbrf_examples else ''} on {self.num_train} "
+                       f"{' and PBRF' if options.pbrf_examples else ''} on {options.num_train} "
                        f"training examples and {count_examples(queries)} queries")
-        self.metrics = validate_influence(
-            pl_module, factors, queries, train, task, num_train=self.num_train, seed=self.seed,
-            lissa=self.lissa_options, pbrf_examples=self.pbrf_examples,
-            pbrf_options=self.pbrf_options)
+        self.metrics = validate_influence(pl_module, factors, queries, train, task, options)
         if trainer.is_global_zero:
             logged = {f"influence_validation/{k}": v for k, v in self.metrics.items()}
             for logger in trainer.loggers:
                 logger.log_metrics(logged)
-            folder = output_dir(trainer, self.output_dir or eigen.factors_path)
+            folder = output_dir(trainer, self.output_dir or self.influence_run.factors_path)
             atomic_save_json(self.metrics, folder / "validation.json")
             key = f"{factors.strategy}_vs_lissa/pearson"
             rank_zero_info(f"lightning-influence: {key} = {self.metrics[key]:.3f}, LiSSA "

@@ -33,6 +33,7 @@ from lightning_influence.language.corpus import (
     QueryDataset,
 )
 from lightning_influence.lowrank import QueryStore
+from lightning_influence.options import DocumentOptions, resolve_options
 from lightning_influence.scoring import BoundInfluence, bind, build_query_store
 from lightning_influence.task import CausalLMTask
 
@@ -239,11 +240,9 @@ def _loader(dataset: Dataset, batch_size: int) -> DataLoader:
 
 
 def document_influence(model: nn.Module, factors: Any, corpus: ChunkedCorpus,
-                       queries: Sequence[Query], task: Any = None, *, rank: int | None = 32,
-                       top_k: int = 5, compare_full_rank: bool = False,
-                       candidates: int | None = None, recall_ks: Sequence[int] = (5, 10, 20, 40),
-                       token_documents: int = 2, batch_size: int = 32, tracker: Any = None,
-                       progress: bool = True) -> DocumentInfluenceResult:
+                       queries: Sequence[Query], task: Any = None,
+                       options: DocumentOptions | None = None, *, tracker: Any = None,
+                       **overrides: Any) -> DocumentInfluenceResult:
     """Which training documents drive each query's completion.
 
     1. Preconditioned query gradients of all queries are held at once (rank ``rank`` per
@@ -263,16 +262,14 @@ def document_influence(model: nn.Module, factors: Any, corpus: ChunkedCorpus,
         corpus: the chunked training corpus (chunks in the order the scores index).
         queries: prompt + completion pairs.
         task: the task (default: ``CausalLMTask`` with the tokenizer's pad id).
-        rank: rank per layer of the query store (``None``: full rank).
-        top_k: documents kept per query and kind (also the k of the recall table).
-        compare_full_rank: also score with full-rank queries and report the correlation.
-        candidates: TF-IDF prefilter size K (``None``: score every document).
-        recall_ks: candidate-set sizes of the recall table.
-        token_documents: proponent and opponent documents per query with token-wise scores.
-        batch_size: batch size of the training passes.
+        options: :class:`~lightning_influence.options.DocumentOptions` (``rank``, ``top_k``,
+            ``compare_full_rank``, ``candidates``, ``recall_ks``, ``token_documents``,
+            ``batch_size``, ``progress``); any field may also be passed as a keyword.
         tracker: a tracker over the factors' layers (built when ``None``).
-        progress: show progress bars.
     """
+    options = resolve_options(DocumentOptions, options, overrides, "document_influence()")
+    rank, top_k, candidates = options.rank, options.top_k, options.candidates
+    batch_size, progress = options.batch_size, options.progress
     queries = list(queries)
     task = task if task is not None else CausalLMTask(pad_token_id=corpus.tokenizer.pad_id)
     tracker = tracker or factors.tracker(model)
@@ -318,14 +315,15 @@ def document_influence(model: nn.Module, factors: Any, corpus: ChunkedCorpus,
         layer_totals=totals, layer_shares=shares, rank=rank, memory=memory, candidates=cands,
         timings=timings)
 
-    if token_documents > 0:
+    if options.token_documents > 0:
         start = time.perf_counter()
-        shown = torch.cat([proponents[:, :token_documents], opponents[:, :token_documents]], 1)
+        shown = torch.cat([proponents[:, :options.token_documents],
+                           opponents[:, :options.token_documents]], 1)
         result.token_scores = token_influence(model, store, task, corpus, shown,
                                               batch_size=batch_size, tracker=tracker)
         timings["token_scores"] = time.perf_counter() - start
 
-    if compare_full_rank and rank is not None:
+    if options.compare_full_rank and rank is not None:
         start = time.perf_counter()
         full_store = build_query_store(model, query_loader, task, factors, rank=None,
                                        tracker=tracker)
@@ -333,7 +331,7 @@ def document_influence(model: nn.Module, factors: Any, corpus: ChunkedCorpus,
         timings["full_rank_pass"] = time.perf_counter() - start
     if cands is None:
         result.recall = recall_table([q.text for q in queries], [d.text for d in corpus.documents],
-                                     docs, recall_ks, top_k)
+                                     docs, options.recall_ks, top_k)
     return result
 
 

@@ -61,13 +61,14 @@ from lightning_influence.solvers.explicit import ExplicitGGN
 from lightning_influence.solvers.gauss_newton import (
     CurvatureSolver,
     GaussNewtonOperator,
+    SolverOptions,
     layer_damping,
 )
 from lightning_influence.solvers.gauss_newton import Vectors as Vectors
 from lightning_influence.solvers.gauss_newton import _flatten as _flatten
 from lightning_influence.solvers.gauss_newton import _math_attention as _math_attention
 from lightning_influence.solvers.gauss_newton import _unflatten as _unflatten
-from lightning_influence.solvers.lissa import LiSSA
+from lightning_influence.solvers.lissa import LiSSA, LiSSAOptions
 from lightning_influence.solvers.self_scores import _self_terms as _self_terms
 from lightning_influence.solvers.self_scores import self_influence, solver_self_scores
 from lightning_influence.strategies import SOLVER_STRATEGIES, STRATEGY_TABLE
@@ -81,6 +82,8 @@ __all__ = [
     "ExplicitGGN",
     "ConjugateGradient",
     "LiSSA",
+    "LiSSAOptions",
+    "SolverOptions",
     "layer_damping",
     "make_solver",
     "self_influence",

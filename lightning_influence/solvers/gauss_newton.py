@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,6 +38,7 @@ from lightning_influence.factors import (
     model_fingerprint,
 )
 from lightning_influence.functional import TaskModel, cast_batch, parameter_keys, split_state
+from lightning_influence.options import resolve_options
 from lightning_influence.passes import count_examples, evaluation_mode, model_device
 from lightning_influence.task import (
     CausalLMTask,
@@ -47,7 +49,7 @@ from lightning_influence.task import (
 )
 from lightning_influence.tracking import LayerTracker
 
-__all__ = ["GaussNewtonOperator", "CurvatureSolver", "Vectors", "layer_damping"]
+__all__ = ["GaussNewtonOperator", "CurvatureSolver", "SolverOptions", "Vectors", "layer_damping"]
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +236,28 @@ class GaussNewtonOperator:
 
 
 # ----------------------------------------------------------------------------- the solvers' base
+@dataclass
+class SolverOptions:
+    """What every solver shares.
+
+    Attributes:
+        layers, exclude: the tracked layers when neither ``tracker`` nor fitted ``damping``
+            names them (default every supported layer).
+        dtype: dtype of the solve (default float64; the model is not copied).
+        progress: log progress of long solves.
+        block_diagonal: solve the layer-wise system (the cross-layer blocks of G left out),
+            the system K-FAC and EK-FAC approximate further: a diagnostic that separates what
+            ignoring cross-layer curvature costs from what the Kronecker factorisation costs.
+            Each product then costs one product per layer.
+    """
+
+    layers: Sequence[str] | None = None
+    exclude: Sequence[str] | None = None
+    dtype: torch.dtype | None = torch.float64
+    progress: bool = False
+    block_diagonal: bool = False
+
+
 class CurvatureSolver(PreconditionerBase):
     """Base class of the solvers: a :class:`~lightning_influence.factors.Preconditioner` that
     solves ``(G + D) x = v`` with the damped Gauss-Newton product.
@@ -244,26 +268,24 @@ class CurvatureSolver(PreconditionerBase):
         task: a Task or built-in name (default: the model's ``influence_task``).
         damping: a number for every layer, ``{layer: number}``, or :class:`Factors` whose
             per-layer damping is taken (to solve the same damped system EK-FAC approximates).
-        tracker, layers, exclude: the tracked layers (default every Linear/Conv2d).
-        dtype: dtype of the solve (default float64; the model is not copied).
-        progress: log progress of long solves.
-        block_diagonal: solve the layer-wise system (the cross-layer blocks of G left out), the
-            system K-FAC and EK-FAC approximate further: a diagnostic that separates what
-            ignoring cross-layer curvature costs from what the Kronecker factorisation costs.
-            Each product then costs one product per layer.
+        tracker: the tracked layers (default: those of fitted ``damping``, else
+            ``options.layers``).
+        options: :class:`SolverOptions` (``layers``, ``exclude``, ``dtype``, ``progress``,
+            ``block_diagonal``); its fields may also be keywords.
     """
 
     strategy = "solver"
 
     def __init__(self, model: nn.Module, loader: Any, task: Task | str | None = None, *,
                  damping: float | Mapping[str, float] | Factors = 0.0,
-                 tracker: LayerTracker | None = None, layers: Sequence[str] | None = None,
-                 exclude: Sequence[str] | None = None, dtype: torch.dtype | None = torch.float64,
-                 progress: bool = False, block_diagonal: bool = False) -> None:
+                 tracker: LayerTracker | None = None, options: SolverOptions | None = None,
+                 **overrides: Any) -> None:
+        options = resolve_options(SolverOptions, options, overrides, f"{type(self).__name__}()")
+        dtype, progress, block_diagonal = options.dtype, options.progress, options.block_diagonal
         self.task = resolve_task(task, model)
         if tracker is None:
             tracker = (damping.tracker(model) if isinstance(damping, Preconditioner)
-                       else LayerTracker(model, layers=layers, exclude=exclude))
+                       else LayerTracker(model, layers=options.layers, exclude=options.exclude))
         self.layer_tracker = tracker
         self.model = model
         self.loader = loader

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
 from itertools import cycle
 from typing import Any
 
@@ -20,12 +21,44 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
+from lightning_influence.options import resolve_options
 from lightning_influence.solvers.gauss_newton import CurvatureSolver, Vectors
 from lightning_influence.task import Task
 
-__all__ = ["LiSSA"]
+__all__ = ["LiSSA", "LiSSAOptions"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class LiSSAOptions:
+    """The series LiSSA runs.
+
+    Attributes:
+        iterations: J, the depth of the series.
+        scale: the scale; ``None`` estimates ``scale_safety`` x the largest eigenvalue of the
+            mini-batch products by power iteration (``power_iterations`` steps) on
+            ``scale_batches`` mini-batches.
+        repeats: independent runs averaged.
+        batch_size: mini-batch size (default: the loader's).
+        seed: seed of the mini-batch draw (each solve restarts it: deterministic).
+    """
+
+    iterations: int = 1000
+    scale: float | None = None
+    repeats: int = 1
+    batch_size: int | None = None
+    seed: int = 0
+    scale_safety: float = 1.2
+    scale_batches: int = 4
+    power_iterations: int = 30
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1 or self.repeats < 1:
+            raise ValueError(f"LiSSA: iterations and repeats must be >= 1, got "
+                             f"{self.iterations}, {self.repeats}.")
+        if self.scale is not None and self.scale <= 0:
+            raise ValueError(f"LiSSA: scale must be > 0, got {self.scale}.")
 
 
 class LiSSA(CurvatureSolver):
@@ -39,32 +72,29 @@ class LiSSA(CurvatureSolver):
     needed.
 
     Args:
-        iterations: J, the depth of the series.
-        scale: the scale; ``None`` estimates ``scale_safety`` x the largest eigenvalue of the
-            mini-batch products by power iteration on ``scale_batches`` mini-batches.
-        repeats: independent runs averaged.
-        batch_size: mini-batch size (default: the loader's).
-        seed: seed of the mini-batch draw (each solve restarts it: deterministic).
+        model, loader, task: as for every :class:`CurvatureSolver`.
+        lissa: :class:`LiSSAOptions` (``iterations``, ``scale``, ``repeats``, ``batch_size``,
+            ``seed``, ...); its fields may also be keywords, beside the solver's own
+            (``damping``, ``tracker``, and :class:`SolverOptions`' fields).
     """
 
     strategy = "lissa"
 
-    def __init__(self, model: nn.Module, loader: Any, task: Task | str | None = None, *,
-                 iterations: int = 1000, scale: float | None = None, repeats: int = 1,
-                 batch_size: int | None = None, seed: int = 0, scale_safety: float = 1.2,
-                 scale_batches: int = 4, power_iterations: int = 30, **kwargs: Any) -> None:
-        super().__init__(model, loader, task, **kwargs)
-        if iterations < 1 or repeats < 1:
-            raise ValueError(f"LiSSA: iterations and repeats must be >= 1, got {iterations}, "
-                             f"{repeats}.")
-        if scale is not None and scale <= 0:
-            raise ValueError(f"LiSSA: scale must be > 0, got {scale}.")
+    def __init__(self, model: nn.Module, loader: Any, task: Task | str | None = None,
+                 lissa: LiSSAOptions | None = None, **kwargs: Any) -> None:
+        names = {f.name for f in fields(LiSSAOptions)}
+        lissa = resolve_options(LiSSAOptions, lissa,
+                                {k: v for k, v in kwargs.items() if k in names}, "LiSSA()")
+        super().__init__(model, loader, task, **{k: v for k, v in kwargs.items()
+                                                 if k not in names})
+        iterations, scale, repeats = lissa.iterations, lissa.scale, lissa.repeats
+        batch_size, seed = lissa.batch_size, lissa.seed
         self.iterations = iterations
         self.repeats = repeats
         self.batch_size = batch_size or getattr(loader, "batch_size", None) or 32
         self.seed = seed
-        self.scale = scale if scale is not None else scale_safety * self.estimate_scale(
-            scale_batches, power_iterations)
+        self.scale = scale if scale is not None else lissa.scale_safety * self.estimate_scale(
+            lissa.scale_batches, lissa.power_iterations)
         self.extra = {"scale": self.scale, "iterations": iterations, "repeats": repeats,
                       "batch_size": self.batch_size}
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
-from lightning_influence.passes import iterate_rows, ordered_loader
+from lightning_influence.passes import RowPass, iterate_rows, ordered_loader
 from lightning_influence.scoring import SelfResult, compute_self_scores, self_terms
 from lightning_influence.solvers.gauss_newton import CurvatureSolver
 from lightning_influence.task import Task, resolve_task
@@ -68,9 +68,9 @@ def _self_terms(model: nn.Module, preconditioner: Any, loader: Any, task: Task |
     sub = DataLoader(Subset(dataset, list(chosen)), batch_size=batch_size, shuffle=False,
                      collate_fn=loader.collate_fn)
     terms, losses = [], []
-    for _, _, _, rows, batch_losses in iterate_rows(
-            model, sub, task, tracker, "loss", shard=False, progress=progress,
-            desc=f"influence: self-influence ({preconditioner.strategy}, per example)"):
+    spec = RowPass("loss", f"influence: self-influence ({preconditioner.strategy}, per example)",
+                   progress)
+    for _, _, _, rows, batch_losses in iterate_rows(model, sub, task, tracker, spec, shard=False):
         terms.append(self_terms(preconditioner, rows, batch_losses.shape[0]).cpu())
         losses.append(batch_losses.double().cpu())
     return torch.cat(terms, dim=1), torch.cat(losses)
