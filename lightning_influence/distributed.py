@@ -29,6 +29,8 @@ __all__ = [
     "sampling_generator",
     "all_gather_objects",
     "broadcast_object",
+    "broadcast_tensor",
+    "all_reduce_sum_",
     "barrier",
 ]
 
@@ -130,6 +132,29 @@ def barrier() -> None:
     """Wait for every rank (no-op without a process group)."""
     if is_distributed():
         dist.barrier()
+
+
+def all_reduce_sum_(tensor: Tensor) -> Tensor:
+    """Sum ``tensor`` over every rank, in place (no-op without a process group): one buffer,
+    where gathering every rank's copy would take W of them."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_tensor(tensor: Tensor | None, src: int, device: Any = "cpu") -> Tensor:
+    """``tensor`` from rank ``src`` on every rank; the others pass ``None`` and get a fresh
+    tensor on ``device`` (its shape and dtype are sent first, as a small object)."""
+    if not is_distributed():
+        return tensor
+    shape, dtype = broadcast_object(
+        (tuple(tensor.shape), tensor.dtype) if rank() == src else None, src)
+    if rank() != src:
+        tensor = torch.empty(shape, dtype=dtype, device=device)
+    else:
+        tensor = tensor.contiguous()  # eigh's eigenvectors come column-major
+    dist.broadcast(tensor, src=src)
+    return tensor
 
 
 def broadcast_object(obj: Any, src: int) -> Any:

@@ -28,6 +28,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
+from lightning_influence.blocks import BlockDiagonal, blocked_shape, rows_times, rows_times_t
 from lightning_influence.io import atomic_save_json, atomic_save_safetensors, tensors_checksum
 from lightning_influence.strategies import STRATEGIES, strategy
 from lightning_influence.tracking import LayerTracker
@@ -62,28 +63,58 @@ def content_checksum(tensors: dict[str, Tensor], meta: dict[str, Any]) -> str:
     return tensors_checksum(tensors, json.dumps(body, sort_keys=True, default=str))
 
 
-def eigendecompose(matrix: Tensor, what: str, layer: str) -> tuple[Tensor, Tensor]:
-    """Symmetrise and ``eigh`` in float64; returns ``(eigenvalues [D], eigenvectors [D, D])``."""
-    m = matrix.to(torch.float64)
-    if not torch.isfinite(m).all():
+def eigendecompose(matrix: Tensor, what: str, layer: str, dim: int | None = None,
+                   ) -> tuple[Tensor, Tensor | BlockDiagonal]:
+    """``eigh`` in float64 of a covariance side: ``(eigenvalues [D], eigenvectors [D, D])``.
+
+    ``matrix`` may be ``[K, B, B]``, the diagonal blocks of a side of width ``dim`` (see
+    :mod:`lightning_influence.blocks`): the eigenvectors are then a
+    :class:`~lightning_influence.blocks.BlockDiagonal`, and the last block, narrower than B
+    when ``dim < K B``, is decomposed on its real ``r x r`` part (the identity on its padding).
+    Only the lower triangle is read (the sums are symmetric to rounding), in float64 whatever
+    the sums' dtype; negative rounding noise is clamped to 0.
+    """
+    if not bool(torch.isfinite(matrix.sum(dtype=torch.float64))):
         raise FloatingPointError(
             f"The {what} covariance of layer {layer!r} holds NaN/Inf; the statistics pass saw "
             "non-finite activations or gradients. Check the data and the model."
         )
-    if m.dim() != 2 or m.shape[0] != m.shape[1]:
-        raise ValueError(f"The {what} covariance of layer {layer!r} has shape {tuple(m.shape)}; "
-                         "a square matrix was expected (fit the statistics again).")
-    m = 0.5 * (m + m.T)
+    if matrix.dim() == 3:
+        return _eigendecompose_blocks(matrix, what, layer, dim)
+    if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"The {what} covariance of layer {layer!r} has shape "
+                         f"{tuple(matrix.shape)}; a square matrix was expected (fit the "
+                         "statistics again).")
+    values, vectors = _eigh(matrix.to(torch.float64), what, layer)
+    return values.clamp_min(0.0), vectors
+
+
+def _eigh(m: Tensor, what: str, layer: str) -> tuple[Tensor, Tensor]:
     try:
-        values, vectors = torch.linalg.eigh(m)
+        return torch.linalg.eigh(m)
     except RuntimeError as err:  # torch.linalg.LinAlgError: no convergence
         raise FloatingPointError(
             f"The eigendecomposition of the {what} covariance of layer {layer!r} "
-            f"({m.shape[0]} x {m.shape[0]}) failed: {err}. The covariance is badly conditioned "
+            f"({m.shape[-1]} x {m.shape[-1]}) failed: {err}. The covariance is badly conditioned "
             "(e.g. huge activations, or rows that are almost all equal): check the layer's "
             "inputs, exclude the layer, or use strategy='diagonal'."
         ) from err
-    return values.clamp_min(0.0), vectors
+
+
+def _eigendecompose_blocks(blocks: Tensor, what: str, layer: str, dim: int | None,
+                           ) -> tuple[Tensor, BlockDiagonal]:
+    k, b = blocks.shape[0], blocks.shape[1]
+    dim = dim if dim is not None else k * b
+    r = dim - (k - 1) * b  # width of the last block
+    values = torch.zeros(k, b, dtype=torch.float64, device=blocks.device)
+    vectors = torch.empty(k, b, b, dtype=torch.float64, device=blocks.device)
+    for j in range(k):  # one block at a time: float64 working memory of one block
+        w = b if j < k - 1 else r
+        vals, vecs = _eigh(blocks[j, :w, :w].to(torch.float64), what, f"{layer} (block {j})")
+        values[j, :w] = vals.clamp_min(0.0)
+        vectors[j] = torch.eye(b, dtype=torch.float64, device=blocks.device)
+        vectors[j, :w, :w] = vecs
+    return values.reshape(-1)[:dim], BlockDiagonal(vectors, dim)
 
 
 @dataclass(frozen=True)
@@ -145,8 +176,8 @@ class LayerFactors:
     """The preconditioner of one layer (see the module docstring for each strategy's content)."""
 
     eigenvalues: Tensor | None = None  # Lambda [O, I]
-    basis_in: Tensor | None = None  # Q_A [I, I]
-    basis_out: Tensor | None = None  # Q_S [O, O]
+    basis_in: Tensor | BlockDiagonal | None = None  # Q_A [I, I] (or its diagonal blocks)
+    basis_out: Tensor | BlockDiagonal | None = None  # Q_S [O, O]
     damping: float = 0.0
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -170,19 +201,24 @@ class LayerFactors:
         """``Q_S^T V Q_A`` for ``V [..., O, I]``."""
         q_out, q_in = self._get("basis_out", v), self._get("basis_in", v)
         if q_out is not None:
-            v = q_out.T @ v
+            v = q_out.T @ v if isinstance(q_out, Tensor) else q_out.right(v.mT).mT
         if q_in is not None:
-            v = v @ q_in
+            v = rows_times(q_in, v)
         return v
 
     def unrotate(self, v: Tensor) -> Tensor:
         """``Q_S V Q_A^T`` for ``V [..., O, I]``."""
         q_out, q_in = self._get("basis_out", v), self._get("basis_in", v)
         if q_out is not None:
-            v = q_out @ v
+            v = q_out @ v if isinstance(q_out, Tensor) else q_out.right_t(v.mT).mT
         if q_in is not None:
-            v = v @ q_in.T
+            v = rows_times_t(q_in, v)
         return v
+
+    def block_sizes(self) -> dict[str, int]:
+        """``{"in": B, "out": B}`` for the sides whose basis is block-diagonal."""
+        return {side: basis.blocks.shape[-1] for side, basis in (
+            ("in", self.basis_in), ("out", self.basis_out)) if isinstance(basis, BlockDiagonal)}
 
     def precondition(self, v: Tensor) -> Tensor:
         """``P(V) = Q_S [(Q_S^T V Q_A) / (Lambda + damping)] Q_A^T`` for ``V [..., O, I]``."""
@@ -195,9 +231,15 @@ class LayerFactors:
         out = {}
         for key in ("eigenvalues", "basis_in", "basis_out"):
             value = getattr(self, key)
+            if isinstance(value, BlockDiagonal):
+                value = value.blocks
             if value is not None:
                 out[f"{prefix}.{key}"] = value.detach().cpu().contiguous()
         return out
+
+    def nbytes(self) -> int:
+        """Bytes the factors hold."""
+        return sum(t.numel() * t.element_size() for t in self.tensors("").values())
 
 
 def model_fingerprint(tracker: LayerTracker) -> dict[str, str]:
@@ -355,7 +397,7 @@ class Factors(PreconditionerBase):
         return {name: self.layers[name].precondition(v) for name, v in gradients.items()}
 
     def metadata(self) -> dict[str, Any]:
-        return {
+        meta = {
             "format_version": FORMAT_VERSION,
             "strategy": self.strategy,
             "layers": self.shapes,
@@ -364,6 +406,14 @@ class Factors(PreconditionerBase):
             "num_examples": self.num_examples,
             "extra": self.extra,
         }
+        blocks = {name: sizes for name, lf in self.layers.items() if (sizes := lf.block_sizes())}
+        if blocks:  # block-diagonal sides: their block size B (absent for whole factors)
+            meta["blocks"] = blocks
+        return meta
+
+    def nbytes(self) -> int:
+        """Bytes the factors hold (every layer's eigenbases and eigenvalues)."""
+        return sum(lf.nbytes() for lf in self.layers.values())
 
     def save(self, directory: str | Path, stem: str | None = None) -> Path:
         """Write ``<stem>.safetensors`` atomically, the metadata and a checksum of everything in
@@ -447,13 +497,21 @@ class Factors(PreconditionerBase):
         if set(tensors) != expected_keys:
             missing, extra = sorted(expected_keys - set(tensors)), sorted(set(tensors) - expected_keys)
             raise corrupt(f"tensors missing: {missing[:5]}, unexpected: {extra[:5]}")
+        blocks = meta.get("blocks", {})
+        if not isinstance(blocks, dict):
+            raise corrupt("its block sizes are not a mapping")
         layers = {}
         for name, shape in shapes.items():
             if not (isinstance(shape, list) and len(shape) == 2
                     and all(isinstance(d, int) and d > 0 for d in shape)):
                 raise corrupt(f"layer {name!r} has shape {shape!r}")
             o, i = shape
-            want = {"eigenvalues": (o, i), "basis_in": (i, i), "basis_out": (o, o)}
+            sizes = blocks.get(name, {})
+            if not isinstance(sizes, dict) or not all(
+                    isinstance(b, int) and b > 0 for b in sizes.values()):
+                raise corrupt(f"layer {name!r} has block sizes {sizes!r}")
+            want = {"eigenvalues": (o, i), "basis_in": blocked_shape(i, sizes.get("in")),
+                    "basis_out": blocked_shape(o, sizes.get("out"))}
             for kind in stored:
                 t = tensors[f"{name}.{kind}"]
                 if tuple(t.shape) != want[kind] or not t.is_floating_point():
@@ -469,9 +527,14 @@ class Factors(PreconditionerBase):
                               "needed)")
             layers[name] = LayerFactors(
                 eigenvalues=tensors.get(f"{name}.eigenvalues"),
-                basis_in=tensors.get(f"{name}.basis_in"),
-                basis_out=tensors.get(f"{name}.basis_out"),
+                basis_in=_stored_basis(tensors.get(f"{name}.basis_in"), i),
+                basis_out=_stored_basis(tensors.get(f"{name}.basis_out"), o),
                 damping=float(d),
             )
         return cls(strategy_name, layers, shapes, meta.get("fingerprint", {}), num_examples,
                    meta.get("extra", {}))
+
+
+def _stored_basis(tensor: Tensor | None, dim: int) -> Tensor | BlockDiagonal | None:
+    """A stored eigenbasis: ``[D, D]`` as is, ``[K, B, B]`` as the blocks of a side of width D."""
+    return BlockDiagonal(tensor, dim) if tensor is not None and tensor.dim() == 3 else tensor

@@ -21,9 +21,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_influence.blocks import BlockDiagonal, rows_times
 from lightning_influence.distributed import (
     EIGENVALUE_STREAM,
     broadcast_object,
+    broadcast_tensor,
     rank,
     world_size,
 )
@@ -35,6 +37,7 @@ from lightning_influence.factors import (
     eigendecompose,
     model_fingerprint,
 )
+from lightning_influence.memory import check_plan, plan_memory
 from lightning_influence.options import FitOptions, resolve_options
 from lightning_influence.passes import (
     RowPass,
@@ -51,6 +54,7 @@ from lightning_influence.passes import (
 from lightning_influence.statistics import (
     CovarianceStatistic,
     EigenvalueStatistic,
+    factor_dtypes,
 )
 from lightning_influence.strategies import strategy as strategy_row
 from lightning_influence.task import Task, resolve_task
@@ -79,11 +83,27 @@ def options_tracker(model: nn.Module, options: FitOptions) -> LayerTracker:
                         batch_layout=options.batch_layout)
 
 
-def new_covariances(tracker: LayerTracker, device: torch.device | None = None,
-                    ) -> dict[str, CovarianceStatistic]:
-    """Fresh, empty covariance statistics for every tracked layer."""
-    return {layer.name: CovarianceStatistic(layer.d_in, layer.d_out).to(device or "cpu")
+def layer_dtypes(tracker: LayerTracker, options: FitOptions | None = None,
+                 ) -> dict[str, tuple[torch.dtype, torch.dtype]]:
+    """``{layer: (accumulation dtype, storage dtype)}`` of the factors (``factor_dtype``)."""
+    option = options.factor_dtype if options is not None else "auto"
+    return {layer.name: factor_dtypes(option, layer.d_in, layer.d_out, layer.module.weight.dtype)
             for layer in tracker}
+
+
+def new_covariances(tracker: LayerTracker, device: torch.device | None = None,
+                    options: FitOptions | None = None) -> dict[str, CovarianceStatistic]:
+    """Fresh, empty covariance statistics for every tracked layer, in the dtype and block
+    layout ``options`` ask for (``factor_dtype``, ``block_size``)."""
+    dtypes = layer_dtypes(tracker, options)
+    block = options.block_size if options is not None else None
+    out = {}
+    for layer in tracker:
+        acc, storage = dtypes[layer.name]
+        stat = CovarianceStatistic(layer.d_in, layer.d_out, dtype=acc, block_size=block)
+        stat.storage_dtype = storage
+        out[layer.name] = stat.to(device or "cpu")
+    return out
 
 
 def update_covariances(model: nn.Module, batch: Any, task: Task, tracker: LayerTracker,
@@ -131,39 +151,58 @@ def fit_covariances(model: nn.Module, loader: Any, task: Task | str | None = Non
     task = resolve_task(task, model)
     tracker = tracker or options_tracker(model, options)
     check_loader(loader, "covariance")
-    covs = covariances if covariances is not None else new_covariances(tracker)
+    covs = covariances if covariances is not None else new_covariances(
+        tracker, model_device(model), options)
     spec = RowPass.fitting(options, "influence: covariances")
     for _, _, batch, rows, _ in iterate_rows(model, loader, task, tracker, spec):
         add_rows(covs, rows, task.row_mask(move_to_device(batch, model_device(model))))
     return covs
 
 
-def eigenbases(covariances: dict[str, CovarianceStatistic]) -> dict[str, dict[str, Tensor]]:
-    """Eigendecompose every layer's ``A`` and ``S`` (float64) -> eigenvalues and eigenvectors.
+def eigenbases(covariances: dict[str, CovarianceStatistic]) -> dict[str, dict[str, Any]]:
+    """Eigendecompose every layer's ``A`` and ``S`` (float64) -> eigenvalues and eigenvectors,
+    one layer and side at a time: each side's sums are freed as soon as they are decomposed
+    (the statistics are spent afterwards), and the eigenvectors are kept in the layer's
+    storage dtype, so the covariances and the eigenbases are never all held at once.
 
-    Inside a process group, covariances are summed across ranks, layer ``i`` is decomposed on
-    rank ``i % W`` only, and the results are shared with every rank.
+    Inside a process group, each side is summed across ranks in place, layer ``i`` is
+    decomposed on rank ``i % W`` only, and its results are broadcast to every rank.
     """
     out = {}
-    computed = {name: stat.result() for name, stat in covariances.items()}  # collective
     me, world = rank(), world_size()
-    for i, (name, cov) in enumerate(computed.items()):
-        if float(cov["rows"]) == 0:
-            raise ValueError(f"Layer {name!r} has no covariance rows: the statistics pass never "
-                             "ran it. Exclude it or check the data.")
-        if i % world != me:
-            continue
-        l_a, q_a = eigendecompose(cov["A"], "activation", name)
-        l_s, q_s = eigendecompose(cov["S"], "pseudo-gradient", name)
-        out[name] = {"l_a": l_a.cpu(), "q_a": q_a.cpu(), "l_s": l_s.cpu(), "q_s": q_s.cpu(),
-                     "rows_per_example": float(cov["rows"] / cov["examples"].clamp_min(1)),
-                     "examples": float(cov["examples"])}
-    if world > 1:
-        for i, name in enumerate(computed):
-            out[name] = broadcast_object(out.get(name), src=i % world)
-    device = next(iter(computed.values()))["A"].device
-    return {name: {k: v.to(device) if isinstance(v, Tensor) else v for k, v in b.items()}
-            for name, b in out.items()}
+    for i, (name, stat) in enumerate(covariances.items()):
+        storage = getattr(stat, "storage_dtype", stat.activation_sum.dtype)
+        device = stat.rows.device
+        owner = i % world == me
+        sides = {}
+        for side, what, dim in (("a", "activation", stat.activation_dim),
+                                ("s", "pseudo-gradient", stat.gradient_dim)):
+            mean = stat.take(side.upper())  # collective (sum over ranks), sums freed
+            if float(stat.rows) == 0:
+                raise ValueError(f"Layer {name!r} has no covariance rows: the statistics pass "
+                                 "never ran it. Exclude it or check the data.")
+            if owner:
+                values, vectors = eigendecompose(mean, what, name, dim)
+                del mean
+                sides[f"l_{side}"] = values
+                sides[f"q_{side}"] = vectors.to(storage)
+                del vectors
+            else:
+                del mean
+        if world > 1:
+            for key in ("l_a", "q_a", "l_s", "q_s"):
+                sides[key] = _broadcast_basis(sides.get(key), i % world, device)
+        out[name] = {**sides, "rows_per_example": float(stat.rows / stat.examples.clamp_min(1)),
+                     "examples": float(stat.examples), "storage": storage}
+    return out
+
+
+def _broadcast_basis(value: Any, src: int, device: torch.device) -> Any:
+    """An eigenbasis (dense or block-diagonal) or eigenvalues from rank ``src``."""
+    dim = broadcast_object(value.dim if isinstance(value, BlockDiagonal) else None, src)
+    tensor = broadcast_tensor(value.blocks if isinstance(value, BlockDiagonal) else value, src,
+                              device)
+    return BlockDiagonal(tensor, dim) if dim is not None else tensor
 
 
 def fit_eigenvalues(model: nn.Module, loader: Any, task: Task, tracker: LayerTracker,
@@ -176,13 +215,17 @@ def fit_eigenvalues(model: nn.Module, loader: Any, task: Task, tracker: LayerTra
     ``progress``).
     """
     options = options or FitOptions()
-    stats = {layer.name: EigenvalueStatistic(layer.d_in, layer.d_out) for layer in tracker}
+    dtypes = layer_dtypes(tracker, options)
+    device = model_device(model)
+    stats = {layer.name: EigenvalueStatistic(layer.d_in, layer.d_out,
+                                             dtype=dtypes[layer.name][0]).to(device)
+             for layer in tracker}
     spec = RowPass.fitting(options, "influence: eigenvalue correction", EIGENVALUE_STREAM)
     for _, _, _, rows, _ in iterate_rows(model, loader, task, tracker, spec):
         for name, (a, g) in rows.items():
             if bases is not None:
-                a = a @ bases[name]["q_a"].to(a.dtype)
-                g = g @ bases[name]["q_s"].to(g.dtype)
+                a = rows_times(bases[name]["q_a"], a)
+                g = rows_times(bases[name]["q_s"], g)
             stats[name].update(a, g)
         n = next(iter(rows.values()))[0].shape[0]
         for name in stats.keys() - rows.keys():  # did not run: zero gradient, still examples
@@ -193,10 +236,13 @@ def fit_eigenvalues(model: nn.Module, loader: Any, task: Task, tracker: LayerTra
 def factors_from_statistics(tracker: LayerTracker, strategy: str,
                             bases: dict[str, dict[str, Tensor]] | None,
                             eigenvalues: dict[str, EigenvalueStatistic] | None, *,
-                            damping: Damping | float | str | None = None) -> Factors:
+                            damping: Damping | float | str | None = None,
+                            options: FitOptions | None = None) -> Factors:
     """Assemble :class:`Factors` from eigenbases and (corrected) eigenvalues, damped by a
-    :class:`~lightning_influence.factors.Damping` (or its rule)."""
+    :class:`~lightning_influence.factors.Damping` (or its rule), kept in each layer's storage
+    dtype (``options.factor_dtype``); each eigenvalue statistic is freed once read."""
     damping = Damping.of(damping)
+    dtypes = layer_dtypes(tracker, options)
     row = strategy_row(strategy, fitted_only=True)
     layers: dict[str, LayerFactors] = {}
     num_examples = 0
@@ -211,6 +257,7 @@ def factors_from_statistics(tracker: LayerTracker, strategy: str,
         if row.needs_eigenvalue_pass:
             assert eigenvalues is not None
             computed = eigenvalues[name].result()
+            eigenvalues[name].release()
             num_examples = int(computed["examples"])
         lam = row.eigenvalues(basis, computed)
         if lam is not None and not torch.isfinite(lam).all():
@@ -227,7 +274,10 @@ def factors_from_statistics(tracker: LayerTracker, strategy: str,
                 "NaN or infinite. Exclude the layer (exclude=[...]) or pass a positive damping "
                 "(a number, or 'weight_decay')."
             )
-        layers[name] = LayerFactors(lam, q_a, q_s, layer_damping)
+        storage = basis["storage"] if basis is not None else dtypes[name][1]
+        layers[name] = LayerFactors(lam.to(storage) if lam is not None else None, q_a, q_s,
+                                    layer_damping)
+        del lam, computed
     return Factors(strategy, layers, tracker.describe(), model_fingerprint(tracker), num_examples,
                    damping.describe())
 
@@ -273,6 +323,9 @@ def fit_factors(model: nn.Module, loader: Any, task: Task | str | None = None,
 
     def fit() -> Factors:
         check_loader(loader, "training")
+        if covariances is None and options.memory_limit != "off":  # before any pass
+            check_plan(plan_memory(model, loader, task, options, tracker=tracker),
+                       options.memory_limit, "fit_factors()")
         bases = None
         if row.needs_covariances:
             covs = covariances
@@ -283,7 +336,7 @@ def fit_factors(model: nn.Module, loader: Any, task: Task | str | None = None,
         if row.needs_eigenvalue_pass:
             eigenvalues = fit_eigenvalues(model, loader, task, tracker, bases, options)
         factors = factors_from_statistics(tracker, options.strategy, bases, eigenvalues,
-                                          damping=rule)
+                                          damping=rule, options=options)
         factors.extra["fisher"] = options.fisher
         factors.extra["batch_layout"] = tracker.batch_layout
         if row_dtype_of(options.row_dtype) is not None:

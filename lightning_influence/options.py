@@ -75,6 +75,19 @@ class FitOptions:
     batch_layout: str = _help(
         "how rows map to examples when the model reshapes its batch: auto | contiguous | "
         "interleaved", default="auto")
+    factor_dtype: str = _help(
+        "dtype the factors are accumulated and kept in: auto (float64 for layers whose "
+        "covariances hold at most 2^22 numbers and for float64 models, float32 for wider "
+        "ones) | float64 | float32 | bfloat16 (eigenbases and eigenvalues kept in bfloat16 "
+        "after float32 sums; eigendecompositions always run in float64)", default="auto")
+    block_size: int | None = _help(
+        "block-diagonal factors: a covariance side wider than this keeps only its diagonal "
+        "blocks of this width (Grosse et al. 2023's approximation for their largest layers; "
+        "memory D x B instead of D^2); None: whole factors", default=None)
+    memory_limit: Any = _help(
+        "checked before any pass: 'auto' (what the device has: available RAM, or free CUDA "
+        "memory for a model on a GPU), a number of GiB, or 'off'; a plan that needs more is "
+        "refused with the layers that dominate and what would make it fit", default="auto")
     row_dtype: str | None = _help(
         "None (rows as the model makes them) or 'bfloat16': the covariance products, "
         "eigenbasis rotations and per-example contractions of every pass in bfloat16 "
@@ -108,7 +121,12 @@ class FitOptions:
             raise ValueError(f"batch_layout={self.batch_layout!r} is not one of "
                              f"{list(BATCH_LAYOUTS)}.")
         row_dtype_of(self.row_dtype)
-        _positive(self, "max_batches", "batch_size")
+        from lightning_influence.statistics import FACTOR_DTYPES
+        if self.factor_dtype not in FACTOR_DTYPES:
+            raise ValueError(f"factor_dtype={self.factor_dtype!r} is not one of "
+                             f"{list(FACTOR_DTYPES)}.")
+        _positive(self, "max_batches", "batch_size", "block_size")
+        _memory_limit(self.memory_limit)
         for name in ("layers", "exclude"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -152,6 +170,9 @@ class ScoreOptions:
         "contractions under torch.autocast; 'auto' (callbacks): the Trainer's mixed "
         "precision", default=None)
     chunk_batches: int = _help("batches per resumable score file", default=16)
+    memory_limit: Any = _help(
+        "checked before the scoring pass: 'auto' (what the device has), a number of GiB, or "
+        "'off' (see FitOptions.memory_limit)", default="auto")
     resumable: bool = _help(
         "callbacks: write score chunks under <output_dir>/score_chunks so that an interrupted "
         "pass resumes (the functions resume when given scores_dir)", default=True)
@@ -167,6 +188,7 @@ class ScoreOptions:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r} is not one of {list(PRECISIONS)}.")
         _positive(self, "chunk_batches", "batch_size")
+        _memory_limit(self.memory_limit)
 
     def autocast(self, trainer_precision: Any = None) -> Any:
         """The ``torch.autocast`` dtype of the score pass, or None (``"auto"`` reads
@@ -261,6 +283,13 @@ class ValidationOptions:
     def help(cls) -> str:
         """Every option with its type, default and help, one per line."""
         return option_help(cls)
+
+
+def _memory_limit(value: Any) -> None:
+    if value in ("auto", "off") or (isinstance(value, int | float) and not isinstance(value, bool)
+                                    and value > 0):
+        return
+    raise ValueError(f"memory_limit={value!r}: use 'auto', 'off' or a positive number of GiB.")
 
 
 def _positive(options: Any, *names: str) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightning_influence.blocks import rows_times
 from lightning_influence.factors import LayerFactors
 from lightning_influence.lowrank import LowRankGradient
 from lightning_influence.statistics import accumulation_dtype
@@ -97,8 +98,8 @@ def self_layer_scores(factors: LayerFactors, a: Tensor, g: Tensor,
     In the eigenbasis, ``<P(G), G> = sum (Q_S^T G Q_A)^2 / (Lambda + damping)``; for single-row
     layers ``(Q_S^T G_n Q_A)^2 = (g'_n)^2 (a'_n^2)^T``, so no per-example matrix is built.
     """
-    a_rot = a @ factors._get("basis_in", a) if factors.basis_in is not None else a
-    g_rot = g @ factors._get("basis_out", g) if factors.basis_out is not None else g
+    a_rot = rows_times(factors._get("basis_in", a), a) if factors.basis_in is not None else a
+    g_rot = rows_times(factors._get("basis_out", g), g) if factors.basis_out is not None else g
     n, t, i = a.shape
     o = g.shape[-1]
     dtype = accumulation_dtype(a.dtype)  # 16-bit rows: squares and sums in float32

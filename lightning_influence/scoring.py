@@ -29,10 +29,12 @@ from lightning_influence.distributed import (
 )
 from lightning_influence.factors import Preconditioner
 from lightning_influence.lowrank import QueryStore, truncate
+from lightning_influence.memory import check_plan, plan_scoring
 from lightning_influence.options import ScoreOptions, resolve_options
 from lightning_influence.passes import (
     RowPass,
     check_loader,
+    count_examples,
     evaluation_mode,
     iterate_rows,
     model_device,
@@ -143,6 +145,8 @@ class BoundInfluence:
         check_loader(train_loader, "training", ordered=True)
         with evaluation_mode(model):
             query_losses = _measurements(model, query_loader, task)
+        self._check_memory(train_loader, options, count_examples(query_loader) or
+                           int(query_losses.numel()))
         if query_grads is None:
             query_grads = self.query_gradients(query_loader, progress=options.progress)
         names = list(query_grads)
@@ -195,6 +199,7 @@ class BoundInfluence:
         normalize, autocast = options.normalize, options.autocast()
         factors = self.preconditioner
         check_loader(train_loader, "training", ordered=True)
+        self._check_memory(train_loader, options, 0)
         names = list(factors.shapes)
         scale = _normalization(factors, normalize)
         kept: list[dict[str, Tensor]] = []
@@ -208,6 +213,15 @@ class BoundInfluence:
         merged = _assemble(kept)
         return _self_result(merged, names, scale)
 
+
+    def _check_memory(self, train_loader: Any, options: ScoreOptions, num_queries: int) -> None:
+        """Refuse a scoring pass whose memory plan cannot fit, before the pass."""
+        if options.memory_limit == "off":
+            return
+        plan = plan_scoring(self.model, self.preconditioner, train_loader, self.task,
+                            self.tracker, options, num_queries)
+        check_plan(plan, options.memory_limit,
+                   "pairwise scores" if num_queries else "self-influence scores")
 
     def _stream(self, kind: str, train_loader: Any,
                 chunk_of: Callable[[dict[str, tuple[Tensor, Tensor]], Tensor], dict[str, Tensor]],

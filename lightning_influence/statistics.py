@@ -3,8 +3,10 @@
 Index letters: N examples, T rows per example, I = d_in (+1 bias), O = d_out.
 
 Every statistic is a torchmetrics state reduced with ``sum`` across processes; division by the
-row or example count happens only in :meth:`compute`, so uneven per-rank counts stay exact.
-Sums are kept in ``dtype`` (float64 by default) whatever the model's precision.
+row or example count happens only after the sums are reduced, so uneven per-rank counts stay
+exact. Sums are kept in ``dtype`` whatever the model's precision: float64 for small layers,
+float32 for wide ones (:func:`factor_dtypes`), each large state held once (not twice, as a
+torchmetrics default copy would) and freed once consumed.
 """
 
 from __future__ import annotations
@@ -13,7 +15,11 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-__all__ = ["CovarianceStatistic", "EigenvalueStatistic", "check_finite", "is_finite"]
+from lightning_influence.blocks import add_blocked_outer, blocked_shape
+from lightning_influence.distributed import all_reduce_sum_
+
+__all__ = ["CovarianceStatistic", "EigenvalueStatistic", "FACTOR_DTYPES", "factor_dtypes",
+           "check_finite", "is_finite"]
 
 
 def check_finite(tensor: Tensor, what: str, layer: str, batch_index: int | None = None) -> None:
@@ -38,37 +44,108 @@ def is_finite(tensor: Tensor) -> bool:
     return bool(torch.isfinite(tensor.sum(dtype=dtype)))
 
 
-class CovarianceStatistic(Metric):
-    """Sums of ``a a^T`` and ``g g^T`` over activation / pseudo-gradient rows of one layer.
+FACTOR_DTYPES = ("auto", "float64", "float32", "bfloat16")
+AUTO_FLOAT64_NUMBERS = 2**22
+"""``factor_dtype="auto"`` keeps a layer's factors in float64 while its covariances hold at most
+this many numbers (``I^2 + O^2``, e.g. 1448 wide on both sides: 32 MiB in float64) and the
+model computes in at most float32; wider layers accumulate and store in float32."""
 
-    ``compute()`` returns ``A = sum a a^T / rows`` ``[I, I]`` and ``S = sum g g^T / rows``
-    ``[O, O]``; ``rows`` and ``examples`` are also kept so that K-FAC can put its
-    eigenvalues on the per-example scale of the EK-FAC correction.
+
+def factor_dtypes(option: str, d_in: int, d_out: int, rows: torch.dtype = torch.float32,
+                  ) -> tuple[torch.dtype, torch.dtype]:
+    """``(accumulation dtype, storage dtype)`` of one layer's factors for ``factor_dtype``.
+
+    Sums are accumulated in at least float32; ``"bfloat16"`` stores the eigenbases and
+    eigenvalues in bfloat16 (half the memory of the scoring stage) after accumulating in
+    float32. ``"auto"``: float64 for small layers or float64 models, float32 otherwise.
+    """
+    if option not in FACTOR_DTYPES:
+        raise ValueError(f"factor_dtype={option!r} is not one of {list(FACTOR_DTYPES)}.")
+    if option == "auto":
+        small = d_in * d_in + d_out * d_out <= AUTO_FLOAT64_NUMBERS
+        option = "float64" if small or rows == torch.float64 else "float32"
+    storage = {"float64": torch.float64, "float32": torch.float32,
+               "bfloat16": torch.bfloat16}[option]
+    return (torch.float64 if storage == torch.float64 else torch.float32), storage
+
+
+class _SumStates(Metric):
+    """A torchmetrics ``Metric`` whose large sum states cost their size once.
+
+    ``add_state`` keeps a deep copy of each state's default (for ``reset``), which would double
+    the memory of a ``[D, D]`` covariance; here the recorded default is an empty tensor and
+    :meth:`reset` zeroes the sums in place instead. :meth:`release` frees them once they are
+    consumed (only the counts stay).
     """
 
     full_state_update = False
     higher_is_better = None
 
+    def _add_sum(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        self.add_state(name, torch.zeros(0, dtype=dtype), dist_reduce_fx="sum")
+        setattr(self, name, torch.zeros(shape, dtype=dtype))
+        self.__dict__.setdefault("_sum_shapes", {})[name] = shape
+
+    def reset(self) -> None:
+        super().reset()  # counts back to 0, sums to the empty defaults
+        for name, shape in self._sum_shapes.items():
+            default = self._defaults[name]
+            setattr(self, name, torch.zeros(shape, dtype=default.dtype,
+                                            device=self.examples.device))
+        self.__dict__["released"] = False
+
+    def release(self) -> None:
+        """Free the sums (their consumer has taken them); the counts stay."""
+        for name in self._sum_shapes:
+            setattr(self, name, getattr(self, name).new_zeros(0))
+        self.__dict__["released"] = True
+
+    def _check_not_released(self) -> None:
+        if self.__dict__.get("released"):
+            raise RuntimeError(
+                f"This {type(self).__name__}'s sums were consumed (released after the "
+                "eigendecomposition); only its counts remain. Accumulate the statistics again.")
+
+
+class CovarianceStatistic(_SumStates):
+    """Sums of ``a a^T`` and ``g g^T`` over activation / pseudo-gradient rows of one layer.
+
+    ``compute()`` returns ``A = sum a a^T / rows`` ``[I, I]`` and ``S = sum g g^T / rows``
+    ``[O, O]``; ``rows`` and ``examples`` are also kept so that K-FAC can put its
+    eigenvalues on the per-example scale of the EK-FAC correction. With ``block_size``, a side
+    wider than it keeps only its diagonal blocks: ``[K, B, B]`` (see
+    :mod:`lightning_influence.blocks`).
+
+    Args:
+        d_in, d_out: I and O.
+        dtype: the sums' dtype (float64, or float32 for wide layers: see :func:`factor_dtypes`).
+        fold_every: with float64 sums, rows of another dtype are multiplied in float32 into
+            buffers folded into the sums every ``fold_every`` updates.
+        block_size: B, or None for whole sides.
+    """
+
     def __init__(self, d_in: int, d_out: int, dtype: torch.dtype = torch.float64,
-                 fold_every: int = 16) -> None:
+                 fold_every: int = 16, block_size: int | None = None) -> None:
         super().__init__()
-        self.add_state("activation_sum", torch.zeros(d_in, d_in, dtype=dtype),
-                       dist_reduce_fx="sum")
-        self.add_state("gradient_sum", torch.zeros(d_out, d_out, dtype=dtype),
-                       dist_reduce_fx="sum")
+        self.block_size = block_size
+        self.activation_dim, self.gradient_dim = d_in, d_out
+        self.storage_dtype = dtype
+        self._add_sum("activation_sum", blocked_shape(d_in, block_size), dtype)
+        self._add_sum("gradient_sum", blocked_shape(d_out, block_size), dtype)
         self.add_state("rows", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("examples", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        # Rows in another dtype than the sums (float32, bf16) are multiplied in float32 straight
-        # into these buffers (addmm_, no temporaries) and folded into the sums every
+        # Rows in another dtype than float64 sums (float32, bf16) are multiplied in float32
+        # straight into these buffers (addmm_, no temporaries) and folded into the sums every
         # ``fold_every`` updates: on a 1024-wide layer an update then costs 1.3 ms instead of
         # 3.1 ms (a float32 product, its float64 copy and an add), which is what makes
-        # covariance updates during training cheap.
+        # covariance updates during training cheap. Float32 sums need no buffers.
         self.fold_every = fold_every
         self._pending_updates = 0
-        self.add_state("activation_pending", torch.zeros(d_in, d_in, dtype=torch.float32),
-                       dist_reduce_fx="sum")
-        self.add_state("gradient_pending", torch.zeros(d_out, d_out, dtype=torch.float32),
-                       dist_reduce_fx="sum")
+        buffered = dtype == torch.float64
+        self._add_sum("activation_pending",
+                      blocked_shape(d_in, block_size) if buffered else (0,), torch.float32)
+        self._add_sum("gradient_pending",
+                      blocked_shape(d_out, block_size) if buffered else (0,), torch.float32)
 
     def update(self, a: Tensor, g: Tensor, mask: Tensor | None = None) -> None:  # type: ignore[override]
         """Add a batch: ``a [N, T, I]``, ``g [N, T, O]`` or ``[K*N, T, O]`` (the K gradient rows
@@ -86,6 +163,7 @@ class CovarianceStatistic(Metric):
         self._add(a, g, mask)
 
     def _add(self, a: Tensor, g: Tensor, mask: Tensor | None) -> None:
+        self._check_not_released()
         if mask is not None and mask.shape == a.shape[:2]:
             m = mask.to(a.dtype).unsqueeze(-1)
             a = a * m
@@ -95,20 +173,15 @@ class CovarianceStatistic(Metric):
             rows = a.shape[0] * a.shape[1]
         a2 = a.reshape(-1, a.shape[-1])
         g2 = g.reshape(-1, g.shape[-1])
-        if a2.dtype == self.activation_sum.dtype and g2.dtype == self.gradient_sum.dtype:
-            self.activation_sum.addmm_(a2.T, a2)
-            self.gradient_sum.addmm_(g2.T, g2)
-        else:
-            if a2.dtype == torch.bfloat16 and g2.dtype == torch.bfloat16:
-                # bfloat16 rows (row_dtype="bfloat16", bf16 models) are multiplied as they are,
-                # 3-4x faster than in float32 where the hardware has bfloat16 products: one
-                # rounding of each batch's product, errors that average out over the batches
-                self.activation_pending.add_(a2.T @ a2)
-                self.gradient_pending.add_(g2.T @ g2)
+        buffered = self.activation_pending.numel() > 0
+        for total, pending, x in ((self.activation_sum, self.activation_pending, a2),
+                                  (self.gradient_sum, self.gradient_pending, g2)):
+            if x.dtype == total.dtype or not buffered:
+                _add_outer(total, x)
             else:
-                a2, g2 = a2.float(), g2.float()
-                self.activation_pending.addmm_(a2.T, a2)
-                self.gradient_pending.addmm_(g2.T, g2)
+                _add_outer(pending, x)
+        if buffered and (a2.dtype != self.activation_sum.dtype
+                         or g2.dtype != self.gradient_sum.dtype):
             self._pending_updates += 1
             if self._pending_updates >= self.fold_every:
                 self._fold()
@@ -117,10 +190,11 @@ class CovarianceStatistic(Metric):
 
     def _fold(self) -> None:
         """Move the float32 buffers into the sums."""
-        self.activation_sum += self.activation_pending
-        self.gradient_sum += self.gradient_pending
-        self.activation_pending.zero_()
-        self.gradient_pending.zero_()
+        if self.activation_pending.numel():
+            self.activation_sum += self.activation_pending
+            self.gradient_sum += self.gradient_pending
+            self.activation_pending.zero_()
+            self.gradient_pending.zero_()
         self._pending_updates = 0
 
     def sums(self) -> dict[str, Tensor]:
@@ -131,6 +205,12 @@ class CovarianceStatistic(Metric):
         """Restore sums saved by :meth:`sums` (counts as one update)."""
         for key, value in sums.items():
             current = getattr(self, key)
+            if key.endswith("_pending") and current.shape != value.shape:
+                # saved with float64 sums (buffers) into float32 sums, or the other way round
+                if value.numel():
+                    getattr(self, key.replace("_pending", "_sum")).add_(value.to(
+                        getattr(self, key.replace("_pending", "_sum")).dtype))
+                continue
             if current.shape != value.shape:
                 raise ValueError(f"Saved covariance state {key!r} has shape {tuple(value.shape)}, "
                                  f"this layer needs {tuple(current.shape)}.")
@@ -142,17 +222,63 @@ class CovarianceStatistic(Metric):
         result to 0-d, which would turn the ``[1, 1]`` covariance of a layer with one output
         (a regression head) or one input into a scalar."""
         out = dict(self.compute())
-        out["A"] = out["A"].reshape(self.activation_sum.shape)
-        out["S"] = out["S"].reshape(self.gradient_sum.shape)
+        if "A" in out:
+            out["A"] = out["A"].reshape(self.activation_sum.shape)
+            out["S"] = out["S"].reshape(self.gradient_sum.shape)
         return out
 
     def compute(self) -> dict[str, Tensor]:
-        """``{"A": [I, I], "S": [O, O], "rows": [], "examples": []}`` (summed over processes)."""
+        """``{"A": [I, I], "S": [O, O], "rows": [], "examples": []}`` (summed over processes;
+        blocked sides are ``[K, B, B]``). After :meth:`release` only the counts remain."""
+        counts = {"rows": self.rows.clone(), "examples": self.examples.clone()}
+        if self.__dict__.get("released"):
+            return counts
         rows = self.rows.clamp_min(1)
-        a_sum = self.activation_sum + self.activation_pending
-        s_sum = self.gradient_sum + self.gradient_pending
-        return {"A": a_sum / rows, "S": s_sum / rows,
-                "rows": self.rows.clone(), "examples": self.examples.clone()}
+        a_sum, s_sum = self.activation_sum, self.gradient_sum
+        if self.activation_pending.numel():
+            a_sum, s_sum = a_sum + self.activation_pending, s_sum + self.gradient_pending
+        return {"A": a_sum / rows, "S": s_sum / rows, **counts}
+
+    def take(self, side: str) -> Tensor:
+        """One side's mean (``"A"`` or ``"S"``), summed over processes, and that side's sums
+        freed: the eigendecomposition's input, one layer and side at a time, without the
+        copies of :meth:`compute`. Divides in place; the statistic is spent afterwards."""
+        self._check_not_released()
+        name = "activation_sum" if side == "A" else "gradient_sum"
+        total, pending = getattr(self, name), getattr(self, name.replace("_sum", "_pending"))
+        if total.numel() == 0:
+            raise RuntimeError(f"The {side} side of this covariance was taken already.")
+        if pending.numel():
+            total += pending
+            setattr(self, name.replace("_sum", "_pending"), pending.new_zeros(0))
+        if not self.__dict__.get("_counts_reduced"):
+            all_reduce_sum_(self.rows)
+            all_reduce_sum_(self.examples)
+            self.__dict__["_counts_reduced"] = True
+        all_reduce_sum_(total)
+        total.div_(self.rows.clamp_min(1))
+        setattr(self, name, total.new_zeros(0))
+        if all(getattr(self, n).numel() == 0 for n in ("activation_sum", "gradient_sum")):
+            self.release()
+        return total
+
+
+def _add_outer(total: Tensor, x: Tensor) -> None:
+    """``total += x^T x`` for rows ``x [R, D]`` (diagonal blocks only when ``total`` is
+    ``[K, B, B]``), without temporaries where the dtypes allow."""
+    if total.dim() == 3:
+        add_blocked_outer(total, x if x.dtype in (total.dtype, torch.bfloat16) else
+                          x.to(total.dtype))
+    elif x.dtype == total.dtype:
+        total.addmm_(x.T, x)
+    elif x.dtype == torch.bfloat16:
+        # bfloat16 rows (row_dtype="bfloat16", bf16 models) are multiplied as they are, 3-4x
+        # faster than in float32 where the hardware has bfloat16 products: one rounding of each
+        # batch's product, errors that average out over the batches
+        total.add_(x.T @ x)
+    else:
+        x = x.to(total.dtype)
+        total.addmm_(x.T, x)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -161,7 +287,7 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
-class EigenvalueStatistic(Metric):
+class EigenvalueStatistic(_SumStates):
     """Sum over examples of the squared per-example gradient in a Kronecker eigenbasis.
 
     For each example, ``G_n = sum_t g_nt a_nt^T`` ``[O, I]``; this sums
@@ -169,15 +295,11 @@ class EigenvalueStatistic(Metric):
     eigenvalues Lambda ``[O, I]``. With identity bases it is the diagonal Fisher.
     """
 
-    full_state_update = False
-    higher_is_better = None
-
     def __init__(self, d_in: int, d_out: int, dtype: torch.dtype = torch.float64,
                  chunk_elements: int = 2**22) -> None:
         super().__init__()
         self.chunk_elements = chunk_elements
-        self.add_state("eigenvalue_sum", torch.zeros(d_out, d_in, dtype=dtype),
-                       dist_reduce_fx="sum")
+        self._add_sum("eigenvalue_sum", (d_out, d_in), dtype)
         self.add_state("examples", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, a_rot: Tensor, g_rot: Tensor) -> None:  # type: ignore[override]
@@ -199,16 +321,20 @@ class EigenvalueStatistic(Metric):
                     per_example = torch.einsum("nto,nti->noi", g_j[s:s + step], a_rot[s:s + step])
                     # squared in place (at least float32), then summed: no second buffer
                     total += per_example.to(total.dtype).square_().sum(dim=0)
-        self.eigenvalue_sum.add_(total)
+        self.eigenvalue_sum.add_(total.to(self.eigenvalue_sum.dtype))
         self.examples.add_(n)
 
     def result(self) -> dict[str, Tensor]:
         """:meth:`compute` with the ``[O, I]`` shape kept (see CovarianceStatistic.result)."""
         out = dict(self.compute())
-        out["eigenvalues"] = out["eigenvalues"].reshape(self.eigenvalue_sum.shape)
+        if "eigenvalues" in out:
+            out["eigenvalues"] = out["eigenvalues"].reshape(self.eigenvalue_sum.shape)
         return out
 
     def compute(self) -> dict[str, Tensor]:
-        """``{"eigenvalues": [O, I], "examples": []}`` (summed over processes)."""
+        """``{"eigenvalues": [O, I], "examples": []}`` (summed over processes); after
+        :meth:`release` only the count."""
+        if self.__dict__.get("released"):
+            return {"examples": self.examples.clone()}
         return {"eigenvalues": self.eigenvalue_sum / self.examples.clamp_min(1),
                 "examples": self.examples.clone()}

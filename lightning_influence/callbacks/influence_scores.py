@@ -116,6 +116,9 @@ class InfluenceScores(Callback):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self.influence_run.check()
 
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self.influence_run.check_memory(trainer, pl_module)  # before the first step
+
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self.run(trainer, pl_module)
 

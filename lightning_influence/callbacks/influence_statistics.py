@@ -137,6 +137,11 @@ class InfluenceStatistics(Callback):
         self.influence_run.check()
         self.bind(pl_module)
 
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self.influence_run.check_memory(trainer, pl_module)  # before the first step
+        if self.mode == "during_training":
+            self._allocate(pl_module)
+
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any,
                              batch_idx: int) -> None:
         step = trainer.global_step
@@ -146,6 +151,7 @@ class InfluenceStatistics(Callback):
             return
         self._last_step = step
         self.bind(pl_module)
+        self._allocate(pl_module)
         self._updated_this_step = False
         self._due_batch = batch
         if self.reuse_forward and self.reuse_verified is not False:
@@ -202,6 +208,7 @@ class InfluenceStatistics(Callback):
     def ensure_covariances(self, trainer: Any, pl_module: Any) -> dict[str, CovarianceStatistic]:
         """The finished covariances, running the after-fit pass first if it has not run."""
         self.bind(pl_module)
+        self._allocate(pl_module)
         if self.mode == "during_training" and self.updates == 0:
             raise RuntimeError(
                 "InfluenceStatistics(mode='during_training') saw no training step with an update; "
@@ -211,7 +218,8 @@ class InfluenceStatistics(Callback):
             rank_zero_info("lightning-influence: covariance pass over the training data")
             options = self.options
             loader = training_loader(trainer, pl_module, options.batch_size)
-            self.covariances = new_covariances(self.tracker, model_device(pl_module))
+            self.covariances = None  # freed before the new sums are allocated
+            self.covariances = new_covariances(self.tracker, model_device(pl_module), options)
             fit_covariances(pl_module, loader, self.task, options, tracker=self.tracker,
                             covariances=self.covariances,
                             progress=options.progress and trainer.is_global_zero)
@@ -220,9 +228,13 @@ class InfluenceStatistics(Callback):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
+        # once the eigendecomposition has consumed them (their sums freed), a checkpoint holds
+        # no covariances, and a run resumed from it accumulates them again
+        kept = self.covariances is not None and not any(
+            stat.__dict__.get("released") for stat in self.covariances.values())
         state: dict[str, Any] = {"mode": self.mode, "updates": self.updates,
-                                 "finished": self.finished}
-        if self.covariances is not None:
+                                 "finished": self.finished and kept}
+        if kept:
             state["covariances"] = {name: stat.sums() for name, stat in self.covariances.items()}
         return state
 
@@ -230,24 +242,33 @@ class InfluenceStatistics(Callback):
         self.updates = int(state_dict.get("updates", 0))
         self.finished = bool(state_dict.get("finished", False))
         self._pending_state = state_dict.get("covariances")
-        if self.tracker is not None:
-            self._restore()
+        if self.tracker is not None and self._bound_module is not None:
+            self._allocate(self._bound_module)
 
     # ------------------------------------------------------------------ internals
     def bind(self, pl_module: Any) -> None:
         """Resolve the task and the tracked layers of ``pl_module`` in the run (once per
-        module) and restore covariances from a checkpoint."""
+        module); the covariance sums are allocated only when a pass needs them (after the
+        memory plan was checked) or a checkpoint restores them."""
         if self.influence_run is None:  # used without a Trainer: a run of its own
             self.influence_run = InfluenceRun()
             self.influence_run.statistics = self
         self.influence_run.bind(pl_module)
-        if self._bound_module is not pl_module or self.covariances is None:
+        if self._bound_module is not pl_module:
             self._bound_module = pl_module
-            self.covariances = new_covariances(self.tracker, model_device(pl_module))
+            self.covariances = None
+        if self._pending_state is not None:
+            self._allocate(pl_module)
+
+    def _allocate(self, pl_module: Any) -> None:
+        """Empty sums for every tracked layer (once), then any checkpointed state."""
+        if self.covariances is None:
+            self.covariances = new_covariances(self.tracker, model_device(pl_module),
+                                               self.options)
         self._restore()
 
     def _restore(self) -> None:
-        if self._pending_state is None:
+        if self._pending_state is None or self.covariances is None:
             return
         for name, sums in self._pending_state.items():
             if name not in self.covariances:

@@ -17,7 +17,11 @@ import dataclasses
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from pytorch_lightning.utilities import rank_zero_info
+
+from lightning_influence.callbacks._common import training_loader
 from lightning_influence.fitting import options_tracker
+from lightning_influence.memory import check_plan, plan_memory
 from lightning_influence.options import FitOptions
 from lightning_influence.strategies import strategy as strategy_row
 from lightning_influence.task import resolve_task
@@ -55,6 +59,7 @@ class InfluenceRun:
         self.tracker: LayerTracker | None = None
         self.factors: Preconditioner | None = None
         self.factors_path: str | None = None
+        self.memory_checked = False
 
     # ------------------------------------------------------------------ joining
     @classmethod
@@ -122,6 +127,31 @@ class InfluenceRun:
                 )
             merged[name] = next(iter(chosen.values())) if chosen else getattr(default, name)
         return FitOptions(**merged)
+
+    def check_memory(self, trainer: Any, pl_module: Any) -> None:
+        """The memory plan of the whole run (fit and scores), refused before the first training
+        step when it cannot fit (once per run; ``FitOptions.memory_limit``)."""
+        if self.memory_checked:
+            return
+        self.memory_checked = True
+        fit = self.fit_options()
+        if fit.memory_limit == "off":
+            return
+        self.bind(pl_module)
+        if self.eigen is not None:
+            fit = dataclasses.replace(fit, strategy=self.eigen.fitted_strategy())
+        scores = next((c for c in self.consumers if hasattr(c, "score")), None)
+        num_queries = 0
+        if scores is not None and scores.pairwise:
+            num_queries = scores.num_queries or 0
+        loader = training_loader(trainer, pl_module, fit.batch_size)
+        plan = plan_memory(pl_module, loader, self.task, fit,
+                           scores.score if scores is not None else None,
+                           num_queries=num_queries, tracker=self.tracker)
+        if self.eigen is None:  # only the covariances are accumulated
+            plan.stages = {k: v for k, v in plan.stages.items() if k == "covariances"}
+        check_plan(plan, fit.memory_limit, "lightning-influence callbacks")
+        rank_zero_info(f"lightning-influence: {plan.format()}")
 
     # ------------------------------------------------------------------ shared work
     def bind(self, pl_module: Any) -> None:
