@@ -59,6 +59,28 @@ def data_fingerprint(loader: Any) -> str:
     return f"{count}:{digest.hexdigest()[:24]}"
 
 
+_SIGNATURE_LABELS = {
+    "model_structure": "the model's module structure", "model_tracked": "the tracked weights",
+    "model_untracked": "the model's untracked parameters", "model_buffers": "the model's buffers",
+    "train": "the training data", "queries": "the queries", "damping": "the damping",
+    "strategy": "the strategy",
+}
+
+
+def _differences(stored: str | None, ours: str) -> str:
+    """The parts of two pass signatures (JSON) that differ, in words."""
+    try:
+        theirs = json.loads(stored) if stored else {}
+    except json.JSONDecodeError:
+        theirs = {}
+    if not isinstance(theirs, dict) or not theirs:
+        return "the chunk carries no readable signature"
+    mine = json.loads(ours)
+    keys = [k for k in {**mine, **theirs} if mine.get(k) != theirs.get(k)]
+    return "here " + ", ".join(_SIGNATURE_LABELS.get(k, f"the option {k}") for k in keys) + \
+        (" differ" if len(keys) > 1 else " differs")
+
+
 class ScoreStoreMismatchError(ValueError):
     """Score chunks on disk belong to another pass (other factors, queries or options)."""
 
@@ -91,8 +113,8 @@ class ScoreStore:
         if metadata.get("signature") != self.signature:
             raise ScoreStoreMismatchError(
                 f"{path} holds {self.kind} scores of another pass (other factors, queries, "
-                f"options or training data). Delete the chunk files in {self.folder}, or score "
-                "into another folder."
+                f"options or training data: {_differences(metadata.get('signature'), self.signature)}"
+                f"). Delete the chunk files in {self.folder}, or score into another folder."
             )
 
     def _read(self, path: Path) -> dict[str, Tensor] | None:
