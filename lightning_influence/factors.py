@@ -24,11 +24,15 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-from safetensors import safe_open
 from torch import Tensor, nn
 
 from lightning_influence import fingerprint
-from lightning_influence.io import atomic_save_json, atomic_save_safetensors, tensors_checksum
+from lightning_influence.io import (
+    atomic_save_json,
+    atomic_save_safetensors,
+    read_safetensors,
+    tensors_checksum,
+)
 from lightning_influence.strategies import STRATEGIES, strategy
 from lightning_influence.tracking import LayerTracker
 
@@ -414,13 +418,12 @@ class Factors(PreconditionerBase):
                 "delete the file)."
             )
 
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                header = (fh.metadata() or {}).get(_HEADER_KEY)
-                tensors = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118
-        except Exception as err:  # safetensors raises its own error types for bad files
+        try:  # through one open file: a file replaced meanwhile is read whole, old or new
+            tensors, metadata = read_safetensors(path)
+        except ValueError as err:
             raise corrupt(f"it is not a readable safetensors file (truncated or damaged: "
-                          f"{type(err).__name__}: {err})") from err
+                          f"{err})") from err
+        header = metadata.get(_HEADER_KEY)
         if header is None:
             raise corrupt("it has no lightning-influence metadata (written by an older version "
                           "or another tool)")

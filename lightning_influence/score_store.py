@@ -21,11 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
 from lightning_influence.distributed import rank
-from lightning_influence.io import atomic_save_safetensors, tensors_checksum, update_with_tensor
+from lightning_influence.io import (
+    atomic_save_safetensors,
+    read_safetensors,
+    tensors_checksum,
+    update_with_tensor,
+)
 
 __all__ = ["ScoreStore", "ScoreStoreMismatchError", "data_fingerprint"]
 
@@ -121,10 +125,8 @@ class ScoreStore:
         """A chunk's tensors, or None (logged) when the file is damaged; raises for a chunk of
         another pass."""
         try:
-            with safe_open(str(path), framework="pt") as fh:
-                metadata = fh.metadata() or {}
-                tensors = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118
-        except Exception as err:  # safetensors' own error types for truncated or bad files
+            tensors, metadata = read_safetensors(path)
+        except ValueError as err:  # truncated or damaged
             log.warning("Score chunk %s is unreadable (%s); its batches are scored again.", path,
                         err)
             return None

@@ -12,6 +12,7 @@ import csv
 import os
 import stat
 import warnings
+from pathlib import Path
 
 import pytest
 import reference as ref
@@ -149,6 +150,23 @@ def test_files_follow_the_umask_and_csv_text_cannot_run_as_a_formula(tmp_path):
     assert csv_safe(-3) == -3
 
 
+def test_safetensors_outputs_follow_the_umask_too(tmp_path):
+    """safetensors writes its own 0600 temporary file and renames it onto ours: the mode set
+    before the write was lost, so factor and score files came out 0600."""
+    old = os.umask(0o022)
+    try:
+        factors = li.fit_factors(ref.mlp(), DataLoader(_data(12), batch_size=4),
+                                 "classification", progress=False, output_dir=tmp_path)
+        chunks = tmp_path / "chunks"
+        li.compute_self_scores(ref.mlp(), factors, DataLoader(_data(12), batch_size=4),
+                               "classification", progress=False, scores_dir=chunks)
+    finally:
+        os.umask(old)
+    written = [tmp_path / "factors.safetensors", *chunks.glob("*.safetensors")]
+    assert len(written) == 2
+    assert {stat.S_IMODE(p.stat().st_mode) for p in written} == {0o644}
+
+
 def test_no_warning_for_ordinary_queries():
     ds = _data()
     model = ref.mlp()
@@ -255,6 +273,32 @@ def test_fitted_factors_are_kept_when_only_their_file_fails(tmp_path):
         factors = li.fit_factors(ref.mlp(), DataLoader(ds, batch_size=4), "classification",
                                  progress=False, output_dir=blocker / "factors")
     assert set(factors.layers) == {"0", "2"}
+
+
+def test_fitted_factors_are_kept_when_the_disk_is_full_during_a_refit(tmp_path, monkeypatch):
+    """safetensors reports a failed write (ENOSPC) as its own SafetensorError, not an OSError:
+    the refit was thrown away instead of kept in memory with a warning."""
+    from safetensors import SafetensorError
+
+    import lightning_influence.io as io
+
+    ds = _data(16)
+    loader = DataLoader(ds, batch_size=4)
+    li.fit_factors(ref.mlp(), loader, "classification", progress=False, output_dir=tmp_path)
+
+    def disk_full(tensors, path, metadata=None):
+        Path(path).write_bytes(b"\0" * 10)  # the part written before the disk filled up
+        raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                              "(os error 28)")
+
+    monkeypatch.setattr(io, "save_file", disk_full)
+    with pytest.warns(UserWarning, match=r"Could not save the fitted factors to .*No space left "
+                                         r"on device.*kept in memory"):
+        factors = li.fit_factors(ref.mlp(seed=1), loader, "classification", progress=False,
+                                 output_dir=tmp_path, overwrite=True)
+    assert set(factors.layers) == {"0", "2"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["factors.json",
+                                                         "factors.safetensors"]  # no leftovers
 
 
 # ----------------------------------------------------------------------------------- score chunks
@@ -416,3 +460,47 @@ def test_string_labels_and_model_errors_name_the_problem():
         li.fit_factors(ref.mlp().float(), DataLoader(TensorDataset(x, y), batch_size=4),
                        "classification", progress=False)
     assert "on batch 0" in "".join(getattr(info.value, "__notes__", ["on batch 0"]))
+
+
+_REPLACER = """
+import os, shutil, sys, time
+sources, target, stop = sys.argv[1:3], sys.argv[3], sys.argv[4]
+i, deadline = 0, time.time() + 60
+while not os.path.exists(stop) and time.time() < deadline:
+    shutil.copyfile(sources[i % 2], target + ".tmp")
+    os.replace(target + ".tmp", target)  # atomic, as Factors.save does it
+    i += 1
+"""
+
+
+def test_loading_factors_that_another_process_replaces_never_fails(tmp_path):
+    """Every load while another process replaces the file (atomically, in a loop) reads one
+    whole version: safe_open read the header and the tensors through two opens by name, and
+    some loads (here about 9%) paired one version's metadata with the other's tensors, failed
+    their checksum and asked for a refit."""
+    import subprocess
+    import sys
+    import time
+
+    for seed in (0, 1):  # two fits of the same layers with other numbers
+        li.fit_factors(ref.mlp(), DataLoader(_data(16, seed=seed), batch_size=4),
+                       "classification", progress=False, output_dir=tmp_path / f"v{seed}")
+    folder = tmp_path / "live"
+    folder.mkdir()
+    target = folder / "factors.safetensors"
+    sources = [str(tmp_path / f"v{seed}" / "factors.safetensors") for seed in (0, 1)]
+    target.write_bytes(Path(sources[0]).read_bytes())
+    stop = tmp_path / "stop"
+    writer = subprocess.Popen([sys.executable, "-c", _REPLACER, *sources, str(target), str(stop)])
+    try:
+        seen, failures, deadline = set(), [], time.monotonic() + 2
+        while time.monotonic() < deadline:
+            try:
+                seen.add(float(li.Factors.load(folder).layers["0"].eigenvalues.sum()))
+            except li.CorruptFactorsError as err:
+                failures.append(str(err))
+    finally:
+        stop.touch()
+        writer.wait(timeout=30)
+    assert failures == []
+    assert len(seen) == 2  # both versions were read, whole
