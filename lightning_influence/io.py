@@ -55,9 +55,10 @@ def update_with_tensor(digest: Any, tensor: Tensor, head: str = "{dtype}{shape}"
     digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
-def check_writable(folder: str | Path, what: str) -> Path:
+def check_writable(folder: str | Path, what: str, option: str = "output_dir") -> Path:
     """Create ``folder`` and check that a file can be written there, before any expensive work;
-    a clear error naming the folder and the fix otherwise."""
+    a clear error naming the folder, what stands in the way and the fix otherwise (``option``:
+    the argument that named the folder)."""
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -66,16 +67,35 @@ def check_writable(folder: str | Path, what: str) -> Path:
         os.unlink(probe)
     except OSError as err:
         raise PermissionError(
-            f"{what}: cannot write to {folder} ({err.strerror or err}). Point output_dir at a "
-            "writable folder, or fix the folder's permissions, before the passes run."
+            f"{what}: cannot write to {folder} ({_blocker(folder) or err.strerror or err}). "
+            f"Point {option} at a writable folder, or fix the folder's permissions, before the "
+            "passes run."
         ) from err
     return folder
+
+
+def _blocker(folder: Path) -> str | None:
+    """What keeps ``folder`` from being a folder: the first part of its path, from the root
+    down, that is a dangling symbolic link or a file."""
+    for part in [*reversed(folder.parents), folder]:
+        if part.is_symlink() and not part.exists():
+            return (f"{part} is a symbolic link to {os.readlink(part)}, which does not exist: "
+                    "create its target or remove the link")
+        if part.exists() and not part.is_dir():
+            return f"{part} is a file, not a folder"
+    return None
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` and rename the temporary file to ``path`` (same folder)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        why = _blocker(path.parent)
+        if why is None:
+            raise
+        raise type(err)(err.errno, f"cannot create the folder {path.parent}: {why}") from err
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:

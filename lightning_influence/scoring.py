@@ -28,6 +28,7 @@ from lightning_influence.distributed import (
     rank,
 )
 from lightning_influence.factors import Preconditioner
+from lightning_influence.io import check_writable
 from lightning_influence.lowrank import QueryStore, truncate
 from lightning_influence.passes import (
     check_loader,
@@ -140,6 +141,7 @@ class BoundInfluence:
         """
         model, factors, task = self.model, self.preconditioner, self.task
         check_loader(train_loader, "training", ordered=True)
+        _check_scores_dir(scores_dir, "compute_pairwise_scores")
         with evaluation_mode(model):
             query_losses = _measurements(model, query_loader, task)
         if query_grads is None:
@@ -193,6 +195,7 @@ class BoundInfluence:
         """
         factors = self.preconditioner
         check_loader(train_loader, "training", ordered=True)
+        _check_scores_dir(scores_dir, "compute_self_scores")
         names = list(factors.shapes)
         scale = _normalization(factors, normalize)
         kept: list[dict[str, Tensor]] = []
@@ -245,6 +248,12 @@ def bind(model: nn.Module, preconditioner: Preconditioner, task: Task | str | No
     tracker = tracker or preconditioner.tracker(model)
     preconditioner.check_fits(tracker, check_weights=check_weights)
     return BoundInfluence(model, preconditioner, task, tracker)
+
+
+def _check_scores_dir(scores_dir: str | Path | None, what: str) -> None:
+    """A ``scores_dir`` where no chunk can be written is refused before any pass."""
+    if scores_dir is not None:
+        check_writable(scores_dir, what, option="scores_dir")
 
 
 def _normalization(factors: Any, normalize: bool) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import stat
 import warnings
 from pathlib import Path
@@ -65,6 +66,42 @@ def test_an_unwritable_output_folder_is_refused_before_training(tmp_path):
     with pytest.raises(PermissionError, match=r"cannot write to .*file/influence"):
         trainer.fit(TinyClassifier(), train, val)
     assert trainer.global_step == 0  # refused before any training step
+
+
+def test_a_dangling_link_as_scores_dir_is_refused_before_any_pass(tmp_path):
+    link, target = tmp_path / "chunks", tmp_path / "unmounted" / "chunks"
+    link.symlink_to(target)
+    model = ref.mlp()
+    loader = DataLoader(_data(12), batch_size=4)
+    factors = li.fit_factors(model, loader, "classification", strategy="identity",
+                             progress=False)
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    message = (rf"cannot write to {re.escape(str(link))} \({re.escape(str(link))} is a symbolic "
+               rf"link to {re.escape(str(target))}, which does not exist: create its target or "
+               r"remove the link\)\. Point scores_dir at")
+    with pytest.raises(PermissionError, match=message):
+        li.compute_self_scores(model, factors, loader, "classification", progress=False,
+                               scores_dir=link)
+    with pytest.raises(PermissionError, match=message):
+        li.compute_pairwise_scores(model, factors, loader, loader, "classification",
+                                   progress=False, scores_dir=link)
+    assert calls == []  # refused before the first forward, not at the first chunk's flush
+
+
+def test_a_dangling_link_as_output_folder_says_why(tmp_path):
+    link = tmp_path / "influence"
+    link.symlink_to(tmp_path / "gone")
+    train, val = _loaders()
+    trainer = _trainer(tmp_path, [EigenCorrection(strategy="identity", output_dir=link)],
+                       epochs=1)
+    with pytest.raises(PermissionError, match=r"influence is a symbolic link to .*gone, which "
+                                              r"does not exist: create its target"):
+        trainer.fit(TinyClassifier(), train, val)
+    with pytest.warns(UserWarning, match=r"Could not save the fitted factors .*influence is a "
+                                         r"symbolic link to .*gone, which does not exist"):
+        li.fit_factors(ref.mlp(), DataLoader(_data(12), batch_size=4), "classification",
+                       progress=False, output_dir=link)
 
 
 # ----------------------------------------------------------------------------------- order
