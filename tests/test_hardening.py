@@ -399,6 +399,25 @@ def test_callbacks_score_an_iterable_dataset(tmp_path):
     assert callbacks[2].self_result.scores.shape == (len(train_set),)
 
 
+def test_callbacks_take_num_queries_from_a_streaming_validation_loader(tmp_path):
+    torch.manual_seed(0)
+    train, val = _loaders()
+    callbacks = _callbacks()  # num_queries=4
+    model = TinyClassifier()
+    _trainer(tmp_path, callbacks, epochs=1).fit(
+        model, train, DataLoader(_Stream(val.dataset), batch_size=3))
+    result = callbacks[2].pairwise_result
+    assert result.top.proponent_indices.shape[0] == 4
+    queries = DataLoader(torch.utils.data.Subset(val.dataset, range(4)), batch_size=3)
+    expected = li.compute_pairwise_scores(model, callbacks[1].factors,
+                                          queries, DataLoader(train.dataset, batch_size=16),
+                                          progress=False)
+    torch.testing.assert_close(result.scores, expected.scores)
+    rows = list(csv.DictReader((tmp_path / "influence" / "top_influential.csv").open()))
+    assert {row["query_label"] for row in rows if row["query_index"] == "3"} == {
+        str(int(val.dataset[3][1]))}  # the queries' own labels, from the stream
+
+
 def test_callbacks_keep_a_loader_that_yields_whole_batches(tmp_path):
     torch.manual_seed(0)
     train_set, val = _loaders()[0].dataset, _loaders()[1]

@@ -111,14 +111,15 @@ class InfluenceScores(Callback):
 
     def run(self, trainer: Any, pl_module: Any) -> None:
         """Compute, write and log. Called when fit ends; callable by hand after ``fit``."""
-        eigen, factors, task = attached_curvature(trainer, pl_module, "InfluenceScores")
-        tracker = factors.tracker(pl_module)
-        train = training_loader(trainer, pl_module, self.batch_size)
-        show = self.progress and trainer.is_global_zero
-        queries = None
+        queries = None  # the loaders first: a problem with them is found before the fit
         if self.pairwise:
             queries = query_loader(trainer, pl_module, self.queries, self.num_queries,
                                    self.batch_size)
+        train = training_loader(trainer, pl_module, self.batch_size)
+        eigen, factors, task = attached_curvature(trainer, pl_module, "InfluenceScores")
+        tracker = factors.tracker(pl_module)
+        show = self.progress and trainer.is_global_zero
+        if self.pairwise:
             num_train = count_examples(train)
             rank_zero_info(f"lightning-influence: scoring {count_examples(queries)} queries "
                            f"against {num_train or 'the stream of'} training examples")
