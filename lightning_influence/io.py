@@ -209,12 +209,13 @@ def csv_safe(value: Any) -> Any:
 
 def atomic_save_csv(rows: Iterable[Mapping[str, Any]], path: str | Path,
                     columns: list[str]) -> Path:
-    """Save rows of dicts as CSV with the given columns, atomically; text cells are escaped
-    with :func:`csv_safe`."""
+    """Save rows of dicts as CSV (UTF-8) with the given columns, atomically; text cells are
+    escaped with :func:`csv_safe`, and characters UTF-8 cannot hold (the lone surrogates of a
+    file name that is not UTF-8) as ``\\udcNN``."""
     rows = [{k: csv_safe(v) for k, v in row.items()} for row in rows]
 
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="") as fh:
+    def write(tmp: str) -> None:  # text that UTF-8 cannot hold (lone surrogates) escaped
+        with open(tmp, "w", newline="", encoding="utf-8", errors="backslashreplace") as fh:
             writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)

@@ -359,6 +359,36 @@ def test_user_text_files_and_directories(tmp_path):
         read_text_files([tmp_path / "missing*.txt"])
 
 
+def test_a_document_whose_file_name_is_not_utf8_is_written_and_shown(tmp_path, problem):
+    import csv
+    import os
+
+    from lightning_influence.language.reporting import write_document_influence
+
+    p = problem
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    with open(os.fsencode(folder) + b"/caf\xe9 notes.txt", "w") as fh:  # Latin-1 name
+        fh.write(TEXTS[0][1])
+    (folder / "plain.txt").write_text(TEXTS[1][1])
+    docs = read_text_files([folder])
+    assert docs[0].title == f"{folder}/caf\\xe9 notes.txt"  # the byte shown, not a surrogate
+    corpus = chunk_documents(docs, p["tokenizer"], context=24)
+    model = TinyGPT(p["tokenizer"].vocab_size)
+    factors = fit_factors(model, DataLoader(corpus, batch_size=5), p["task"], progress=False)
+    result = document_influence(model, factors, corpus, QUERIES[:1], p["task"], rank=2, top_k=1,
+                                token_documents=1, progress=False)
+    paths = write_document_influence(tmp_path / "out", result, corpus)
+    titles = {row["top_proponent"] for row in csv.DictReader(paths["queries"].open())} | {
+        row["top_opponent"] for row in csv.DictReader(paths["queries"].open())}
+    assert f"{folder}/caf\\xe9 notes.txt" in titles
+    assert "caf\\xe9 notes.txt" in paths["token_influence"].read_text(encoding="utf-8")
+    # text from elsewhere with lone surrogates is written escaped, not an error at the end
+    from lightning_influence.io import atomic_save_csv
+    atomic_save_csv([{"title": "caf\udce9"}], tmp_path / "t.csv", ["title"])
+    assert (tmp_path / "t.csv").read_text(encoding="utf-8").splitlines()[1] == "caf\\udce9"
+
+
 def test_hugging_face_corpus_without_datasets_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
     with pytest.raises(ImportError, match="pip install datasets"):
