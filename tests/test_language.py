@@ -295,6 +295,35 @@ def test_full_rank_comparison_and_prefilter(problem):
         assert set(pre.proponents[q].tolist()) <= set(pre.candidates[q].tolist())
 
 
+def test_a_query_longer_than_the_context_is_refused_before_any_pass(problem):
+    p = problem
+    model = TinyGPT(p["tokenizer"].vocab_size, context=36)  # 36 positions
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    long = Query("Q: with? with? \nA:", " a context manager.")  # 18 + 19 characters
+    with pytest.raises(ValueError, match=r"Query 1 \('Q: with\? with.*has 37 tokens \(18 of "
+                                         r"prompt, 19 of completion\), more than the model's "
+                                         r"context of 36 \(the position embedding 'wpe'\)\. "
+                                         r"Shorten its prompt"):
+        document_influence(model, p["factors"], p["corpus"], [QUERIES[0], long], p["task"],
+                           rank=2, progress=False)
+    assert calls == []
+
+
+def test_the_models_context_is_read_from_its_config_or_position_embedding():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lightning_influence.language.documents import model_context
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=11,
+                                      n_positions=48))
+    assert model_context(gpt2) == (48, "config.max_position_embeddings")
+    wrapped = nn.ModuleDict({"lm": gpt2})
+    assert model_context(wrapped) == (48, "lm.config.max_position_embeddings")
+    assert model_context(TinyGPT(5, context=20)) == (20, "the position embedding 'wpe'")
+    assert model_context(ref.TinyLM()) is None  # no positions: nothing to check
+
+
 # ----------------------------------------------------------------------------------- TF-IDF
 def test_tfidf_candidates_put_an_exact_duplicate_first():
     docs = [d.text for d in python_docs(topics=True, modules=())[:30]]
