@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pytorch_lightning import Callback
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_influence.callbacks._common import training_loader
 from lightning_influence.distributed import sampling_generator
@@ -55,6 +55,9 @@ class InfluenceStatistics(Callback):
     call the LightningModule itself on the task's inputs exactly once, every update falls back
     to one separate eval-mode forward and backward after the step (logged once, with the
     reason).
+
+    A training step that returns None (the module skips the batch, e.g. a non-finite loss)
+    skips that step's update too: counted in ``skipped_updates``, warned about once.
 
     The covariances are consumed by :class:`~lightning_influence.callbacks.EigenCorrection`.
     They are part of the callback's state, so they survive checkpoint and resume.
@@ -119,6 +122,7 @@ class InfluenceStatistics(Callback):
         self._layer_counts: dict[str, int] | None = None
         self.covariances: dict[str, CovarianceStatistic] | None = None
         self.updates = 0
+        self.skipped_updates = 0
         self._last_step = -1
         self._due_batch: Any = None
         self.finished = False
@@ -159,12 +163,28 @@ class InfluenceStatistics(Callback):
         if self._due_batch is None:
             return
         due, self._due_batch = self._due_batch, None
+        if pl_module.automatic_optimization and not self._updated_this_step and not outputs:
+            # the step returned None ({} here): it skipped the batch (e.g. NaN), and so do we
+            self._skip_update(batch_idx)
+            return
         if not self._updated_this_step:
             # seeded by the update count: reproducible, and resumed runs continue the sequence
             update_covariances(pl_module, due, self.task, self.tracker, self.covariances,
                                sampling_generator(self.seed, self.updates), batch_idx,
                                fisher=self.fisher)
         self.updates += 1
+
+    def _skip_update(self, batch_idx: int) -> None:
+        """Follow a training step that returned None: no covariance update from its batch
+        (counted in ``skipped_updates``; warned once)."""
+        self.skipped_updates += 1
+        if self.skipped_updates == 1:
+            rank_zero_warn(
+                f"lightning-influence: the training step returned None for batch {batch_idx} "
+                "(it skipped the batch, e.g. a non-finite loss), so InfluenceStatistics skips "
+                "its covariance update too; skipped updates are counted in "
+                "InfluenceStatistics.skipped_updates and not warned about again."
+            )
 
     def _update_from_recording(self, pl_module: Any, recording: StepRecording) -> bool:
         """Covariances from the training step's forward; False (and a reason) when unusable."""
@@ -213,6 +233,7 @@ class InfluenceStatistics(Callback):
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"mode": self.mode, "updates": self.updates,
+                                 "skipped_updates": self.skipped_updates,
                                  "finished": self.finished}
         if self.covariances is not None:
             state["covariances"] = {name: stat.sums() for name, stat in self.covariances.items()}
@@ -220,6 +241,7 @@ class InfluenceStatistics(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.updates = int(state_dict.get("updates", 0))
+        self.skipped_updates = int(state_dict.get("skipped_updates", 0))
         self.finished = bool(state_dict.get("finished", False))
         self._pending_state = state_dict.get("covariances")
         if self.tracker is not None:
