@@ -13,21 +13,25 @@ which part changed:
 - ``untracked``: every other parameter (frozen or not);
 - ``buffers``: every buffer (persistent or not: running statistics, masks, rotary tables).
 
-Each tensor is hashed where it lives, without a copy to the CPU: its raw bits, viewed as int32
-words ``[W]`` (any dtype: float16/bfloat16 in pairs, int64/float64 as two words), are cut into
-rows ``[R, K]`` and every row is reduced to H = 2 sums with fixed odd coefficients, modulo 2^32:
+Each tensor is hashed where it lives, without a copy to the CPU. Its raw bits, viewed as int32
+words ``[W]`` (any dtype: float16/bfloat16 in pairs, int64/float64 as two words), are mixed
+word by word by a bijection of 32-bit words (``m = mix(w)``: two xorshifts around a
+multiplication by an odd constant, the steps of murmur3's finalizer), cut into rows ``[R, K]``,
+and every row is reduced to H = 2 sums with fixed odd coefficients, modulo 2^32:
 
-    h[r, l] = sum_k c[l, k] * w[r * K + k]   (mod 2^32)
+    h[r, l] = sum_k c[l, k] * mix(w[r * K + k])   (mod 2^32)
 
-Multiplying by an odd number is a bijection modulo 2^32, so changing any single word changes its
-row's sums: every single-element change is detected, whatever its size (a flipped low bit, a
-NaN payload, -0.0 for 0.0). Two or more changes within one row collide with probability about
-2^-64 per row. Only the ``[R, H]`` row sums (``8 / K`` = 1/512 of the tensor's bytes) travel to
-the CPU, where SHA-256 turns them, with the tensor's dtype and shape, into the tensor's digest.
-About two passes over memory on the tensor's device: 0.03-0.1 s for GPT-2's 124M parameters on
-two CPU cores. A parameter sharded by FSDP (a DTensor) is gathered first, one at a time (a
-collective: every rank fingerprints, in the same order), so a sharded model has the digests of
-the unsharded one.
+``mix`` is a bijection and multiplying by an odd number is one modulo 2^32, so changing any
+single word changes its row's sums: every single-element change is detected, whatever its size
+(a flipped low bit, a NaN payload, -0.0 for 0.0). ``mix`` also moves every bit's change into the
+low bits: without it, the sums see a change of the top bit (a sign) only in their top bit, and
+two sign flips in one row cancel. Two or more changes within one row then collide with
+probability about 2^-64. Only the ``[R, H]`` row sums (``8 / K`` = 1/512 of the tensor's bytes)
+travel to the CPU, where SHA-256 turns them, with the tensor's dtype and shape, into the
+tensor's digest. A few passes over memory on the tensor's device, in steps of a few MiB: about
+0.1 s for GPT-2's 124M parameters on two CPU cores. A parameter sharded by FSDP (a DTensor) is
+gathered first, one at a time (a collective: every rank fingerprints, in the same order), so a
+sharded model has the digests of the unsharded one.
 """
 
 from __future__ import annotations
@@ -50,9 +54,10 @@ PART_LABELS = {"structure": "the module structure", "tracked": "tracked weights"
                "untracked": "untracked parameters", "buffers": "buffers"}
 
 _K = 4096  # words per row
-_CHUNK_WORDS = {"cpu": 1 << 20}  # words per step (bounds the temporary [R, H, K] products)
-_DEFAULT_CHUNK_WORDS = 1 << 24
+_CHUNK_WORDS = {"cpu": 1 << 18}  # words per step: work space of 16 bytes per word (4 MiB)
+_DEFAULT_CHUNK_WORDS = 1 << 22  # on an accelerator: 64 MiB
 _MASK = (1 << 64) - 1
+_MIX = 0x85EBCA6B - (1 << 32)  # murmur3's first finalizer constant (odd), as a signed int32
 _coefficients_cache: dict[torch.device, Tensor] = {}
 
 
@@ -98,18 +103,42 @@ def _words(tensor: Tensor) -> Tensor:
         return small.to(torch.int32)
 
 
-def _row_sums(words: Tensor) -> Tensor:
-    """``h [R, H]`` int32: each row of K words reduced with the coefficients, modulo 2^32."""
+def _buffers(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Work space of one step on ``device``: mixed words, shifted words ``[S]`` and products
+    ``[S / K, H, K]`` (S words per step)."""
+    step = _CHUNK_WORDS.get(device.type, _DEFAULT_CHUNK_WORDS)
+    return (torch.empty(step, dtype=torch.int32, device=device),
+            torch.empty(step, dtype=torch.int32, device=device),
+            torch.empty(step // _K, 2, _K, dtype=torch.int32, device=device))
+
+
+def _row_sums(words: Tensor, buffers: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    """``h [R, H]`` int32: each row of K mixed words reduced with the coefficients, modulo
+    2^32, in steps of the ``buffers``' size (:func:`_buffers`)."""
     c = _coefficients(words.device)  # [H, K]
     n = words.numel()
-    body = n - n % _K
-    step = _CHUNK_WORDS.get(words.device.type, _DEFAULT_CHUNK_WORDS)
-    parts = [(words[s:min(s + step, body)].view(-1, 1, _K) * c).sum(-1, dtype=torch.int32)
-             for s in range(0, body, step)]
-    if body < n:
-        parts.append((words[body:].view(1, 1, -1) * c[:, :n - body]).sum(-1, dtype=torch.int32))
-    if not parts:
+    if n == 0:
         return torch.zeros(0, 2, dtype=torch.int32, device=words.device)
+    mixed, shifted, products = buffers
+    step = mixed.numel()
+    parts = []
+    for start in range(0, n, step):
+        w = words[start:start + step]
+        length = w.numel()
+        m, t = mixed[:length], shifted[:length]
+        # m = mix(w): x ^= x >>> 16; x *= C; x ^= x >>> 15 (>>> logical: torch's >> is
+        # arithmetic on int32, hence the masks); each step is a bijection of 32-bit words
+        torch.bitwise_right_shift(w, 16, out=t).bitwise_and_(0xFFFF)
+        torch.bitwise_xor(w, t, out=m).mul_(_MIX)
+        torch.bitwise_right_shift(m, 15, out=t).bitwise_and_(0x1FFFF)
+        m.bitwise_xor_(t)
+        rows = length // _K
+        if rows:
+            p = torch.mul(m[:rows * _K].view(rows, 1, _K), c, out=products[:rows])
+            parts.append(p.sum(-1, dtype=torch.int32))  # [rows, H]
+        if rows * _K < length:  # the last, shorter row
+            tail = m[rows * _K:]
+            parts.append((tail.view(1, 1, -1) * c[:, :tail.numel()]).sum(-1, dtype=torch.int32))
     return torch.cat(parts)
 
 
@@ -118,12 +147,17 @@ def tensor_digests(named: Iterable[tuple[str, Tensor]]) -> dict[str, str]:
     one transfer of the row sums per device."""
     heads: list[tuple[str, str]] = []
     sums: list[Tensor] = []
+    buffers: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
     with torch.no_grad():
         for name, tensor in named:
             plain = _plain(tensor)
             heads.append((name, f"{plain.dtype}|{list(plain.shape)}|{plain.device.type == 'meta'}"))
-            sums.append(_row_sums(_words(plain)) if not plain.is_meta
-                        else torch.zeros(0, 2, dtype=torch.int32))
+            if plain.is_meta:  # no values to read: its dtype and shape only
+                sums.append(torch.zeros(0, 2, dtype=torch.int32))
+                continue
+            if plain.device not in buffers:
+                buffers[plain.device] = _buffers(plain.device)
+            sums.append(_row_sums(_words(plain), buffers[plain.device]))
     on_cpu: list[Tensor | None] = [None] * len(sums)
     for device in {s.device for s in sums}:
         picked = [i for i, s in enumerate(sums) if s.device == device]

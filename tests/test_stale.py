@@ -189,6 +189,33 @@ def test_any_single_element_change_is_detected_and_named(name, part):
         assert _fingerprint(model) == before
 
 
+def _negate_two(t):  # two sign flips in one row of the hash: only the top bit of each word
+    t[[3, 400]] = -t[[3, 400]]
+
+
+def _double_two(t):  # two exponents one up
+    t[[5, 9]] = 2 * t[[5, 9]]
+
+
+def _swap_two(t):
+    t[[0, 1]] = t[[1, 0]].clone()
+
+
+def _negate_all(t):
+    t.neg_()
+
+
+@pytest.mark.parametrize("change", [_negate_two, _double_two, _swap_two, _negate_all])
+def test_structured_changes_of_several_elements_are_detected(change):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 600))  # a bias of 600 words: one row of the hash
+    before = _fingerprint(model)
+    with torch.no_grad():
+        change(model[0].bias)
+    assert fingerprint_changes(before, _fingerprint(model)) == {
+        "tracked": "tracked weights changed: 0.bias"}
+
+
 def test_the_fingerprint_is_small_and_reads_every_part():
     model = ManyKinds()
     fingerprint = _fingerprint(model)
