@@ -321,7 +321,8 @@ def load_or_fit_factors(output_dir: str | Path, fit: Callable[[], Factors], *,
                         fisher: str = "sampled", overwrite: bool = False,
                         write: bool = True, row_dtype: str | None = None) -> Factors:
     """The reuse decision, in one place: the factors in ``output_dir`` when they were fitted
-    for this model (layers, shapes, weights), strategy, Fisher and row dtype, with today's
+    for this model (layers, shapes, and everything the model computes: see
+    :mod:`~lightning_influence.fingerprint`), strategy, Fisher and row dtype, with today's
     ``damping``;
     else ``fit()``, saved there (with ``write``; atomically).
 

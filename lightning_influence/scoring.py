@@ -243,7 +243,8 @@ def bind(model: nn.Module, preconditioner: Preconditioner, task: Task | str | No
          tracker: LayerTracker | None = None, check_weights: bool = True) -> BoundInfluence:
     """Resolve the task (default: the model's ``influence_task``) and the tracked layers, and
     check once that ``preconditioner`` was made for this model (layers, shapes and, with
-    ``check_weights``, the weights); then score through the returned object."""
+    ``check_weights``, everything else the model computes: structure, parameters, buffers);
+    then score through the returned object."""
     task = resolve_task(task, model)
     tracker = tracker or preconditioner.tracker(model)
     preconditioner.check_fits(tracker, check_weights=check_weights)

@@ -73,13 +73,13 @@ def query_loader(trainer: Any, pl_module: Any, queries: DataLoader | None,
     if isinstance(loader.dataset, IterableDataset):  # a stream: its first examples, kept
         if loader.batch_size is None:
             raise ValueError(
-                f"num_queries={num_queries} cannot be taken from a validation loader that "
-                "streams whole batches (batch_size=None). Pass queries=<DataLoader> with "
-                "exactly the queries, or num_queries=None to use every batch."
+                f"num_queries={num_queries} cannot be taken from a query loader that streams "
+                "whole batches (batch_size=None). Pass queries=<DataLoader> with exactly the "
+                "queries, or num_queries=None to use every batch."
             )
         first = list(itertools.islice(iter(loader.dataset), num_queries))
         if not first:
-            raise ValueError("No queries: the validation stream yielded no example. Pass "
+            raise ValueError("No queries: the query stream yielded no example. Pass "
                              "queries=<DataLoader> to InfluenceScores.")
         return DataLoader(first, batch_size=loader.batch_size, shuffle=False,
                           collate_fn=loader.collate_fn)
