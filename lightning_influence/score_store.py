@@ -67,7 +67,8 @@ _SIGNATURE_LABELS = {
     "model_structure": "the model's module structure", "model_tracked": "the tracked weights",
     "model_untracked": "the model's untracked parameters", "model_buffers": "the model's buffers",
     "train": "the training data", "queries": "the queries", "damping": "the damping",
-    "strategy": "the strategy",
+    "strategy": "the strategy", "settings": "the factors' or solver's settings",
+    "scale": "the normalization",
 }
 
 

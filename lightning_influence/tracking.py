@@ -306,7 +306,8 @@ class LayerTracker:
                  "tracks them)" if self.frozen_skipped else "")
         for note in self.notes:
             if note in self.tie_warnings:  # changes what the scores mean: shown by default
-                warnings.warn(f"lightning-influence: {note}", UserWarning, stacklevel=2)
+                # one location: shown once per process by default, however many trackers
+                warnings.warn(f"lightning-influence: {note}", UserWarning, stacklevel=1)
             else:
                 log.info("lightning-influence: %s", note)
 
