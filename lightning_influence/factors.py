@@ -18,18 +18,22 @@ on the same per-example scale as EK-FAC's Lambda (this is the tokens-vs-examples
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-from safetensors import safe_open
 from torch import Tensor, nn
 
+from lightning_influence import fingerprint
 from lightning_influence.blocks import BlockDiagonal, blocked_shape, rows_times, rows_times_t
-from lightning_influence.io import atomic_save_json, atomic_save_safetensors, tensors_checksum
+from lightning_influence.io import (
+    atomic_save_json,
+    atomic_save_safetensors,
+    read_safetensors,
+    tensors_checksum,
+)
 from lightning_influence.strategies import STRATEGIES, strategy
 from lightning_influence.tracking import LayerTracker
 
@@ -45,7 +49,7 @@ __all__ = [
     "model_fingerprint",
 ]
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: the whole-model fingerprint
 _HEADER_KEY = "lightning_influence"
 
 
@@ -242,17 +246,12 @@ class LayerFactors:
         return sum(t.numel() * t.element_size() for t in self.tensors("").values())
 
 
-def model_fingerprint(tracker: LayerTracker) -> dict[str, str]:
-    """Digests that tie factors to a model: its tracked layers and their parameter values."""
-    arch = hashlib.sha256(json.dumps(tracker.describe(), sort_keys=True).encode()).hexdigest()[:16]
-    weights = hashlib.sha256()
-    for layer in sorted(tracker, key=lambda layer: layer.name):  # any layer order
-        for p in layer.parameters():
-            # a parameter sharded by FSDP (a DTensor) is gathered: every rank hashes the whole
-            # weight (a collective: every rank fingerprints, in the same order)
-            full = p.full_tensor() if hasattr(p, "full_tensor") else p
-            weights.update(full.detach().to("cpu", torch.float64).numpy().tobytes())
-    return {"architecture": arch, "weights": weights.hexdigest()[:16]}
+def model_fingerprint(tracker: LayerTracker) -> dict[str, Any]:
+    """What ties factors and scores to a model: the fingerprint of the whole function it
+    computes (module structure, tracked weights, every other parameter and every buffer; see
+    :mod:`lightning_influence.fingerprint`), for the tracker's model and tracked layers."""
+    return fingerprint.model_fingerprint(
+        tracker.model, {layer.name: layer.module for layer in tracker}, tracker.describe())
 
 
 @runtime_checkable
@@ -268,7 +267,7 @@ class Preconditioner(Protocol):
 
     strategy: str
     shapes: dict[str, list[int]]
-    fingerprint: dict[str, str]
+    fingerprint: dict[str, Any]
     num_examples: int
     extra: dict[str, Any]
     layerwise: bool
@@ -292,7 +291,7 @@ class PreconditionerBase:
 
     strategy: str
     shapes: dict[str, list[int]]
-    fingerprint: dict[str, str]
+    fingerprint: dict[str, Any]
     extra: dict[str, Any]
     layerwise = False
 
@@ -321,16 +320,22 @@ class PreconditionerBase:
 
     def signature(self) -> dict[str, str]:
         """What a scoring pass's results depend on, for resumable score files: the strategy,
-        the weights, the damping and any other setting (a solver's iterations)."""
+        the whole model (each part of its fingerprint), the damping and any other setting (a
+        solver's iterations)."""
         settings = {k: v for k, v in self.extra.items() if k not in ("fisher", "batch_layout")}
-        return {"strategy": self.strategy, "weights": self.fingerprint.get("weights", ""),
+        return {"strategy": self.strategy,
+                **{f"model_{part}": str(self.fingerprint.get(part, ""))
+                   for part in fingerprint.PARTS},
                 "damping": json.dumps(self.damping, sort_keys=True),
                 "settings": json.dumps(settings, sort_keys=True, default=str)}
 
     def check_fits(self, tracker: LayerTracker, strategy: str | None = None,
                    check_weights: bool = True, source: str | None = None) -> None:
         """Raise :class:`FactorMismatchError` when this preconditioner was made for another
-        model, layer set, weights or strategy (``source`` names it in the message)."""
+        model, layer set or strategy (``source`` names it in the message). With
+        ``check_weights``, the model must compute what it computed then: the same module
+        structure, tracked weights, other parameters and buffers (the message says which
+        changed)."""
         source = source or ("these factors" if self.layerwise else
                             f"this {self.strategy} solver")
         if strategy is not None and strategy != self.strategy:
@@ -353,14 +358,19 @@ class PreconditionerBase:
                 "Fit factors for this model (delete the files or pass overwrite=True)."
             )
         if check_weights:
-            ours = model_fingerprint(tracker)
-            if ours["weights"] != self.fingerprint.get("weights"):
+            changes = fingerprint.fingerprint_changes(self.fingerprint, model_fingerprint(tracker))
+            if changes:
+                what = ("an unknown model" if "missing" in changes else
+                        "a model of another structure" if "structure" in changes else
+                        "the same architecture with different weights"
+                        if changes.keys() & {"tracked", "untracked"} else
+                        "the same architecture and weights with different buffers")
                 raise FactorMismatchError(
-                    f"{source} were fitted for the same architecture with different weights "
-                    "(the model was retrained or changed since). Fit again for these weights "
-                    "(delete the files or pass overwrite=True)."
+                    f"{source} were fitted for {what}: {'; '.join(changes.values())}. They "
+                    "hold for the function the model computed when they were made (every "
+                    "parameter and buffer, tracked or not, and the module structure). Fit "
+                    "again for this model (delete the files or pass overwrite=True)."
                 )
-
 
 
 @dataclass
@@ -370,7 +380,7 @@ class Factors(PreconditionerBase):
     strategy: str
     layers: dict[str, LayerFactors]
     shapes: dict[str, list[int]]
-    fingerprint: dict[str, str]
+    fingerprint: dict[str, Any]
     num_examples: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -458,13 +468,12 @@ class Factors(PreconditionerBase):
                 "delete the file)."
             )
 
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                header = (fh.metadata() or {}).get(_HEADER_KEY)
-                tensors = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118
-        except Exception as err:  # safetensors raises its own error types for bad files
+        try:  # through one open file: a file replaced meanwhile is read whole, old or new
+            tensors, metadata = read_safetensors(path)
+        except ValueError as err:
             raise corrupt(f"it is not a readable safetensors file (truncated or damaged: "
-                          f"{type(err).__name__}: {err})") from err
+                          f"{err})") from err
+        header = metadata.get(_HEADER_KEY)
         if header is None:
             raise corrupt("it has no lightning-influence metadata (written by an older version "
                           "or another tool)")

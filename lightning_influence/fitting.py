@@ -354,7 +354,8 @@ def load_or_fit_factors(output_dir: str | Path, fit: Callable[[], Factors], *,
                         tracker: LayerTracker, options: FitOptions,
                         write: bool = True) -> Factors:
     """The reuse decision, in one place: the factors in ``output_dir`` when they were fitted
-    for this model (layers, shapes, weights) with the strategy, Fisher and row dtype of
+    for this model (layers, shapes, and everything the model computes: see
+    :mod:`~lightning_influence.fingerprint`) with the strategy, Fisher and row dtype of
     ``options``, damped as ``options`` say now; else ``fit()``, saved there (with ``write``;
     atomically; ``options.overwrite`` always refits).
 

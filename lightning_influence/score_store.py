@@ -21,11 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
 from lightning_influence.distributed import rank
-from lightning_influence.io import atomic_save_safetensors, tensors_checksum, update_with_tensor
+from lightning_influence.io import (
+    atomic_save_safetensors,
+    read_safetensors,
+    tensors_checksum,
+    update_with_tensor,
+)
 
 __all__ = ["ScoreStore", "ScoreStoreMismatchError", "data_fingerprint"]
 
@@ -57,6 +61,29 @@ def data_fingerprint(loader: Any) -> str:
         count += 1
         feed(batch)
     return f"{count}:{digest.hexdigest()[:24]}"
+
+
+_SIGNATURE_LABELS = {
+    "model_structure": "the model's module structure", "model_tracked": "the tracked weights",
+    "model_untracked": "the model's untracked parameters", "model_buffers": "the model's buffers",
+    "train": "the training data", "queries": "the queries", "damping": "the damping",
+    "strategy": "the strategy", "settings": "the factors' or solver's settings",
+    "scale": "the normalization",
+}
+
+
+def _differences(stored: str | None, ours: str) -> str:
+    """The parts of two pass signatures (JSON) that differ, in words."""
+    try:
+        theirs = json.loads(stored) if stored else {}
+    except json.JSONDecodeError:
+        theirs = {}
+    if not isinstance(theirs, dict) or not theirs:
+        return "the chunk carries no readable signature"
+    mine = json.loads(ours)
+    keys = [k for k in {**mine, **theirs} if mine.get(k) != theirs.get(k)]
+    return "here " + ", ".join(_SIGNATURE_LABELS.get(k, f"the option {k}") for k in keys) + \
+        (" differ" if len(keys) > 1 else " differs")
 
 
 class ScoreStoreMismatchError(ValueError):
@@ -91,18 +118,16 @@ class ScoreStore:
         if metadata.get("signature") != self.signature:
             raise ScoreStoreMismatchError(
                 f"{path} holds {self.kind} scores of another pass (other factors, queries, "
-                f"options or training data). Delete the chunk files in {self.folder}, or score "
-                "into another folder."
+                f"options or training data: {_differences(metadata.get('signature'), self.signature)}"
+                f"). Delete the chunk files in {self.folder}, or score into another folder."
             )
 
     def _read(self, path: Path) -> dict[str, Tensor] | None:
         """A chunk's tensors, or None (logged) when the file is damaged; raises for a chunk of
         another pass."""
         try:
-            with safe_open(str(path), framework="pt") as fh:
-                metadata = fh.metadata() or {}
-                tensors = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118
-        except Exception as err:  # safetensors' own error types for truncated or bad files
+            tensors, metadata = read_safetensors(path)
+        except ValueError as err:  # truncated or damaged
             log.warning("Score chunk %s is unreadable (%s); its batches are scored again.", path,
                         err)
             return None

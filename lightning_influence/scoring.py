@@ -28,6 +28,7 @@ from lightning_influence.distributed import (
     rank,
 )
 from lightning_influence.factors import Preconditioner
+from lightning_influence.io import check_writable
 from lightning_influence.lowrank import QueryStore, truncate
 from lightning_influence.memory import check_plan, plan_scoring
 from lightning_influence.options import ScoreOptions, resolve_options
@@ -143,6 +144,7 @@ class BoundInfluence:
         autocast = options.autocast()
         model, factors, task = self.model, self.preconditioner, self.task
         check_loader(train_loader, "training", ordered=True)
+        _check_scores_dir(scores_dir, "compute_pairwise_scores")
         with evaluation_mode(model):
             query_losses = _measurements(model, query_loader, task)
         self._check_memory(train_loader, options, count_examples(query_loader) or
@@ -199,6 +201,7 @@ class BoundInfluence:
         normalize, autocast = options.normalize, options.autocast()
         factors = self.preconditioner
         check_loader(train_loader, "training", ordered=True)
+        _check_scores_dir(scores_dir, "compute_self_scores")
         self._check_memory(train_loader, options, 0)
         names = list(factors.shapes)
         scale = _normalization(factors, normalize)
@@ -253,11 +256,18 @@ def bind(model: nn.Module, preconditioner: Preconditioner, task: Task | str | No
          tracker: LayerTracker | None = None, check_weights: bool = True) -> BoundInfluence:
     """Resolve the task (default: the model's ``influence_task``) and the tracked layers, and
     check once that ``preconditioner`` was made for this model (layers, shapes and, with
-    ``check_weights``, the weights); then score through the returned object."""
+    ``check_weights``, everything else the model computes: structure, parameters, buffers);
+    then score through the returned object."""
     task = resolve_task(task, model)
     tracker = tracker or preconditioner.tracker(model)
     preconditioner.check_fits(tracker, check_weights=check_weights)
     return BoundInfluence(model, preconditioner, task, tracker)
+
+
+def _check_scores_dir(scores_dir: str | Path | None, what: str) -> None:
+    """A ``scores_dir`` where no chunk can be written is refused before any pass."""
+    if scores_dir is not None:
+        check_writable(scores_dir, what, option="scores_dir")
 
 
 def _normalization(factors: Any, normalize: bool) -> float:

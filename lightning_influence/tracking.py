@@ -306,15 +306,22 @@ class LayerTracker:
                  f" (frozen layers left out: {self.frozen_skipped}; include_frozen=True "
                  "tracks them)" if self.frozen_skipped else "")
         for note in self.notes:
-            log.info("lightning-influence: %s", note)
+            if note in self.tie_warnings:  # changes what the scores mean: shown by default
+                # one location: shown once per process by default, however many trackers
+                warnings.warn(f"lightning-influence: {note}", UserWarning, stacklevel=1)
+            else:
+                log.info("lightning-influence: %s", note)
 
     def _tied_weight_notes(self) -> list[str]:
-        """Notes on tracked weights that other modules use too (tied embeddings)."""
+        """Notes on tracked weights that other modules use too (tied embeddings); those whose
+        other use is not tracked (its share of the gradient is left out) are also kept in
+        ``tie_warnings`` and warned about."""
         owners: dict[int, list[tuple[str, nn.Module]]] = {}
         for name, module in self.model.named_modules(remove_duplicate=False):
             for p in module.parameters(recurse=False):
                 owners.setdefault(id(p), []).append((name, module))
         notes = []
+        self.tie_warnings: list[str] = []
         for layer in self:
             others = [(n, m) for n, m in owners.get(id(layer.module.weight), [])
                       if m is not layer.module]
@@ -325,8 +332,13 @@ class LayerTracker:
                     f"({type(module).__name__}, {'also tracked' if tracked else 'not tracked'}): "
                     + ("the two uses are separate blocks of the curvature and their "
                        "cross terms are left out" if tracked else
-                       f"influence through this weight counts its use as {layer.name!r} only")
+                       f"influence through this weight counts its use as {layer.name!r} only; "
+                       f"the gradient of its use as {other!r}, which can be a large part of "
+                       "the shared weight's gradient, is left out of the factors and scores "
+                       f"(exclude=[{layer.name!r}] leaves the shared weight out altogether)")
                 )
+                if not tracked:
+                    self.tie_warnings.append(notes[-1])
         return notes
 
     def __iter__(self) -> Iterator[TrackedLayer]:

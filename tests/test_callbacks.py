@@ -240,6 +240,38 @@ def test_during_training_updates_once_per_step_with_gradient_accumulation(tmp_pa
     assert all(float(c.compute()["examples"]) == 3 * 16 for c in stats.covariances.values())
 
 
+class SkipsNonFinite(TinyClassifier):
+    def training_step(self, batch, batch_idx):  # the module's own choice: skip the batch
+        if not torch.isfinite(batch[0]).all():
+            return None
+        return super().training_step(batch, batch_idx)
+
+
+def test_during_training_follows_a_training_step_that_skips_a_batch(tmp_path):
+    """A training step that returns None (a NaN batch skipped) stopped training: the
+    covariance update then ran on that batch and refused its non-finite loss."""
+    import warnings
+
+    x, y = _data(96, seed=0).tensors
+    x = x.clone()
+    x[40, 3] = float("nan")  # batch 2 of 6, in each epoch
+    train = DataLoader(TensorDataset(x, y), batch_size=16)
+    stats = InfluenceStatistics(mode="during_training", every_n_steps=1, progress=False)
+    trainer = _trainer(tmp_path, [stats], epochs=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(SkipsNonFinite(), train)
+    skipped = [w for w in caught if "returned None" in str(w.message)]
+    assert len(skipped) == 1  # warned once
+    assert "skips its covariance update too" in str(skipped[0].message)
+    assert trainer.current_epoch == 2  # trained to the end
+    assert stats.skipped_updates == 2 and stats.updates == 10
+    for stat in stats.covariances.values():
+        got = stat.compute()
+        assert float(got["examples"]) == 10 * 16
+        assert torch.isfinite(got["A"]).all() and torch.isfinite(got["S"]).all()
+
+
 class DropoutClassifier(TinyClassifier):
     def __init__(self) -> None:
         super().__init__()

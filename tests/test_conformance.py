@@ -497,6 +497,10 @@ def test_tied_weights_are_noted():
     notes = LayerTracker(Tied()).notes
     assert len(notes) == 1 and "'lm_head' shares its weight with 'emb'" in notes[0]
     assert "not tracked" in notes[0]
+    with pytest.warns(UserWarning, match=r"'lm_head' shares its weight with 'emb' .*not tracked"
+                                         r".*its use as 'emb'.* is left out of the factors and "
+                                         r"scores \(exclude=\['lm_head'\]"):
+        LayerTracker(Tied())  # a warning, not only an INFO line that a default set-up hides
 
 
 # ----------------------------------------------------------------------------------- invariances

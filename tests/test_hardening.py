@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import stat
 import warnings
+from pathlib import Path
 
 import pytest
 import reference as ref
@@ -64,6 +66,42 @@ def test_an_unwritable_output_folder_is_refused_before_training(tmp_path):
     with pytest.raises(PermissionError, match=r"cannot write to .*file/influence"):
         trainer.fit(TinyClassifier(), train, val)
     assert trainer.global_step == 0  # refused before any training step
+
+
+def test_a_dangling_link_as_scores_dir_is_refused_before_any_pass(tmp_path):
+    link, target = tmp_path / "chunks", tmp_path / "unmounted" / "chunks"
+    link.symlink_to(target)
+    model = ref.mlp()
+    loader = DataLoader(_data(12), batch_size=4)
+    factors = li.fit_factors(model, loader, "classification", strategy="identity",
+                             progress=False)
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    message = (rf"cannot write to {re.escape(str(link))} \({re.escape(str(link))} is a symbolic "
+               rf"link to {re.escape(str(target))}, which does not exist: create its target or "
+               r"remove the link\)\. Point scores_dir at")
+    with pytest.raises(PermissionError, match=message):
+        li.compute_self_scores(model, factors, loader, "classification", progress=False,
+                               scores_dir=link)
+    with pytest.raises(PermissionError, match=message):
+        li.compute_pairwise_scores(model, factors, loader, loader, "classification",
+                                   progress=False, scores_dir=link)
+    assert calls == []  # refused before the first forward, not at the first chunk's flush
+
+
+def test_a_dangling_link_as_output_folder_says_why(tmp_path):
+    link = tmp_path / "influence"
+    link.symlink_to(tmp_path / "gone")
+    train, val = _loaders()
+    trainer = _trainer(tmp_path, [EigenCorrection(strategy="identity", output_dir=link)],
+                       epochs=1)
+    with pytest.raises(PermissionError, match=r"influence is a symbolic link to .*gone, which "
+                                              r"does not exist: create its target"):
+        trainer.fit(TinyClassifier(), train, val)
+    with pytest.warns(UserWarning, match=r"Could not save the fitted factors .*influence is a "
+                                         r"symbolic link to .*gone, which does not exist"):
+        li.fit_factors(ref.mlp(), DataLoader(_data(12), batch_size=4), "classification",
+                       progress=False, output_dir=link)
 
 
 # ----------------------------------------------------------------------------------- order
@@ -147,6 +185,23 @@ def test_files_follow_the_umask_and_csv_text_cannot_run_as_a_formula(tmp_path):
     assert rows[0] == {"prompt": "'=HYPERLINK(\"x\")", "score": "-1.5", "label": "'@a"}
     assert rows[1] == {"prompt": "plain", "score": "2.0", "label": "'-3"}
     assert csv_safe(-3) == -3
+
+
+def test_safetensors_outputs_follow_the_umask_too(tmp_path):
+    """safetensors writes its own 0600 temporary file and renames it onto ours: the mode set
+    before the write was lost, so factor and score files came out 0600."""
+    old = os.umask(0o022)
+    try:
+        factors = li.fit_factors(ref.mlp(), DataLoader(_data(12), batch_size=4),
+                                 "classification", progress=False, output_dir=tmp_path)
+        chunks = tmp_path / "chunks"
+        li.compute_self_scores(ref.mlp(), factors, DataLoader(_data(12), batch_size=4),
+                               "classification", progress=False, scores_dir=chunks)
+    finally:
+        os.umask(old)
+    written = [tmp_path / "factors.safetensors", *chunks.glob("*.safetensors")]
+    assert len(written) == 2
+    assert {stat.S_IMODE(p.stat().st_mode) for p in written} == {0o644}
 
 
 def test_no_warning_for_ordinary_queries():
@@ -257,6 +312,32 @@ def test_fitted_factors_are_kept_when_only_their_file_fails(tmp_path):
     assert set(factors.layers) == {"0", "2"}
 
 
+def test_fitted_factors_are_kept_when_the_disk_is_full_during_a_refit(tmp_path, monkeypatch):
+    """safetensors reports a failed write (ENOSPC) as its own SafetensorError, not an OSError:
+    the refit was thrown away instead of kept in memory with a warning."""
+    from safetensors import SafetensorError
+
+    import lightning_influence.io as io
+
+    ds = _data(16)
+    loader = DataLoader(ds, batch_size=4)
+    li.fit_factors(ref.mlp(), loader, "classification", progress=False, output_dir=tmp_path)
+
+    def disk_full(tensors, path, metadata=None):
+        Path(path).write_bytes(b"\0" * 10)  # the part written before the disk filled up
+        raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                              "(os error 28)")
+
+    monkeypatch.setattr(io, "save_file", disk_full)
+    with pytest.warns(UserWarning, match=r"Could not save the fitted factors to .*No space left "
+                                         r"on device.*kept in memory"):
+        factors = li.fit_factors(ref.mlp(seed=1), loader, "classification", progress=False,
+                                 output_dir=tmp_path, overwrite=True)
+    assert set(factors.layers) == {"0", "2"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["factors.json",
+                                                         "factors.safetensors"]  # no leftovers
+
+
 # ----------------------------------------------------------------------------------- score chunks
 def _chunked_self_scores(model, factors, ds, folder):
     return li.compute_self_scores(model, factors, DataLoader(ds, batch_size=4),
@@ -316,6 +397,25 @@ def test_callbacks_score_an_iterable_dataset(tmp_path):
     n = int(flags[0]["train_index"])
     assert flags[0]["label"] == str(int(train_set[n][1]))  # labels from the stream
     assert callbacks[2].self_result.scores.shape == (len(train_set),)
+
+
+def test_callbacks_take_num_queries_from_a_streaming_validation_loader(tmp_path):
+    torch.manual_seed(0)
+    train, val = _loaders()
+    callbacks = _callbacks()  # num_queries=4
+    model = TinyClassifier()
+    _trainer(tmp_path, callbacks, epochs=1).fit(
+        model, train, DataLoader(_Stream(val.dataset), batch_size=3))
+    result = callbacks[2].pairwise_result
+    assert result.top.proponent_indices.shape[0] == 4
+    queries = DataLoader(torch.utils.data.Subset(val.dataset, range(4)), batch_size=3)
+    expected = li.compute_pairwise_scores(model, callbacks[1].factors,
+                                          queries, DataLoader(train.dataset, batch_size=16),
+                                          progress=False)
+    torch.testing.assert_close(result.scores, expected.scores)
+    rows = list(csv.DictReader((tmp_path / "influence" / "top_influential.csv").open()))
+    assert {row["query_label"] for row in rows if row["query_index"] == "3"} == {
+        str(int(val.dataset[3][1]))}  # the queries' own labels, from the stream
 
 
 def test_callbacks_keep_a_loader_that_yields_whole_batches(tmp_path):
@@ -416,3 +516,47 @@ def test_string_labels_and_model_errors_name_the_problem():
         li.fit_factors(ref.mlp().float(), DataLoader(TensorDataset(x, y), batch_size=4),
                        "classification", progress=False)
     assert "on batch 0" in "".join(getattr(info.value, "__notes__", ["on batch 0"]))
+
+
+_REPLACER = """
+import os, shutil, sys, time
+sources, target, stop = sys.argv[1:3], sys.argv[3], sys.argv[4]
+i, deadline = 0, time.time() + 60
+while not os.path.exists(stop) and time.time() < deadline:
+    shutil.copyfile(sources[i % 2], target + ".tmp")
+    os.replace(target + ".tmp", target)  # atomic, as Factors.save does it
+    i += 1
+"""
+
+
+def test_loading_factors_that_another_process_replaces_never_fails(tmp_path):
+    """Every load while another process replaces the file (atomically, in a loop) reads one
+    whole version: safe_open read the header and the tensors through two opens by name, and
+    some loads (here about 9%) paired one version's metadata with the other's tensors, failed
+    their checksum and asked for a refit."""
+    import subprocess
+    import sys
+    import time
+
+    for seed in (0, 1):  # two fits of the same layers with other numbers
+        li.fit_factors(ref.mlp(), DataLoader(_data(16, seed=seed), batch_size=4),
+                       "classification", progress=False, output_dir=tmp_path / f"v{seed}")
+    folder = tmp_path / "live"
+    folder.mkdir()
+    target = folder / "factors.safetensors"
+    sources = [str(tmp_path / f"v{seed}" / "factors.safetensors") for seed in (0, 1)]
+    target.write_bytes(Path(sources[0]).read_bytes())
+    stop = tmp_path / "stop"
+    writer = subprocess.Popen([sys.executable, "-c", _REPLACER, *sources, str(target), str(stop)])
+    try:
+        seen, failures, deadline = set(), [], time.monotonic() + 2
+        while time.monotonic() < deadline:
+            try:
+                seen.add(float(li.Factors.load(folder).layers["0"].eigenvalues.sum()))
+            except li.CorruptFactorsError as err:
+                failures.append(str(err))
+    finally:
+        stop.touch()
+        writer.wait(timeout=30)
+    assert failures == []
+    assert len(seen) == 2  # both versions were read, whole

@@ -295,6 +295,35 @@ def test_full_rank_comparison_and_prefilter(problem):
         assert set(pre.proponents[q].tolist()) <= set(pre.candidates[q].tolist())
 
 
+def test_a_query_longer_than_the_context_is_refused_before_any_pass(problem):
+    p = problem
+    model = TinyGPT(p["tokenizer"].vocab_size, context=36)  # 36 positions
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    long = Query("Q: with? with? \nA:", " a context manager.")  # 18 + 19 characters
+    with pytest.raises(ValueError, match=r"Query 1 \('Q: with\? with.*has 37 tokens \(18 of "
+                                         r"prompt, 19 of completion\), more than the model's "
+                                         r"context of 36 \(the position embedding 'wpe'\)\. "
+                                         r"Shorten its prompt"):
+        document_influence(model, p["factors"], p["corpus"], [QUERIES[0], long], p["task"],
+                           rank=2, progress=False)
+    assert calls == []
+
+
+def test_the_models_context_is_read_from_its_config_or_position_embedding():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lightning_influence.language.documents import model_context
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=11,
+                                      n_positions=48))
+    assert model_context(gpt2) == (48, "config.max_position_embeddings")
+    wrapped = nn.ModuleDict({"lm": gpt2})
+    assert model_context(wrapped) == (48, "lm.config.max_position_embeddings")
+    assert model_context(TinyGPT(5, context=20)) == (20, "the position embedding 'wpe'")
+    assert model_context(ref.TinyLM()) is None  # no positions: nothing to check
+
+
 # ----------------------------------------------------------------------------------- TF-IDF
 def test_tfidf_candidates_put_an_exact_duplicate_first():
     docs = [d.text for d in python_docs(topics=True, modules=())[:30]]
@@ -357,6 +386,36 @@ def test_user_text_files_and_directories(tmp_path):
     assert docs[0].title.endswith("a.txt")
     with pytest.raises(FileNotFoundError, match="matches no file"):
         read_text_files([tmp_path / "missing*.txt"])
+
+
+def test_a_document_whose_file_name_is_not_utf8_is_written_and_shown(tmp_path, problem):
+    import csv
+    import os
+
+    from lightning_influence.language.reporting import write_document_influence
+
+    p = problem
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    with open(os.fsencode(folder) + b"/caf\xe9 notes.txt", "w") as fh:  # Latin-1 name
+        fh.write(TEXTS[0][1])
+    (folder / "plain.txt").write_text(TEXTS[1][1])
+    docs = read_text_files([folder])
+    assert docs[0].title == f"{folder}/caf\\xe9 notes.txt"  # the byte shown, not a surrogate
+    corpus = chunk_documents(docs, p["tokenizer"], context=24)
+    model = TinyGPT(p["tokenizer"].vocab_size)
+    factors = fit_factors(model, DataLoader(corpus, batch_size=5), p["task"], progress=False)
+    result = document_influence(model, factors, corpus, QUERIES[:1], p["task"], rank=2, top_k=1,
+                                token_documents=1, progress=False)
+    paths = write_document_influence(tmp_path / "out", result, corpus)
+    titles = {row["top_proponent"] for row in csv.DictReader(paths["queries"].open())} | {
+        row["top_opponent"] for row in csv.DictReader(paths["queries"].open())}
+    assert f"{folder}/caf\\xe9 notes.txt" in titles
+    assert "caf\\xe9 notes.txt" in paths["token_influence"].read_text(encoding="utf-8")
+    # text from elsewhere with lone surrogates is written escaped, not an error at the end
+    from lightning_influence.io import atomic_save_csv
+    atomic_save_csv([{"title": "caf\udce9"}], tmp_path / "t.csv", ["title"])
+    assert (tmp_path / "t.csv").read_text(encoding="utf-8").splitlines()[1] == "caf\\udce9"
 
 
 def test_hugging_face_corpus_without_datasets_is_a_clear_error(monkeypatch):

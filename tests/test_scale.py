@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_influence as li
 from lightning_influence.blocks import BlockDiagonal, blocked_shape
-from lightning_influence.fitting import eigenbases, new_covariances
+from lightning_influence.fitting import eigenbases
 from lightning_influence.memory import MemoryPlanError, plan_memory
 from lightning_influence.statistics import factor_dtypes
 

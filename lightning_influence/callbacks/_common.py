@@ -5,10 +5,11 @@ Only the public Trainer API is used. No tensor math lives here.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from lightning_influence.passes import order_problem, ordered_loader
 
@@ -51,7 +52,8 @@ def training_loader(trainer: Any, pl_module: Any, batch_size: int | None = None)
 
 def query_loader(trainer: Any, pl_module: Any, queries: DataLoader | None,
                  num_queries: int | None, batch_size: int | None = None) -> DataLoader:
-    """The query loader: the one given, else the validation loader; first ``num_queries``."""
+    """The query loader: the one given, else the validation loader; its first ``num_queries``
+    examples (of a stream: the first ones it yields, kept in memory)."""
     loader = queries
     if loader is None:
         loader = single_loader(trainer.val_dataloaders, "validation")
@@ -66,7 +68,22 @@ def query_loader(trainer: Any, pl_module: Any, queries: DataLoader | None,
                 "to InfluenceScores."
             ) from err
     loader = ordered_loader(loader, batch_size)
-    if num_queries is not None and num_queries < len(loader.dataset):
+    if num_queries is None:
+        return loader
+    if isinstance(loader.dataset, IterableDataset):  # a stream: its first examples, kept
+        if loader.batch_size is None:
+            raise ValueError(
+                f"num_queries={num_queries} cannot be taken from a query loader that streams "
+                "whole batches (batch_size=None). Pass queries=<DataLoader> with exactly the "
+                "queries, or num_queries=None to use every batch."
+            )
+        first = list(itertools.islice(iter(loader.dataset), num_queries))
+        if not first:
+            raise ValueError("No queries: the query stream yielded no example. Pass "
+                             "queries=<DataLoader> to InfluenceScores.")
+        return DataLoader(first, batch_size=loader.batch_size, shuffle=False,
+                          collate_fn=loader.collate_fn)
+    if num_queries < len(loader.dataset):
         subset = Subset(loader.dataset, range(num_queries))
         loader = DataLoader(subset, batch_size=loader.batch_size, shuffle=False,
                             collate_fn=loader.collate_fn)

@@ -17,6 +17,7 @@ from lightning_influence.language import (
     document_influence,
     queries_from_config,
 )
+from lightning_influence.language.documents import check_query_lengths
 from lightning_influence.language.reporting import log_document_influence, write_document_influence
 from lightning_influence.memory import estimate_bytes, format_estimate
 from lightning_influence.options import DEFAULT_DOCUMENTS, DocumentOptions, callback_options
@@ -72,23 +73,31 @@ class DocumentInfluence(Callback):
     def rank(self) -> int | None:
         return self.options.rank
 
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        self.influence_run = InfluenceRun.join(trainer, self, "consumer")
-
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self.influence_run.check()
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self.influence_run = InfluenceRun.join(trainer, self, "consumer")
+        corpus = self._corpus(trainer)
+        if stage == "fit" and corpus is not None:  # before training, not after the passes
+            check_query_lengths(pl_module, self.queries, corpus.tokenizer)
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self.run(trainer, pl_module)
 
-    def run(self, trainer: Any, pl_module: Any) -> DocumentInfluenceResult:
-        """Compute, write and log. Called when fit ends; callable by hand after ``fit``."""
+    def _corpus(self, trainer: Any) -> ChunkedCorpus | None:
         corpus = self.corpus if self.corpus is not None else getattr(
             getattr(trainer, "datamodule", None), "corpus", None)
-        if not isinstance(corpus, ChunkedCorpus):
+        return corpus if isinstance(corpus, ChunkedCorpus) else None
+
+    def run(self, trainer: Any, pl_module: Any) -> DocumentInfluenceResult:
+        """Compute, write and log. Called when fit ends; callable by hand after ``fit``."""
+        corpus = self._corpus(trainer)
+        if corpus is None:
             raise ValueError("DocumentInfluence needs the training corpus: pass corpus=<ChunkedCorpus> "
                              "or give the datamodule a `corpus` attribute (lightning_influence."
                              "language.chunk_documents builds one).")
+        check_query_lengths(pl_module, self.queries, corpus.tokenizer)  # before the fit
         if self.influence_run is None:
             self.setup(trainer, pl_module, "fit")
         factors, task = self.influence_run.curvature(trainer, pl_module, "DocumentInfluence")

@@ -127,17 +127,18 @@ class InfluenceScores(Callback):
         if self.influence_run is None:
             self.setup(trainer, pl_module, "fit")
         influence = self.influence_run
-        factors, task = influence.curvature(trainer, pl_module, "InfluenceScores")
-        tracker = factors.tracker(pl_module)
         options = dataclasses.replace(
             self.score, progress=self.score.progress and trainer.is_global_zero,
             precision={torch.bfloat16: "bf16", torch.float16: "16"}.get(self._autocast(trainer)))
-        train = training_loader(trainer, pl_module, options.batch_size)
-        chunks = self._chunk_dir(trainer, influence) if options.resumable else None
-        queries = None
+        queries = None  # the loaders first: a problem with them is found before the fit
         if self.pairwise:
             queries = query_loader(trainer, pl_module, self.queries, self.num_queries,
                                    options.batch_size)
+        train = training_loader(trainer, pl_module, options.batch_size)
+        factors, task = influence.curvature(trainer, pl_module, "InfluenceScores")
+        tracker = factors.tracker(pl_module)
+        chunks = self._chunk_dir(trainer, influence) if options.resumable else None
+        if self.pairwise:
             num_train = count_examples(train)
             rank_zero_info(f"lightning-influence: scoring {count_examples(queries)} queries "
                            f"against {num_train or 'the stream of'} training examples")

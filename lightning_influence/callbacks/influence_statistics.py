@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pytorch_lightning import Callback
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_influence.callbacks._common import training_loader
 from lightning_influence.callbacks.run import InfluenceRun
@@ -58,6 +58,9 @@ class InfluenceStatistics(Callback):
     to one separate eval-mode forward and backward after the step (logged once, with the
     reason).
 
+    A training step that returns None (the module skips the batch, e.g. a non-finite loss)
+    skips that step's update too: counted in ``skipped_updates``, warned about once.
+
     The covariances are consumed by :class:`~lightning_influence.callbacks.EigenCorrection`
     through the Trainer's :class:`~lightning_influence.callbacks.run.InfluenceRun`. They are
     part of the callback's state, so they survive checkpoint and resume.
@@ -105,6 +108,7 @@ class InfluenceStatistics(Callback):
         self._layer_counts: dict[str, int] | None = None
         self.covariances: dict[str, CovarianceStatistic] | None = None
         self.updates = 0
+        self.skipped_updates = 0
         self._last_step = -1
         self._due_batch: Any = None
         self.finished = False
@@ -172,12 +176,28 @@ class InfluenceStatistics(Callback):
         if self._due_batch is None:
             return
         due, self._due_batch = self._due_batch, None
+        if pl_module.automatic_optimization and not self._updated_this_step and not outputs:
+            # the step returned None ({} here): it skipped the batch (e.g. NaN), and so do we
+            self._skip_update(batch_idx)
+            return
         if not self._updated_this_step:
             # seeded by the update count: reproducible, and resumed runs continue the sequence
             update_covariances(pl_module, due, self.task, self.tracker, self.covariances,
                                sampling_generator(self.options.seed, self.updates), batch_idx,
                                fisher=self.fisher)
         self.updates += 1
+
+    def _skip_update(self, batch_idx: int) -> None:
+        """Follow a training step that returned None: no covariance update from its batch
+        (counted in ``skipped_updates``; warned once)."""
+        self.skipped_updates += 1
+        if self.skipped_updates == 1:
+            rank_zero_warn(
+                f"lightning-influence: the training step returned None for batch {batch_idx} "
+                "(it skipped the batch, e.g. a non-finite loss), so InfluenceStatistics skips "
+                "its covariance update too; skipped updates are counted in "
+                "InfluenceStatistics.skipped_updates and not warned about again."
+            )
 
     def _update_from_recording(self, pl_module: Any, recording: StepRecording) -> bool:
         """Covariances from the training step's forward; False (and a reason) when unusable."""
@@ -233,6 +253,7 @@ class InfluenceStatistics(Callback):
         kept = self.covariances is not None and not any(
             stat.__dict__.get("released") for stat in self.covariances.values())
         state: dict[str, Any] = {"mode": self.mode, "updates": self.updates,
+                                 "skipped_updates": self.skipped_updates,
                                  "finished": self.finished and kept}
         if kept:
             state["covariances"] = {name: stat.sums() for name, stat in self.covariances.items()}
@@ -240,6 +261,7 @@ class InfluenceStatistics(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.updates = int(state_dict.get("updates", 0))
+        self.skipped_updates = int(state_dict.get("skipped_updates", 0))
         self.finished = bool(state_dict.get("finished", False))
         self._pending_state = state_dict.get("covariances")
         if self.tracker is not None and self._bound_module is not None:

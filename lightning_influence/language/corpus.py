@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import os
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -95,7 +96,8 @@ def python_docs(topics: bool = True, modules: Sequence[str] = DEFAULT_STDLIB_MOD
 
 def read_text_files(paths: Sequence[str | Path], suffixes: Sequence[str] = (".txt", ".md", ".rst"),
                     ) -> list[Document]:
-    """Each text file is one document, titled by its path.
+    """Each text file is one document, titled by its path (a byte of the name that is not
+    UTF-8 shown as ``\\xNN``).
 
     Args:
         paths: files, directories (searched recursively for ``suffixes``) or glob patterns.
@@ -120,8 +122,14 @@ def read_text_files(paths: Sequence[str | Path], suffixes: Sequence[str] = (".tx
             raise FileNotFoundError(f"data.files: {spec!r} matches no file (give files, "
                                     f"directories holding {list(suffixes)} files, or glob patterns).")
         files += found
-    docs = [Document(str(f), f.read_text(encoding="utf-8", errors="replace")) for f in files]
+    docs = [Document(_shown(f), f.read_text(encoding="utf-8", errors="replace")) for f in files]
     return [d for d in docs if d.text.strip()]
+
+
+def _shown(path: Path) -> str:
+    """A path as text that any file or table takes: bytes of the name that are not UTF-8
+    are shown as ``\\xNN`` (``caf\\xe9.txt``) instead of lone surrogates."""
+    return os.fsencode(path).decode("utf-8", errors="backslashreplace")
 
 
 def hf_documents(name: str, split: str = "train", text_field: str = "text",

@@ -31,6 +31,7 @@ from lightning_influence.language.corpus import (
     ChunkedCorpus,
     Query,
     QueryDataset,
+    as_tokenizer,
 )
 from lightning_influence.lowrank import QueryStore
 from lightning_influence.options import DocumentOptions, resolve_options
@@ -51,6 +52,8 @@ __all__ = [
     "score_chunks",
     "token_influence",
     "compare_full_rank_scores",
+    "model_context",
+    "check_query_lengths",
 ]
 
 log = logging.getLogger(__name__)
@@ -239,6 +242,52 @@ def _loader(dataset: Dataset, batch_size: int) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=False)
 
 
+_CONTEXT_ATTRIBUTES = ("max_position_embeddings", "n_positions", "n_ctx", "block_size",
+                       "max_seq_len", "max_sequence_length", "context_length")
+_POSITION_EMBEDDINGS = ("wpe", "pos_emb", "pos_embedding", "position_embedding",
+                        "position_embeddings", "embed_positions")
+
+
+def model_context(model: nn.Module) -> tuple[int, str] | None:
+    """The longest input the model takes and where that was read, or ``None`` when it does
+    not say: a context length in a config (``config`` or ``cfg`` of the model or a submodule:
+    ``max_position_embeddings``, ``n_positions``, ``block_size``, ...), else the size of a
+    learned position embedding (an ``nn.Embedding`` named ``wpe``, ``position_embeddings``,
+    ...)."""
+    for name, module in model.named_modules():
+        for holder in ("config", "cfg"):
+            config = getattr(module, holder, None)
+            for attr in _CONTEXT_ATTRIBUTES:
+                value = config.get(attr) if isinstance(config, Mapping) else getattr(
+                    config, attr, None)
+                if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                    return value, f"{name + '.' if name else ''}{holder}.{attr}"
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in _POSITION_EMBEDDINGS:
+            return module.num_embeddings, f"the position embedding {name!r}"
+    return None
+
+
+def check_query_lengths(model: nn.Module, queries: Sequence[Query], tokenizer: Any) -> None:
+    """Refuse, before any pass, a query longer than the model's context
+    (:func:`model_context`; nothing is checked when the model does not say)."""
+    found = model_context(model)
+    if found is None:
+        return
+    context, source = found
+    tokenizer = as_tokenizer(tokenizer)
+    for i, query in enumerate(queries):
+        prompt, completion = len(tokenizer.encode(query.prompt)), len(
+            tokenizer.encode(query.completion))
+        if prompt + completion > context:
+            raise ValueError(
+                f"Query {i} ({query.prompt[:40]!r} -> {query.completion[:40]!r}) has "
+                f"{prompt + completion} tokens ({prompt} of prompt, {completion} of completion), "
+                f"more than the model's context of {context} ({source}). Shorten its prompt "
+                "(the measurement is the completion's) or its completion."
+            )
+
+
 def document_influence(model: nn.Module, factors: Any, corpus: ChunkedCorpus,
                        queries: Sequence[Query], task: Any = None,
                        options: DocumentOptions | None = None, *, tracker: Any = None,
@@ -256,6 +305,9 @@ def document_influence(model: nn.Module, factors: Any, corpus: ChunkedCorpus,
     5. With ``compare_full_rank``, a second pass with full-rank queries measures the rank
        correlation (Spearman) of the low-rank scores with them.
 
+    A query longer than the model's context (:func:`model_context`) is refused before any
+    pass.
+
     Args:
         model: the trained language model (called on ``input_ids [N, T]``, returns logits).
         factors: fitted curvature factors of the model.
@@ -271,6 +323,7 @@ def document_influence(model: nn.Module, factors: Any, corpus: ChunkedCorpus,
     rank, top_k, candidates = options.rank, options.top_k, options.candidates
     batch_size, progress = options.batch_size, options.progress
     queries = list(queries)
+    check_query_lengths(model, queries, corpus.tokenizer)  # before any pass
     task = task if task is not None else CausalLMTask(pad_token_id=corpus.tokenizer.pad_id)
     tracker = tracker or factors.tracker(model)
     timings: dict[str, float] = {}

@@ -217,8 +217,8 @@ def write_document_influence(folder: str | Path, result: DocumentInfluenceResult
                 if (q, d) in sections:
                     page.append(f"<h3>{kind}</h3>{sections[(q, d)]}")
     page.append("</body></html>")
-    paths["token_influence"] = atomic_write(folder / "token_influence.html",
-                                            lambda tmp: Path(tmp).write_text("\n".join(page)))
+    paths["token_influence"] = atomic_write(folder / "token_influence.html", lambda tmp: Path(
+        tmp).write_text("\n".join(page), encoding="utf-8", errors="backslashreplace"))
     paths["influence_distribution"] = _distribution_figure(result, folder / "influence_distribution.png")
     paths["layer_figure"] = _layer_figure(result, folder / "layer_influence.png")
     tensors = {"document_scores": result.document_scores, "chunk_scores": result.chunk_scores,
