@@ -315,11 +315,17 @@ class PeakRSS:
         return (self.peak - self.start) / 2**20
 
 
-def run_child(script: str | Path, *args: str) -> dict[str, Any]:
+def run_child(script: str | Path, *args: str, timeout: float | None = None) -> dict[str, Any]:
     """Run ``python script args`` in a fresh process (same interpreter) and read the last line
     it prints as JSON (:func:`child_result`): a stage measured without what earlier stages
-    left in the allocator."""
-    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
+    left in the allocator. A child that fails, or runs past ``timeout`` seconds (then
+    killed), raises a ``RuntimeError`` with the end of its stderr."""
+    try:
+        proc = subprocess.run([sys.executable, str(script), *args], capture_output=True,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as err:
+        raise RuntimeError(f"{Path(script).name} {' '.join(args)} timed out after {timeout:g} s"
+                           ) from err
     if proc.returncode != 0:
         raise RuntimeError(f"{Path(script).name} {' '.join(args)} failed ({proc.returncode}):\n"
                            f"{proc.stderr[-3000:]}")

@@ -35,8 +35,11 @@ Semantics of Kronfluence 1.0.1 that this file relies on (read from its source):
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 import harness
@@ -73,12 +76,20 @@ class ClassificationTask(Task):
 class CausalLMTask(Task):
     """Next-token task on ``(input_ids,)`` batches of full-length sequences, or on dict batches
     with ``input_ids`` and ``attention_mask`` (padding excluded from the loss and, through
-    ``get_attention_mask``, from the covariances, as our ``CausalLMTask`` does): the summed
-    next-token cross-entropy, labels drawn per token from the model's softmax for the Fisher
-    (only where the loss has a target), and the query's own summed loss as the measurement."""
+    ``get_attention_mask``, from the covariances, as our ``CausalLMTask`` does; the mask is
+    passed to a model whose ``forward`` takes one, as Hugging Face models do and ours passes
+    it): the summed next-token cross-entropy, labels drawn per token from the model's softmax
+    for the Fisher (only where the loss has a target), and the query's own summed loss as the
+    measurement. ``modules``: the names of the modules to track (Kronfluence's
+    ``get_influence_tracked_modules``; None: every Linear and Conv2d)."""
 
-    def __init__(self, pad_token_id: int | None = None) -> None:
+    def __init__(self, pad_token_id: int | None = None,
+                 modules: Sequence[str] | None = None) -> None:
         self.pad_token_id = pad_token_id
+        self.modules = list(modules) if modules is not None else None
+
+    def get_influence_tracked_modules(self) -> list[str] | None:
+        return self.modules
 
     @staticmethod
     def _ids_mask(batch):
@@ -89,7 +100,9 @@ class CausalLMTask(Task):
 
     def compute_train_loss(self, batch, model: nn.Module, sample: bool = False) -> torch.Tensor:
         ids, mask = self._ids_mask(batch)
-        out = model(ids)
+        takes_mask = "attention_mask" in inspect.signature(model.forward).parameters
+        out = model(ids, attention_mask=mask.long()) if isinstance(batch, dict) and takes_mask \
+            else model(ids)
         logits = getattr(out, "logits", out)[:, :-1]  # a Hugging Face ModelOutput or a tensor
         logits = logits.reshape(-1, logits.shape[-1])
         valid = mask[:, 1:].reshape(-1)
@@ -130,37 +143,48 @@ def run_kronfluence(
                                     task=ClassificationTask(), dtype=dtype, **kwargs)
 
 
-def run_kronfluence_datasets(
+def linear_from_conv1d(model: nn.Module) -> nn.Module:
+    """``model`` with every Hugging Face ``Conv1D`` (GPT-2's projections: a Linear whose weight
+    is stored ``[in, out]``) replaced in place by the ``nn.Linear`` it computes, under the same
+    name: Kronfluence tracks ``nn.Linear`` and ``nn.Conv2d`` only."""
+    for name, module in list(model.named_modules()):
+        if type(module).__name__ != "Conv1D" or not hasattr(module, "nf"):
+            continue
+        d_in, d_out = module.weight.shape
+        linear = nn.Linear(d_in, d_out, bias=module.bias is not None,
+                           device=module.weight.device, dtype=module.weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(module.weight.T)
+            if module.bias is not None:
+                linear.bias.copy_(module.bias)
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, linear)
+    return model
+
+
+def prepare_analyzer(
     model: torch.nn.Module,
-    train_ds,
-    query_ds,
     *,
     task: Task,
-    strategy="ekfac",
+    strategy: str = "ekfac",
     damping: float | None,
-    batch_size=128,
     output_dir,
-    seed=0,
+    name: str,
+    seed: int = 0,
     dtype: torch.dtype = torch.float32,
-    query_batch_size: int | None = None,
-    name: str = "digits",
-) -> dict:
-    """Fit Kronfluence factors on ``train_ds`` and score ``query_ds`` x ``train_ds`` and the
-    training set's self-influence, with the Kronfluence ``task``.
-
-    damping: None -> Kronfluence's heuristic (0.1 * mean of each layer's Lambda, per layer);
-             a float -> that ABSOLUTE value added to every layer's Lambda (per-example scale,
-             summed-loss gradients). Passed as ScoreArguments(damping_factor=damping).
-    seed:    seeds torch's global RNG before fitting; it only drives the Fisher label sampling.
-    dtype:   float32 (default) or float64 for the model copy and every Kronfluence dtype
-             (the eigendecomposition is float64 either way).
-    query_batch_size: queries per pass over the training set (default: batch_size).
-
-    The caller's model is not modified (a deep copy is wrapped by ``prepare_model``).
-    Returns {"pairwise": Tensor[Q, N], "self": Tensor[N], "fit_seconds", "pairwise_seconds",
-    "self_seconds"}; scores are returned as float32 tensors for dtype=float32, float64 otherwise.
-    """
-    model = copy.deepcopy(model).to(device="cpu", dtype=dtype).eval()
+    cpu: bool = True,
+    copy_model: bool = True,
+) -> tuple[Analyzer, FactorArguments, ScoreArguments]:
+    """Kronfluence's ``Analyzer`` over ``model`` (a deep copy unless ``copy_model=False``, which
+    wraps the caller's model in place), with the factor and score arguments of this comparison
+    (see :func:`run_kronfluence_datasets` for ``damping``, ``seed`` and ``dtype``). ``cpu``:
+    False runs on the model's accelerator (Kronfluence's ``Analyzer(cpu=...)``). Factors and
+    scores are kept under ``output_dir``/``name``..., so another process with the same
+    arguments finds the factors fitted by an earlier one."""
+    model = copy.deepcopy(model) if copy_model else model
+    if cpu:
+        model = model.to(device="cpu")
+    model = model.to(dtype=dtype).eval()
     model = prepare_model(model=model, task=task)
 
     # Kronfluence's get_logger also sets the ROOT logger's level; restore it afterwards. Its own
@@ -170,7 +194,7 @@ def run_kronfluence_datasets(
         analysis_name=f"{name}_{strategy}_{str(dtype).replace('torch.', '')}_seed{seed}",
         model=model,
         task=task,
-        cpu=True,
+        cpu=cpu,
         log_level=logging.WARNING,
         disable_tqdm=True,
         output_dir=str(Path(output_dir)),
@@ -196,50 +220,118 @@ def run_kronfluence_datasets(
         score_dtype=dtype,
         query_gradient_svd_dtype=dtype,
     )
+    return analyzer, factor_args, score_args
 
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Kronfluence 1.0.1 builds a disabled torch.cuda.amp.GradScaler in every step
+    (FutureWarning): silenced."""
     with warnings.catch_warnings():
-        # Kronfluence 1.0.1 builds a disabled torch.cuda.amp.GradScaler in every step (FutureWarning).
         warnings.filterwarnings("ignore", message=r".*GradScaler.*", category=FutureWarning)
-        torch.manual_seed(seed)  # drives torch.multinomial in ClassificationTask (Fisher labels)
+        yield
+
+
+Measure = Callable[[str], AbstractContextManager]
+
+
+def fit_factors_by_stage(analyzer: Analyzer, train_ds, *, factor_args: FactorArguments,
+                         batch_size: int, seed: int = 0,
+                         measure: Measure | None = None) -> dict[str, float]:
+    """Kronfluence's fit as its three stages (what ``fit_all_factors`` runs), each timed and,
+    with ``measure``, run inside ``measure(stage)``: ``covariances``,
+    ``eigendecomposition``, ``eigenvalues`` (its Lambda). Returns each stage's seconds."""
+    measure = measure or (lambda _: nullcontext())
+    seconds = {}
+    with _quiet():
+        torch.manual_seed(seed)  # drives torch.multinomial in the tasks (Fisher labels)
         clock = harness.Stopwatch()
-        analyzer.fit_all_factors(
-            factors_name="factors",
-            dataset=train_ds,
-            per_device_batch_size=batch_size,
-            factor_args=factor_args,
-            overwrite_output_dir=True,
-        )
-        fit_seconds = clock.lap()
+        with measure("covariances"):
+            analyzer.fit_covariance_matrices(factors_name="factors", dataset=train_ds,
+                                             per_device_batch_size=batch_size,
+                                             factor_args=factor_args, overwrite_output_dir=True)
+        seconds["covariances"] = clock.lap()
+        with measure("eigendecomposition"):
+            analyzer.perform_eigendecomposition(factors_name="factors", factor_args=factor_args,
+                                                overwrite_output_dir=True)
+        seconds["eigendecomposition"] = clock.lap()
+        with measure("eigenvalues"):
+            analyzer.fit_lambda_matrices(factors_name="factors", dataset=train_ds,
+                                         per_device_batch_size=batch_size,
+                                         factor_args=factor_args, overwrite_output_dir=True)
+        seconds["eigenvalues"] = clock.lap()
+    return seconds
 
+
+def pairwise_scores(analyzer: Analyzer, query_ds, train_ds, *, score_args: ScoreArguments,
+                    batch_size: int, query_batch_size: int | None = None) -> torch.Tensor:
+    """Kronfluence's pairwise scores ``[Q, N]`` with the fitted factors (``"factors"``)."""
+    with _quiet():
         analyzer.compute_pairwise_scores(
-            scores_name="pairwise",
-            factors_name="factors",
-            query_dataset=query_ds,
-            train_dataset=train_ds,
-            per_device_query_batch_size=query_batch_size or batch_size,
-            per_device_train_batch_size=batch_size,
-            score_args=score_args,
-            overwrite_output_dir=True,
-        )
-        pairwise_seconds = clock.lap()
+            scores_name="pairwise", factors_name="factors", query_dataset=query_ds,
+            train_dataset=train_ds, per_device_query_batch_size=query_batch_size or batch_size,
+            per_device_train_batch_size=batch_size, score_args=score_args,
+            overwrite_output_dir=True)
+    return analyzer.load_pairwise_scores("pairwise")[ALL_MODULES]
 
-        analyzer.compute_self_scores(
-            scores_name="self",
-            factors_name="factors",
-            train_dataset=train_ds,
-            per_device_train_batch_size=batch_size,
-            score_args=score_args,
-            overwrite_output_dir=True,
-        )
-        self_seconds = clock.lap()
 
-    pairwise = analyzer.load_pairwise_scores("pairwise")[ALL_MODULES]
-    self_scores = analyzer.load_self_scores("self")[ALL_MODULES]
+def self_scores(analyzer: Analyzer, train_ds, *, score_args: ScoreArguments,
+                batch_size: int) -> torch.Tensor:
+    """Kronfluence's self-influence ``[N]`` with the fitted factors (``"factors"``)."""
+    with _quiet():
+        analyzer.compute_self_scores(scores_name="self", factors_name="factors",
+                                     train_dataset=train_ds, per_device_train_batch_size=batch_size,
+                                     score_args=score_args, overwrite_output_dir=True)
+    return analyzer.load_self_scores("self")[ALL_MODULES]
+
+
+def run_kronfluence_datasets(
+    model: torch.nn.Module,
+    train_ds,
+    query_ds,
+    *,
+    task: Task,
+    strategy="ekfac",
+    damping: float | None,
+    batch_size=128,
+    output_dir,
+    seed=0,
+    dtype: torch.dtype = torch.float32,
+    query_batch_size: int | None = None,
+    name: str = "digits",
+    cpu: bool = True,
+) -> dict:
+    """Fit Kronfluence factors on ``train_ds`` and score ``query_ds`` x ``train_ds`` and the
+    training set's self-influence, with the Kronfluence ``task``.
+
+    damping: None -> Kronfluence's heuristic (0.1 * mean of each layer's Lambda, per layer);
+             a float -> that ABSOLUTE value added to every layer's Lambda (per-example scale,
+             summed-loss gradients). Passed as ScoreArguments(damping_factor=damping).
+    seed:    seeds torch's global RNG before fitting; it only drives the Fisher label sampling.
+    dtype:   float32 (default) or float64 for the model copy and every Kronfluence dtype
+             (the eigendecomposition is float64 either way).
+    query_batch_size: queries per pass over the training set (default: batch_size).
+    cpu:     False runs on the model's accelerator (see :func:`prepare_analyzer`).
+
+    The caller's model is not modified (a deep copy is wrapped by ``prepare_model``).
+    Returns {"pairwise": Tensor[Q, N], "self": Tensor[N], "fit_seconds", "pairwise_seconds",
+    "self_seconds"}; scores are returned as float32 tensors for dtype=float32, float64 otherwise.
+    """
+    analyzer, factor_args, score_args = prepare_analyzer(
+        model, task=task, strategy=strategy, damping=damping, output_dir=output_dir, name=name,
+        seed=seed, dtype=dtype, cpu=cpu)
+    fit_seconds = sum(fit_factors_by_stage(analyzer, train_ds, factor_args=factor_args,
+                                           batch_size=batch_size, seed=seed).values())
+    pairwise_seconds, pairwise = harness.timed(lambda: pairwise_scores(
+        analyzer, query_ds, train_ds, score_args=score_args, batch_size=batch_size,
+        query_batch_size=query_batch_size))
+    self_seconds, self_influence = harness.timed(lambda: self_scores(
+        analyzer, train_ds, score_args=score_args, batch_size=batch_size))
     assert pairwise.shape == (len(query_ds), len(train_ds)), pairwise.shape
-    assert self_scores.shape == (len(train_ds),), self_scores.shape
+    assert self_influence.shape == (len(train_ds),), self_influence.shape
     return {
         "pairwise": pairwise,
-        "self": self_scores,
+        "self": self_influence,
         "fit_seconds": fit_seconds,
         "pairwise_seconds": pairwise_seconds,
         "self_seconds": self_seconds,

@@ -241,8 +241,9 @@ class Windows(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "attention_mask": torch.ones(SEQ_LEN, dtype=torch.bool)}
 
 
-def sequence_problem(chunks: int, seed: int = 0):
-    """The character GPT (briefly trained) and ``chunks`` + 8 windows of Python's docs."""
+def sequence_problem(chunks: int, seed: int = 0, device: str = "cpu"):
+    """The character GPT (briefly trained, on ``device``) and ``chunks`` + 8 windows of Python's
+    docs (on the CPU, as a loader yields them)."""
     from lightning_influence.language import CharTokenizer, python_docs
     from recipes.lm_influence import CharGPT, GPTConfig
 
@@ -255,10 +256,10 @@ def sequence_problem(chunks: int, seed: int = 0):
     windows = ids[:need].reshape(-1, SEQ_LEN)
     torch.manual_seed(seed)
     model = CharGPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=SEQ_LEN, n_layer=2,
-                              n_head=4, n_embd=64))
+                              n_head=4, n_embd=64)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for b in range(0, chunks, SEQ_BATCH):  # one epoch: a model with some structure
-        loss = seq_loss(model, windows[b:b + SEQ_BATCH]) / SEQ_BATCH
+        loss = seq_loss(model, windows[b:b + SEQ_BATCH].to(device)) / SEQ_BATCH
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -271,13 +272,25 @@ def seq_loss(model, ids: torch.Tensor) -> torch.Tensor:
                            reduction="sum")
 
 
+def synchronize(model) -> None:
+    """Wait for the model's device to finish its queued work (CUDA runs asynchronously), so
+    that a lap of the clock covers the work done."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def seq_floor(model, train_ids: torch.Tensor) -> float:
-    """One forward and backward over the training windows (parameter gradients)."""
+    """One forward and backward over the training windows (parameter gradients), moved to the
+    model's device batch by batch as a loader's would be."""
+    device = next(model.parameters()).device
+    synchronize(model)
     clock = harness.Stopwatch()
     for b in range(0, len(train_ids), SEQ_BATCH):
         model.zero_grad(set_to_none=True)
-        seq_loss(model, train_ids[b:b + SEQ_BATCH]).backward()
+        seq_loss(model, train_ids[b:b + SEQ_BATCH].to(device)).backward()
     model.zero_grad(set_to_none=True)
+    synchronize(model)
     return clock.lap()
 
 
@@ -285,21 +298,26 @@ def seq_ours(model, train, queries, row_dtype: str | None) -> tuple[dict[str, fl
     from lightning_influence.fitting import fit_covariances
 
     task = li.CausalLMTask()  # no padding: every position counts
+    synchronize(model)
     clock, times = harness.Stopwatch(), {}
+
+    def lap() -> float:
+        synchronize(model)
+        return clock.lap()
     covs = fit_covariances(model, train, task, progress=False, row_dtype=row_dtype)
-    times["covariances"] = clock.lap()
+    times["covariances"] = lap()
     factors = li.fit_factors(model, train, task, damping=DAMPING, covariances=covs,
                              progress=False, row_dtype=row_dtype)
-    times["eigen"] = clock.lap()
+    times["eigen"] = lap()
     times["fit"] = times["covariances"] + times["eigen"]
     pairwise = li.compute_pairwise_scores(model, factors, queries, train, task, top_k=10,
                                           keep_scores=True, progress=False).scores
-    times["pairwise"] = clock.lap()
+    times["pairwise"] = lap()
     li.compute_self_scores(model, factors, train, task, progress=False)
-    times["self"] = clock.lap()
+    times["self"] = lap()
     li.compute_pairwise_scores(model, factors, queries, train, task, top_k=10, keep_scores=True,
                                self_influence=True, progress=False)
-    times["pairwise+self"] = clock.lap()
+    times["pairwise+self"] = lap()
     return times, pairwise
 
 
@@ -308,12 +326,12 @@ def seq_kronfluence(model, train_ids, query_ids) -> dict[str, float]:
         r = kronfluence_side.run_kronfluence_datasets(
             model, TensorDataset(train_ids), TensorDataset(query_ids),
             task=kronfluence_side.CausalLMTask(), damping=DAMPING, batch_size=SEQ_BATCH,
-            output_dir=tmp, name="sequence")
+            output_dir=tmp, name="sequence", cpu=next(model.parameters()).device.type == "cpu")
     return {"fit": r["fit_seconds"], "pairwise": r["pairwise_seconds"], "self": r["self_seconds"]}
 
 
 def sequence_benchmark(args: argparse.Namespace, bench: harness.Bench) -> None:
-    model, train_ids, query_ids = sequence_problem(args.seq_chunks)
+    model, train_ids, query_ids = sequence_problem(args.seq_chunks, device=args.device)
     train = DataLoader(Windows(train_ids), batch_size=SEQ_BATCH)
     queries = DataLoader(Windows(query_ids), batch_size=SEQ_BATCH)
     scores = {}
@@ -367,7 +385,7 @@ def sequence_benchmark(args: argparse.Namespace, bench: harness.Bench) -> None:
                         "ours_over_kronfluence": o / k, "ours_bf16_over_kronfluence": b / k}
     lines = [f"character GPT (2 blocks, width 64, {params} parameters), N={len(train_ids)} "
              f"windows of {SEQ_LEN} characters, Q={len(query_ids)}, batch {SEQ_BATCH}, EK-FAC, "
-             f"damping {DAMPING:g}, {args.threads} threads, min of {args.repeats} interleaved "
+             f"damping {DAMPING:g}, {describe_device(args)}, min of {args.repeats} interleaved "
              f"runs; {bench.load()}",
              "", f"floor (one forward + backward over the training windows): {fl:.3f} s", "",
              *harness.markdown_table(
@@ -381,6 +399,12 @@ def sequence_benchmark(args: argparse.Namespace, bench: harness.Bench) -> None:
     bench.report("speed_sequence", "\n".join(lines) + "\n", {"summary": summary, "runs": times})
 
 
+def describe_device(args: argparse.Namespace) -> str:
+    if args.device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(torch.device(args.device))} (CUDA)"
+    return f"{args.threads} threads"
+
+
 def main() -> None:
     p = harness.parser(__doc__, threads=2, repeats=5,
                        repeats_help="interleaved rounds; the minimum time is kept")
@@ -389,7 +413,12 @@ def main() -> None:
     p.add_argument("--queries", type=int, default=100)
     p.add_argument("--epochs", type=int, default=10, help="epochs of the training comparison")
     p.add_argument("--every", default="1,10,20", help="periods of the covariance updates")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, cuda or cuda:N: the device of the sequence workload (the digits "
+                        "workload and its Lightning training run on the CPU)")
     args = p.parse_args()
+    if args.device != "cpu" and args.workload != "sequence":
+        p.error(f"--device {args.device} applies to --workload sequence only.")
 
     bench = harness.start(args, quiet=True)
     if args.workload in ("sequence", "both"):

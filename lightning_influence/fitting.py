@@ -57,7 +57,7 @@ from lightning_influence.statistics import (
     factor_dtypes,
 )
 from lightning_influence.strategies import strategy as strategy_row
-from lightning_influence.task import Task, resolve_task
+from lightning_influence.task import CausalLMTask, Task, resolve_task
 from lightning_influence.tracking import LayerTracker
 
 __all__ = [
@@ -76,11 +76,15 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-def options_tracker(model: nn.Module, options: FitOptions) -> LayerTracker:
-    """The tracker over the layers ``options`` select (layers, exclude, frozen, batch layout)."""
+def options_tracker(model: nn.Module, options: FitOptions,
+                    task: Task | None = None) -> LayerTracker:
+    """The tracker over the layers ``options`` select (layers, exclude, frozen, layer preset,
+    batch layout); for a language-model ``task`` (``CausalLMTask``) the default selection
+    leaves out a vocabulary-sized head (see :class:`~lightning_influence.LayerTracker`)."""
     return LayerTracker(model, layers=options.layers, exclude=options.exclude,
                         include_frozen=options.include_frozen,
-                        batch_layout=options.batch_layout)
+                        batch_layout=options.batch_layout, preset=options.layer_preset,
+                        language_model=isinstance(task, CausalLMTask))
 
 
 def layer_dtypes(tracker: LayerTracker, options: FitOptions | None = None,
@@ -149,7 +153,7 @@ def fit_covariances(model: nn.Module, loader: Any, task: Task | str | None = Non
     """
     options = resolve_options(FitOptions, options, overrides, "fit_covariances()")
     task = resolve_task(task, model)
-    tracker = tracker or options_tracker(model, options)
+    tracker = tracker or options_tracker(model, options, task)
     check_loader(loader, "covariance")
     covs = covariances if covariances is not None else new_covariances(
         tracker, model_device(model), options)
@@ -319,7 +323,7 @@ def fit_factors(model: nn.Module, loader: Any, task: Task | str | None = None,
     row = strategy_row(options.strategy, fitted_only=True)
     rule = options.damping_rule()  # checked before any pass
     task = resolve_task(task, model)
-    tracker = tracker or options_tracker(model, options)
+    tracker = tracker or options_tracker(model, options, task)
 
     def fit() -> Factors:
         check_loader(loader, "training")

@@ -27,6 +27,7 @@ and differentiated) and each tracked layer's rows per example.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import logging
 import os
 from collections.abc import Mapping
@@ -41,6 +42,7 @@ from lightning_influence.blocks import basis_numel, block_count
 from lightning_influence.options import FitOptions, ScoreOptions, resolve_options
 from lightning_influence.statistics import factor_dtypes
 from lightning_influence.strategies import strategy as strategy_row
+from lightning_influence.tracking import LAYER_PRESETS
 
 __all__ = ["MemoryPlan", "MemoryPlanError", "BatchProfile", "Workload", "plan_memory",
            "plan_layers", "plan_scoring", "check_plan", "probe_batch", "available_memory",
@@ -352,7 +354,7 @@ def plan_memory(model: nn.Module, loader: Any, task: Any = None,
 
     fit = resolve_options(FitOptions, fit, overrides, "plan_memory()")
     task = resolve_task(task, model)
-    tracker = tracker or options_tracker(model, fit)
+    tracker = tracker or options_tracker(model, fit, task)
     profile = probe_batch(model, loader, task, tracker)
     weight = next(iter(tracker)).module.weight
     workload = Workload(num_queries=num_queries, num_train=count_examples(loader))
@@ -436,9 +438,13 @@ def _fixes(plan: MemoryPlan, limit: int) -> list[tuple[str, int]]:
     rest = {k: v for k, v in plan.shapes.items() if k != head}
     if rest:
         out.append((f"leave out {head} (exclude=[{head!r}])", replan(rest, fit)))
-    mlp = {k: v for k, v in plan.shapes.items() if ".mlp." in f".{k}."}
+    patterns = {p for family in LAYER_PRESETS["mlp"].values() for p in family}
+    mlp = {k: v for k, v in plan.shapes.items()
+           if any(fnmatch.fnmatchcase(k, p) or fnmatch.fnmatchcase(k, p + ".*")
+                  for p in patterns)}
     if mlp and len(mlp) < len(plan.shapes):
-        out.append(("track the MLP layers only (layers=['*.mlp.*'])", replan(mlp, fit)))
+        out.append(("track the MLP layers only (layer_preset='mlp'; Hydra: "
+                    "+influence_layers=mlp)", replan(mlp, fit)))
     for dtype in ("float32", "bfloat16"):
         if fit.factor_dtype != dtype:
             peak = replan(plan.shapes, dataclasses.replace(fit, factor_dtype=dtype))

@@ -72,6 +72,10 @@ class FitOptions:
     exclude: list[str] | None = _help("patterns of module names to leave out", default=None)
     include_frozen: bool = _help(
         "also track layers whose weight does not require grad", default=False)
+    layer_preset: str | None = _help(
+        "a named layer set of the common Hugging Face families, added to layers: mlp | "
+        "attention | attention_mlp (lightning_influence.tracking.LAYER_PRESETS; Hydra: "
+        "+influence_layers=mlp)", default=None)
     batch_layout: str = _help(
         "how rows map to examples when the model reshapes its batch: auto | contiguous | "
         "interleaved", default="auto")

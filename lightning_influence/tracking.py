@@ -34,8 +34,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-__all__ = ["SUPPORTED_MODULES", "BATCH_LAYOUTS", "TrackedLayer", "LayerTracker", "Capture",
-           "is_supported"]
+__all__ = ["SUPPORTED_MODULES", "BATCH_LAYOUTS", "LAYER_PRESETS", "LAYER_FAMILIES",
+           "VOCABULARY_HEAD_WIDTH", "TrackedLayer", "LayerTracker", "Capture", "is_supported",
+           "preset_layers", "vocabulary_heads"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,67 @@ SUPPORTED_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2
 projections: a Linear whose weight is stored ``[in, out]``) is recognised as well."""
 
 BATCH_LAYOUTS = ("auto", "contiguous", "interleaved")
+
+VOCABULARY_HEAD_WIDTH = 8192
+"""A language model's head with at least this many outputs, one per token of the vocabulary,
+is left out of the default layer selection (:func:`vocabulary_heads`): its output-gradient
+covariance alone is ``O^2`` float64 numbers (512 MiB at 8192, 19 GiB for GPT-2's 50257) and its
+eigendecomposition costs ``O^3``, more than every other layer together. LLM vocabularies have
+32k-256k tokens; a character model's or a small BPE's head (96, 512) stays in."""
+
+LAYER_FAMILIES: dict[str, str] = {
+    "llama": "Llama, Mistral, Qwen2, Gemma",
+    "phi3": "Phi-3",
+    "gpt2": "GPT-2",
+    "gpt_neox": "GPT-NeoX, Pythia",
+    "falcon": "Falcon",
+    "gptj": "GPT-J",
+    "opt": "OPT",
+    "phi": "Phi-1, Phi-2",
+    "bert": "BERT, RoBERTa",
+}
+"""The Hugging Face model families whose module names :data:`LAYER_PRESETS` know."""
+
+_MLP: dict[str, tuple[str, ...]] = {
+    "llama": ("*.mlp.gate_proj", "*.mlp.up_proj", "*.mlp.down_proj"),
+    "phi3": ("*.mlp.gate_up_proj", "*.mlp.down_proj"),
+    "gpt2": ("*.mlp.c_fc", "*.mlp.c_proj"),
+    "gpt_neox": ("*.mlp.dense_h_to_4h", "*.mlp.dense_4h_to_h"),
+    "falcon": ("*.mlp.dense_h_to_4h", "*.mlp.dense_4h_to_h"),
+    "gptj": ("*.mlp.fc_in", "*.mlp.fc_out"),
+    "opt": ("*.layers.*.fc1", "*.layers.*.fc2"),
+    "phi": ("*.mlp.fc1", "*.mlp.fc2"),
+    # the MLP's output is `layer.<i>.output.dense`; the attention's is `attention.output.dense`
+    "bert": ("*.intermediate.dense", "*.layer.[0-9].output.dense",
+             "*.layer.[0-9][0-9].output.dense"),
+}
+_ATTENTION: dict[str, tuple[str, ...]] = {
+    "llama": ("*.self_attn.q_proj", "*.self_attn.k_proj", "*.self_attn.v_proj",
+              "*.self_attn.o_proj"),
+    "phi3": ("*.self_attn.qkv_proj", "*.self_attn.o_proj"),
+    "gpt2": ("*.attn.c_attn", "*.attn.c_proj"),
+    "gpt_neox": ("*.attention.query_key_value", "*.attention.dense"),
+    "falcon": ("*.self_attention.query_key_value", "*.self_attention.dense"),
+    "gptj": ("*.attn.q_proj", "*.attn.k_proj", "*.attn.v_proj", "*.attn.out_proj"),
+    "opt": ("*.self_attn.q_proj", "*.self_attn.k_proj", "*.self_attn.v_proj",
+            "*.self_attn.out_proj"),
+    "phi": ("*.self_attn.q_proj", "*.self_attn.k_proj", "*.self_attn.v_proj",
+            "*.self_attn.dense"),
+    "bert": ("*.attention.self.query", "*.attention.self.key", "*.attention.self.value",
+             "*.attention.output.dense"),
+}
+
+LAYER_PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
+    "mlp": _MLP,
+    "attention": _ATTENTION,
+    "attention_mlp": {family: _ATTENTION[family] + _MLP[family] for family in LAYER_FAMILIES},
+}
+"""Named layer sets: ``{preset: {family: fnmatch patterns of module names}}`` (families:
+:data:`LAYER_FAMILIES`). A preset selects every supported layer that a pattern of any family
+matches, or whose name continues such a match with ``.`` (a LoRA adapter's ``lora_A.default``
+inside ``mlp.up_proj``); the patterns of the other families simply match nothing, and a preset
+that matches nothing in a model is refused. Chosen with ``FitOptions(layer_preset="mlp")``
+(Hydra: ``+influence_layers=mlp``)."""
 
 
 def _is_transposed_linear(module: nn.Module) -> bool:
@@ -60,6 +122,67 @@ def is_supported(module: nn.Module) -> bool:
 def _supported_names() -> str:
     return ", ".join(f"nn.{cls.__name__}" for cls in SUPPORTED_MODULES) + \
         ", transformers Conv1D"
+
+
+def preset_layers(model: nn.Module, preset: str) -> list[str]:
+    """The supported layers of ``model`` that the layer preset ``preset`` selects (see
+    :data:`LAYER_PRESETS`), in the model's order (frozen ones included: the tracker decides).
+
+    Raises:
+        ValueError: an unknown preset, or one that matches no supported layer of this model
+            (the message lists the families the preset knows and the model's layers).
+    """
+    if preset not in LAYER_PRESETS:
+        raise ValueError(f"layer_preset={preset!r} is not one of {sorted(LAYER_PRESETS)}.")
+    patterns = sorted({p for family in LAYER_PRESETS[preset].values() for p in family})
+    chosen = [name for name, module in model.named_modules() if name and is_supported(module)
+              and any(_matches_or_inside(name, p)
+                      for p in patterns)]
+    if not chosen:
+        known = "; ".join(f"{family} ({LAYER_FAMILIES[family]}): {', '.join(pats)}"
+                          for family, pats in LAYER_PRESETS[preset].items())
+        supported = [n for n, m in model.named_modules() if n and is_supported(m)]
+        raise ValueError(
+            f"Layer preset {preset!r} matches no supported layer of {type(model).__name__}. It "
+            f"knows these model families: {known}. Name this model's layers with layers=[...] "
+            f"instead (its supported layers: {supported[:20]}"
+            f"{' ...' if len(supported) > 20 else ''})."
+        )
+    return chosen
+
+
+def _matches_or_inside(name: str, pattern: str) -> bool:
+    """Whether ``pattern`` matches ``name`` or a module that contains it (``<match>.<rest>``)."""
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, pattern + ".*")
+
+
+def vocabulary_heads(model: nn.Module, names: Sequence[str],
+                     min_width: int = VOCABULARY_HEAD_WIDTH) -> list[str]:
+    """Those of the layers ``names`` (supported modules of ``model``) that map to a vocabulary
+    of at least ``min_width`` tokens: the output embeddings of a Hugging Face model in
+    ``model`` (``get_output_embeddings()``), or, where there is none, a layer with as many
+    outputs as an ``nn.Embedding`` of ``model`` has entries."""
+    modules = dict(model.named_modules())
+    outputs: set[int] = set()
+    for module in modules.values():
+        get = getattr(module, "get_output_embeddings", None)
+        if callable(get):
+            try:
+                head = get()
+            except (NotImplementedError, AttributeError):
+                head = None
+            if isinstance(head, nn.Module):
+                outputs.add(id(head))
+    sizes = {m.num_embeddings for m in modules.values() if isinstance(m, nn.Embedding)}
+    heads = []
+    for name in names:
+        module = modules[name]
+        width = TrackedLayer(name, module).d_out
+        if width < min_width:
+            continue
+        if id(module) in outputs if outputs else width in sizes:
+            heads.append(name)
+    return heads
 
 
 def _in_backward() -> bool:
@@ -239,6 +362,14 @@ class LayerTracker:
             ``n, n+N, n+2N, ...``: ``x.transpose(0, 1).reshape(C * N, ...)``), or ``"auto"``
             (contiguous, verified on the first such batch by the gradient of one example's
             loss; a model that mixes examples otherwise is refused with this advice).
+        preset: a named layer set of the common Hugging Face families (:data:`LAYER_PRESETS`:
+            ``"mlp"``, ``"attention"``, ``"attention_mlp"``), added to ``layers``; it matches
+            tolerantly (the other families' patterns match nothing) but refuses a model in
+            which it matches nothing, listing the families it knows.
+        language_model: the task is a language model's (a ``CausalLMTask``): with neither
+            ``layers`` nor ``preset``, a head with as many outputs as a vocabulary of at least
+            :data:`VOCABULARY_HEAD_WIDTH` tokens is left out (:func:`vocabulary_heads`), with a
+            warning that says how to include it: name it in ``layers``.
 
     Embeddings (``nn.Embedding``) are not tracked. A tracked weight that another module also
     uses (a language model's ``lm_head`` tied to the input embedding) is tracked in its use as
@@ -247,7 +378,8 @@ class LayerTracker:
 
     def __init__(self, model: nn.Module, layers: Sequence[str] | str | None = None,
                  exclude: Sequence[str] | str | None = None, include_frozen: bool = False,
-                 batch_layout: str = "auto") -> None:
+                 batch_layout: str = "auto", preset: str | None = None,
+                 language_model: bool = False) -> None:
         if batch_layout not in BATCH_LAYOUTS:
             raise ValueError(f"batch_layout={batch_layout!r} is not one of {list(BATCH_LAYOUTS)}.")
         self.model = model
@@ -257,8 +389,11 @@ class LayerTracker:
         named = [(n, m) for n, m in model.named_modules() if n]
         chosen: dict[str, nn.Module] = {}
         exact: set[str] = set()
-        if not patterns:
+        if not patterns and preset is None:
             chosen = {n: m for n, m in named if is_supported(m)}
+        elif preset is not None:
+            modules = dict(named)
+            chosen = {n: modules[n] for n in preset_layers(model, preset)}
         for pattern in patterns:
             matches = [(n, m) for n, m in named if fnmatch.fnmatchcase(n, pattern)]
             supported = [(n, m) for n, m in matches if is_supported(m)]
@@ -287,10 +422,17 @@ class LayerTracker:
         all_frozen = bool(chosen) and len(frozen) == len(chosen)
         if not include_frozen and frozen and not all_frozen:
             chosen = {n: m for n, m in chosen.items() if n not in frozen}
+        self.heads_left_out: list[str] = []
+        if language_model and not patterns and preset is None:
+            self.heads_left_out = vocabulary_heads(model, list(chosen))
+            chosen = {n: m for n, m in chosen.items() if n not in self.heads_left_out}
         if not chosen:
             raise ValueError(
                 f"No layer to track in {type(model).__name__}: influence needs at least one of "
-                f"{_supported_names()} (layers={patterns or None}, exclude={excludes or None})."
+                f"{_supported_names()} (layers={patterns or None}, exclude={excludes or None}"
+                f"{f', preset={preset!r}' if preset else ''})"
+                + (f"; the vocabulary-sized heads {self.heads_left_out} are left out by default: "
+                   "name them in layers=[...] to track them." if self.heads_left_out else ".")
             )
         self.layers: dict[str, TrackedLayer] = {n: TrackedLayer(n, m) for n, m in chosen.items()}
         self.frozen_skipped = frozen if not include_frozen and not all_frozen else []
@@ -311,6 +453,15 @@ class LayerTracker:
                 warnings.warn(f"lightning-influence: {note}", UserWarning, stacklevel=1)
             else:
                 log.info("lightning-influence: %s", note)
+        for name in self.heads_left_out:
+            width = TrackedLayer(name, dict(named)[name]).d_out
+            log.warning(
+                "lightning-influence leaves the vocabulary-sized head %r (%d outputs) out of a "
+                "language model's default layer selection: its output-gradient covariance alone "
+                "would hold %.1f GiB in float64 and its eigendecomposition would cost more than "
+                "every other layer together. Name it in layers=[...] to track it (layers=['*'] "
+                "tracks every supported layer, the head included).", name, width,
+                8 * width ** 2 / 2 ** 30)
 
     def _tied_weight_notes(self) -> list[str]:
         """Notes on tracked weights that other modules use too (tied embeddings); those whose

@@ -105,7 +105,10 @@ def test_peak_rss_sees_an_allocation_and_a_child_reports_json(tmp_path):
     child.write_text(f"import sys\nsys.path.insert(0, {str(ROOT / 'benchmarks')!r})\n"
                      "import harness\nprint('noise')\n"
                      "if sys.argv[1:] == ['fail']:\n    raise SystemExit('bad input')\n"
+                     "if sys.argv[1:] == ['hang']:\n    import time; time.sleep(60)\n"
                      "harness.child_result({'args': sys.argv[1:]})\n")
     assert harness.run_child(child, "a", "b") == {"args": ["a", "b"]}
     with pytest.raises(RuntimeError, match="bad input"):
         harness.run_child(child, "fail")
+    with pytest.raises(RuntimeError, match="timed out after 2 s"):
+        harness.run_child(child, "hang", timeout=2)

@@ -157,3 +157,43 @@ def test_llm_memory_measures_each_stage_in_a_fresh_process(tmp_path):
     for stage in ("fit", "pairwise", "self"):
         assert row[f"{stage}_isolated_peak_mb"] > 0
     assert row["estimate_over_isolated_peak"] > 0
+
+
+def test_llm_scale_measures_each_stage_in_a_fresh_process(tmp_path):
+    """The child-process path at smoke shapes (width 64, a vocabulary of 8192), ours only: the
+    floor, the fit and its parts, pairwise and self-influence, each timed and measured, beside
+    the plan (or "n/a" where the library has none)."""
+    pytest.importorskip("transformers")
+    run("llm_scale.py", "--smoke", "--model", "llama", "--selection", "mlp", "--libraries",
+        "ours", "--threads", "1", "--out", str(tmp_path))
+    data = json.loads((tmp_path / "llm_scale.json").read_text())
+    row = data["results"]["llama/mlp"]
+    assert row["layers"] == 2 * 3 and row["left_out"] == []  # gate, up, down per block
+    assert row["floor"]["seconds"] > 0 and row["floor"]["peak_mb"] >= 0
+    for stage in ("fit", "covariances", "eigendecomposition", "eigenvalues", "pairwise", "self"):
+        assert row["ours"][stage]["seconds"] > 0 and row["ours"][stage]["peak_mb"] >= 0, stage
+    assert row["ours"]["fit"]["peak_mb"] >= row["ours"]["covariances"]["peak_mb"]
+    assert "kronfluence" not in row
+    assert row["plan"] is None or set(row["plan"]) >= {"covariances", "pairwise", "self"}
+    report = (tmp_path / "llm_scale.md").read_text()
+    assert "| · eigendecomposition |" in report and "ours peak / plan" in report
+
+
+def test_gpu_check_runs_its_cpu_path(tmp_path):
+    """benchmarks/gpu_check.sh --cpu: the same steps as on a GPU machine, at smoke sizes: the
+    CUDA tests run on the CPU, the benchmarks write their reports, the summary says so."""
+    pytest.importorskip("transformers")
+    env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path))
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--cpu"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
+    summary = (tmp_path / "summary.md").read_text()
+    for step in ("device", "tests", "llm_scale", "speed"):
+        assert f"| {step} | passed |" in summary, summary
+    tests = (tmp_path / "tests.xml").read_text()
+    assert 'failures="0"' in tests and 'errors="0"' in tests and 'skipped="1"' in tests
+    results = json.loads((tmp_path / "llm_scale.json").read_text())["results"]
+    assert set(results) == {"gpt2/default", "gpt2/mlp", "llama/default", "llama/mlp"}
+    assert results["gpt2/default"]["left_out"] == ["lm_head"]
+    assert all("error" not in s for r in results.values() for s in r["ours"].values())
+    assert (tmp_path / "speed_sequence.json").is_file()

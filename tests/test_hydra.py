@@ -105,8 +105,9 @@ def test_yaml_keys_match_target_signatures(yaml_file):
         params = inspect.signature(get_class(node["_target_"])).parameters
         unknown = {k for k in node if not k.startswith("_")} - set(params)
         assert not unknown, f"{yaml_file.name}:{path}: {sorted(unknown)} not in {node['_target_']}"
-    if yaml_file.parent.name == "influence_strategy":
-        assert set(data) <= set(inspect.signature(EigenCorrection).parameters)
+    targets = {"influence_strategy": EigenCorrection, "influence_layers": InfluenceStatistics}
+    if yaml_file.parent.name in targets:
+        assert set(data) <= set(inspect.signature(targets[yaml_file.parent.name]).parameters)
         if "fit" in data:
             assert set(data["fit"]) <= {f.name for f in dataclasses.fields(
                 lightning_influence.FitOptions)}
@@ -141,6 +142,8 @@ def _every_shipped_config():
         yield app, []
     for preset in sorted((CONF / "influence_strategy").glob("*.yaml")):
         yield "digits", [f"+influence_strategy={preset.stem}"]
+    for preset in sorted((CONF / "influence_layers").glob("*.yaml")):
+        yield "lm", [f"+influence_layers={preset.stem}"]
 
 
 @pytest.mark.parametrize(("app", "overrides"), list(_every_shipped_config()),
@@ -198,3 +201,27 @@ def test_option_overrides_reach_the_callbacks(template_app):
     assert built["influence_scores"].score.keep_scores is True
     assert built["influence_scores"].score.per_layer is True  # the callback's own default kept
     assert built["influence_statistics"].fit.layers == ["fc1"]
+
+
+def test_layer_presets_select_the_layers_of_a_hugging_face_model(template_app):
+    """``+influence_layers=mlp`` sets the statistics callback's layer preset; the callbacks'
+    shared run then tracks the MLP projections only (a tiny random-init Llama)."""
+    transformers = pytest.importorskip("transformers")
+    from lightning_influence.callbacks.run import InfluenceRun
+    from lightning_influence.tracking import LAYER_PRESETS
+
+    shipped = {p.stem for p in (CONF / "influence_layers").glob("*.yaml")}
+    assert shipped == set(LAYER_PRESETS)
+    cfg = _compose(template_app, ["hydra.searchpath=[pkg://lightning_influence.conf]",
+                                  "callbacks=[default,influence]", "+influence_layers=mlp",
+                                  "callbacks.influence_statistics.task=causal_lm"])
+    built = {k: hydra.utils.instantiate(v) for k, v in cfg.callbacks.items()}
+    assert built["influence_statistics"].fit.layer_preset == "mlp"
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4))
+    run = InfluenceRun()
+    run.statistics, run.eigen = built["influence_statistics"], built["influence_eigen"]
+    run.bind(model)
+    assert run.tracker.names() == [f"model.layers.{i}.mlp.{p}_proj" for i in range(2)
+                                   for p in ("gate", "up", "down")]

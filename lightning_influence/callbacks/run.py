@@ -163,7 +163,7 @@ class InfluenceRun:
         spec = next((cb.task_spec for cb in (self.statistics, self.eigen)
                      if cb is not None and cb.task_spec is not None), None)
         self.task = resolve_task(spec, pl_module)
-        self.tracker = options_tracker(pl_module, self.fit_options())
+        self.tracker = options_tracker(pl_module, self.fit_options(), self.task)
 
 
     def curvature(self, trainer: Any, pl_module: Any, consumer: str,
