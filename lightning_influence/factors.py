@@ -68,15 +68,16 @@ def content_checksum(tensors: dict[str, Tensor], meta: dict[str, Any]) -> str:
 
 
 def eigendecompose(matrix: Tensor, what: str, layer: str, dim: int | None = None,
-                   ) -> tuple[Tensor, Tensor | BlockDiagonal]:
-    """``eigh`` in float64 of a covariance side: ``(eigenvalues [D], eigenvectors [D, D])``.
+                   dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor | BlockDiagonal]:
+    """``eigh`` in ``dtype`` (float64 by default) of a covariance side:
+    ``(eigenvalues [D], eigenvectors [D, D])``.
 
     ``matrix`` may be ``[K, B, B]``, the diagonal blocks of a side of width ``dim`` (see
     :mod:`lightning_influence.blocks`): the eigenvectors are then a
     :class:`~lightning_influence.blocks.BlockDiagonal`, and the last block, narrower than B
     when ``dim < K B``, is decomposed on its real ``r x r`` part (the identity on its padding).
-    Only the lower triangle is read (the sums are symmetric to rounding), in float64 whatever
-    the sums' dtype; negative rounding noise is clamped to 0.
+    Only the lower triangle is read (the sums are symmetric to rounding); the eigenvalues come
+    back in float64, negative rounding noise clamped to 0.
     """
     if not bool(torch.isfinite(matrix.sum(dtype=torch.float64))):
         raise FloatingPointError(
@@ -84,13 +85,13 @@ def eigendecompose(matrix: Tensor, what: str, layer: str, dim: int | None = None
             "non-finite activations or gradients. Check the data and the model."
         )
     if matrix.dim() == 3:
-        return _eigendecompose_blocks(matrix, what, layer, dim)
+        return _eigendecompose_blocks(matrix, what, layer, dim, dtype)
     if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
         raise ValueError(f"The {what} covariance of layer {layer!r} has shape "
                          f"{tuple(matrix.shape)}; a square matrix was expected (fit the "
                          "statistics again).")
-    values, vectors = _eigh(matrix.to(torch.float64), what, layer)
-    return values.clamp_min(0.0), vectors
+    values, vectors = _eigh(matrix.to(dtype), what, layer)
+    return values.double().clamp_min(0.0), vectors
 
 
 def _eigh(m: Tensor, what: str, layer: str) -> tuple[Tensor, Tensor]:
@@ -106,17 +107,17 @@ def _eigh(m: Tensor, what: str, layer: str) -> tuple[Tensor, Tensor]:
 
 
 def _eigendecompose_blocks(blocks: Tensor, what: str, layer: str, dim: int | None,
-                           ) -> tuple[Tensor, BlockDiagonal]:
+                           dtype: torch.dtype) -> tuple[Tensor, BlockDiagonal]:
     k, b = blocks.shape[0], blocks.shape[1]
     dim = dim if dim is not None else k * b
     r = dim - (k - 1) * b  # width of the last block
     values = torch.zeros(k, b, dtype=torch.float64, device=blocks.device)
-    vectors = torch.empty(k, b, b, dtype=torch.float64, device=blocks.device)
-    for j in range(k):  # one block at a time: float64 working memory of one block
+    vectors = torch.empty(k, b, b, dtype=dtype, device=blocks.device)
+    for j in range(k):  # one block at a time: working memory of one block
         w = b if j < k - 1 else r
-        vals, vecs = _eigh(blocks[j, :w, :w].to(torch.float64), what, f"{layer} (block {j})")
-        values[j, :w] = vals.clamp_min(0.0)
-        vectors[j] = torch.eye(b, dtype=torch.float64, device=blocks.device)
+        vals, vecs = _eigh(blocks[j, :w, :w].to(dtype), what, f"{layer} (block {j})")
+        values[j, :w] = vals.double().clamp_min(0.0)
+        vectors[j] = torch.eye(b, dtype=dtype, device=blocks.device)
         vectors[j, :w, :w] = vecs
     return values.reshape(-1)[:dim], BlockDiagonal(vectors, dim)
 
@@ -224,12 +225,15 @@ class LayerFactors:
         return {side: basis.blocks.shape[-1] for side, basis in (
             ("in", self.basis_in), ("out", self.basis_out)) if isinstance(basis, BlockDiagonal)}
 
-    def precondition(self, v: Tensor) -> Tensor:
-        """``P(V) = Q_S [(Q_S^T V Q_A) / (Lambda + damping)] Q_A^T`` for ``V [..., O, I]``."""
+    def precondition(self, v: Tensor, in_eigenbasis: bool = False) -> Tensor:
+        """``P(V) = Q_S [(Q_S^T V Q_A) / (Lambda + damping)] Q_A^T`` for ``V [..., O, I]``;
+        with ``in_eigenbasis`` the bracket alone, ``Q_S^T P(V) Q_A`` (what a pass over rows
+        rotated into the eigenbasis contracts with)."""
         inv = self.inverse_eigenvalues(v)
         if inv is None:
-            return v
-        return self.unrotate(self.rotate(v) * inv)
+            return self.rotate(v) if in_eigenbasis else v
+        rotated = self.rotate(v) * inv
+        return rotated if in_eigenbasis else self.unrotate(rotated)
 
     def tensors(self, prefix: str) -> dict[str, Tensor]:
         out = {}
@@ -402,9 +406,13 @@ class Factors(PreconditionerBase):
         return Factors(self.strategy, layers, self.shapes, self.fingerprint, self.num_examples,
                        extra)
 
-    def precondition(self, gradients: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Apply every layer's ``P`` to a dict of ``[..., O, I]`` gradients."""
-        return {name: self.layers[name].precondition(v) for name, v in gradients.items()}
+    def precondition(self, gradients: dict[str, Tensor],
+                     in_eigenbasis: bool = False) -> dict[str, Tensor]:
+        """Apply every layer's ``P`` to a dict of ``[..., O, I]`` gradients (left in each
+        layer's Kronecker eigenbasis with ``in_eigenbasis``: see
+        :meth:`LayerFactors.precondition`)."""
+        return {name: self.layers[name].precondition(v, in_eigenbasis)
+                for name, v in gradients.items()}
 
     def metadata(self) -> dict[str, Any]:
         meta = {

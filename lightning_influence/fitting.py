@@ -48,6 +48,7 @@ from lightning_influence.passes import (
     iterate_rows,
     model_device,
     move_to_device,
+    return_freed_memory,
     row_dtype_of,
     row_mode,
 )
@@ -163,7 +164,8 @@ def fit_covariances(model: nn.Module, loader: Any, task: Task | str | None = Non
     return covs
 
 
-def eigenbases(covariances: dict[str, CovarianceStatistic]) -> dict[str, dict[str, Any]]:
+def eigenbases(covariances: dict[str, CovarianceStatistic],
+               eigh_dtype: str = "auto") -> dict[str, dict[str, Any]]:
     """Eigendecompose every layer's ``A`` and ``S`` (float64) -> eigenvalues and eigenvectors,
     one layer and side at a time: each side's sums are freed as soon as they are decomposed
     (the statistics are spent afterwards), and the eigenvectors are kept in the layer's
@@ -171,11 +173,16 @@ def eigenbases(covariances: dict[str, CovarianceStatistic]) -> dict[str, dict[st
 
     Inside a process group, each side is summed across ranks in place, layer ``i`` is
     decomposed on rank ``i % W`` only, and its results are broadcast to every rank.
+    ``eigh_dtype``: ``"auto"`` decomposes in the layer's storage dtype (float64 for float64
+    factors, float32 otherwise), or ``"float64"`` / ``"float32"`` for every layer.
     """
+    return_freed_memory()  # what the covariance pass freed, before the decompositions
     out = {}
     me, world = rank(), world_size()
     for i, (name, stat) in enumerate(covariances.items()):
         storage = getattr(stat, "storage_dtype", stat.activation_sum.dtype)
+        solve = (torch.float64 if storage == torch.float64 else torch.float32) \
+            if eigh_dtype == "auto" else getattr(torch, eigh_dtype)
         device = stat.rows.device
         owner = i % world == me
         sides = {}
@@ -186,7 +193,7 @@ def eigenbases(covariances: dict[str, CovarianceStatistic]) -> dict[str, dict[st
                 raise ValueError(f"Layer {name!r} has no covariance rows: the statistics pass "
                                  "never ran it. Exclude it or check the data.")
             if owner:
-                values, vectors = eigendecompose(mean, what, name, dim)
+                values, vectors = eigendecompose(mean, what, name, dim, solve)
                 del mean
                 sides[f"l_{side}"] = values
                 sides[f"q_{side}"] = vectors.to(storage)
@@ -219,6 +226,7 @@ def fit_eigenvalues(model: nn.Module, loader: Any, task: Task, tracker: LayerTra
     ``progress``).
     """
     options = options or FitOptions()
+    return_freed_memory()
     dtypes = layer_dtypes(tracker, options)
     device = model_device(model)
     stats = {layer.name: EigenvalueStatistic(layer.d_in, layer.d_out,
@@ -335,7 +343,7 @@ def fit_factors(model: nn.Module, loader: Any, task: Task | str | None = None,
             covs = covariances
             if covs is None:
                 covs = fit_covariances(model, loader, task, options, tracker=tracker)
-            bases = eigenbases(covs)
+            bases = eigenbases(covs, options.eigh_dtype)
         eigenvalues = None
         if row.needs_eigenvalue_pass:
             eigenvalues = fit_eigenvalues(model, loader, task, tracker, bases, options)

@@ -9,9 +9,10 @@ parameters and buffers):
 - ``covariances`` (the covariance pass): every layer's sums of ``A [I, I]`` and ``S [O, O]``
   (``[K, B, B]`` per side with ``block_size``) in the accumulation dtype, plus the float32
   buffers of float64 sums; and one batch's working set;
-- ``eigendecomposition``: layer by layer, each side's sums freed as its float64 ``eigh``
-  (input copy, eigenvectors and LAPACK's workspace, about ``32 D^2`` bytes) produces its
-  eigenbasis in the storage dtype: the largest amount held at any point of that sequence;
+- ``eigendecomposition``: layer by layer, each side's sums freed as its ``eigh`` (input copy,
+  eigenvectors and LAPACK's workspace, about ``4 D^2`` numbers of the eigendecomposition's
+  dtype) produces its eigenbasis in the storage dtype: the largest amount held at any point of
+  that sequence;
 - ``eigenvalues`` (the eigenvalue pass): the eigenbases, ``Lambda [O, I]`` sums, one batch;
 - ``pairwise``: the factors, float32 copies of float64 factors (and Lambda's reciprocal), the
   preconditioned query gradients ``Q O I`` (or ``Q r (O + I)``), the kept ``[Q, N]`` scores,
@@ -51,9 +52,10 @@ __all__ = ["MemoryPlan", "MemoryPlanError", "BatchProfile", "Workload", "plan_me
 log = logging.getLogger(__name__)
 
 GIB = 2**30
-EIGH_BYTES_PER_ENTRY = 32  # float64 input copy, eigenvectors and syevd's ~2 D^2 workspace
+EIGH_NUMBERS_PER_ENTRY = 4  # eigh: input copy, eigenvectors and syevd's ~2 D^2 workspace
 CHUNK_ELEMENTS = 2**22  # the per-example chunks of the eigenvalue and self-influence passes
-GRAPH_FACTOR = 2.0  # autograd's saved tensors plus the backward's transient gradients
+GRAPH_FACTOR = 1.0  # autograd's saved tensors (about every module output once)
+OUTPUT_COPIES = 3  # a language model's logits: themselves, their log-softmax, their gradient
 
 
 class MemoryPlanError(MemoryError):
@@ -248,6 +250,7 @@ class _Layer:
     store: int  # bytes per number of the stored factors
     pending: bool  # float32 buffers beside float64 sums
     rows: int  # rows per example
+    solve: int = 8  # bytes per number of the eigendecomposition
 
 
 def plan_layers(shapes: Mapping[str, list[int]], fit: FitOptions, batch: BatchProfile,
@@ -266,8 +269,10 @@ def plan_layers(shapes: Mapping[str, list[int]], fit: FitOptions, batch: BatchPr
     layers = []
     for name, (o, i) in shapes.items():
         acc, store = factor_dtypes(fit.factor_dtype, i, o, model_dtype)
+        solve = (8 if store == torch.float64 else 4) if fit.eigh_dtype == "auto" else (
+            8 if fit.eigh_dtype == "float64" else 4)
         layers.append(_Layer(name, o, i, _size(acc), _size(store), acc == torch.float64,
-                             batch.rows.get(name, 1)))
+                             batch.rows.get(name, 1), solve))
     bs = fit.block_size
     rb = batch.dtype_bytes
     per_layer: dict[str, dict[str, int]] = {}
@@ -284,9 +289,9 @@ def plan_layers(shapes: Mapping[str, list[int]], fit: FitOptions, batch: BatchPr
     b = batch.batch_size
     rows_bytes = sum(rb * b * lay.rows * (lay.i + lay.o) for lay in layers)
     graph = int(GRAPH_FACTOR * b * batch.activation_bytes)
-    outputs = 4 * 4 * b * batch.output_numel  # logits: probabilities, cumulative sums, gradient
+    outputs = OUTPUT_COPIES * 4 * b * batch.output_numel
     per_example = max((lay.o * lay.i * 4 for lay in layers if lay.rows > 1), default=0)
-    batch_bytes = graph + outputs + 2 * rows_bytes
+    batch_bytes = graph + outputs + rows_bytes  # the rows: every layer's a and g, once
     chunk = 2 * min(4 * CHUNK_ELEMENTS, b * per_example) if per_example else 0
     stages: dict[str, int] = {}
     sums = sum(v["covariances"] for v in per_layer.values())
@@ -298,7 +303,7 @@ def plan_layers(shapes: Mapping[str, list[int]], fit: FitOptions, batch: BatchPr
             (_biggest_side(lay, bs) ** 2 * 4 for lay in layers), default=0)
         stages["eigendecomposition"] = _eigh_peak(layers, bs)
     if corrected and not solver:
-        stages["eigenvalues"] = bases + lam_acc + batch_bytes + 2 * rows_bytes + chunk
+        stages["eigenvalues"] = bases + lam_acc + batch_bytes + rows_bytes + chunk  # + rotated
     factors = 0 if workload.factors_resident else bases + lam_store
     copies = sum((basis_numel(lay.i, bs) + basis_numel(lay.o, bs)) * rb
                  for lay in layers if lay.store != rb and kronecker) + \
@@ -307,9 +312,9 @@ def plan_layers(shapes: Mapping[str, list[int]], fit: FitOptions, batch: BatchPr
         queries = sum(v["query_gradients"] for v in per_layer.values())
         if num_queries:
             kept = 8 * num_queries * num_train if score.keep_scores else 0
-            stages["pairwise"] = factors + copies + queries + kept + batch_bytes + max(
-                4 * num_queries * b * max(lay.o, lay.i) for lay in layers)
-        stages["self"] = factors + copies + batch_bytes + chunk
+            stages["pairwise"] = factors + copies + queries + kept + batch_bytes + min(
+                4 * 2**24, b * per_example)  # a chunk of per-example gradients
+        stages["self"] = factors + copies + batch_bytes + rows_bytes + chunk  # + rotated rows
     inputs = {"fit": fit, "batch": batch, "score": score, "workload": workload,
               "model_dtype": model_dtype}
     return MemoryPlan(stages, per_layer, {k: list(v) for k, v in shapes.items()}, batch_bytes,
@@ -336,7 +341,8 @@ def _eigh_peak(layers: list[_Layer], block_size: int | None) -> int:
         for dim in (lay.i, lay.o):
             numel = basis_numel(dim, block_size)
             width = dim if block_count(dim, block_size) == 1 else block_size
-            peak = max(peak, remaining + made + EIGH_BYTES_PER_ENTRY * width * width)
+            peak = max(peak, remaining + made
+                       + EIGH_NUMBERS_PER_ENTRY * lay.solve * width * width)
             remaining -= numel * (lay.acc + (4 if lay.pending else 0))
             made += numel * lay.store
     return peak

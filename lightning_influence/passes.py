@@ -59,6 +59,7 @@ __all__ = [
     "check_rows",
     "RowPass",
     "iterate_rows",
+    "return_freed_memory",
 ]
 
 log = logging.getLogger(__name__)
@@ -392,3 +393,23 @@ def iterate_rows(model: nn.Module, loader: Any, task: Task, tracker: LayerTracke
                          "data.")
     if count:
         tracker.warn_unused(seen, spec.desc)
+    return_freed_memory()
+
+
+def return_freed_memory() -> None:
+    """Hand the memory a pass freed back to the system: glibc keeps freed blocks below its
+    (growing) mmap threshold in the process's heap, so a pass's batch tensors would otherwise
+    stay resident through the next stage (an eigendecomposition, the next pass) and count
+    against it. ``malloc_trim`` where glibc is the allocator; nothing elsewhere."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            import ctypes
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM: Any = None

@@ -29,7 +29,8 @@ from lightning_influence.lowrank import LowRankGradient
 from lightning_influence.statistics import accumulation_dtype
 
 __all__ = ["per_example_gradients", "pairwise_layer_scores", "token_layer_scores",
-           "self_layer_scores", "low_rank_layer_scores", "low_rank_token_scores"]
+           "self_layer_scores", "rotate_rows", "pairwise_and_self_rotated",
+           "low_rank_layer_scores", "low_rank_token_scores"]
 
 # Pairwise scores of single-row layers go through one GEMM against per-example gradients when
 # there are at least this many queries and the batch's gradients hold at most this many numbers.
@@ -64,7 +65,56 @@ def pairwise_layer_scores(preconditioned: Tensor | LowRankGradient, a: Tensor, g
         if p.shape[1] >= p.shape[2]:
             return torch.einsum("qni,ni->qn", torch.einsum("qoi,no->qni", p, g1), a1)
         return torch.einsum("qno,no->qn", torch.einsum("qoi,ni->qno", p, a1), g1)
-    return torch.einsum("nto,qoi,nti->qn", g, p, a)
+    return _contract_per_example(p, a, g)
+
+
+def _contract_per_example(p: Tensor, a: Tensor, g: Tensor,
+                          chunk_elements: int = 2**24) -> Tensor:
+    """``<P_q, G_n>`` ``[Q, N]`` for sequence rows: each example's gradient ``G_n [O, I]`` (one
+    batched product, ``T O I`` multiply-adds: the cheapest order while Q > 1 or T > min(O, I)),
+    then one GEMM against every query, a chunk of examples at a time (at most
+    ``chunk_elements`` numbers of ``G``)."""
+    q, o, i = p.shape
+    n = a.shape[0]
+    flat = p.reshape(q, o * i)
+    step = max(1, chunk_elements // (o * i))
+    return torch.cat([flat @ per_example_gradients(a[s:s + step], g[s:s + step]).reshape(
+        -1, o * i).T for s in range(0, n, step)], dim=1)
+
+
+def pairwise_and_self_rotated(factors: LayerFactors, rotated: Tensor, a_rot: Tensor,
+                              g_rot: Tensor, chunk_elements: int = 2**22,
+                              ) -> tuple[Tensor, Tensor]:
+    """One layer's pairwise scores ``[Q, N]`` and self-influence ``[N]`` in the Kronecker
+    eigenbasis, from rows rotated once (:func:`rotate_rows`), as self-influence needs them.
+
+    With ``G'_n = Q_S^T G_n Q_A`` and the queries' preconditioned gradients in the same basis,
+    ``R_q = (Q_S^T G_q Q_A) / (Lambda + damping)`` (``rotated [Q, O, I]``, what
+    preconditioning computes before it rotates back), the rotations being orthogonal:
+
+        <P_q, G_n> = <R_q, G'_n>,      self_n = sum G'_n^2 / (Lambda + damping),
+
+    so for sequence layers each example's ``G'_n`` is formed once for both, where separate
+    contractions would form ``G_n`` and ``G'_n``.
+    """
+    if a_rot.shape[1] == 1:
+        return (pairwise_layer_scores(rotated, a_rot, g_rot),
+                _self_from_rotated(factors, a_rot, g_rot, chunk_elements))
+    q, o, i = rotated.shape
+    n = a_rot.shape[0]
+    dtype = accumulation_dtype(a_rot.dtype)  # 16-bit rows: squares and sums in float32
+    flat = rotated.to(a_rot.dtype).reshape(q, o * i)
+    weights = None if factors.eigenvalues is None else factors.inverse_eigenvalues(
+        a_rot.new_empty(0, dtype=dtype)).flatten()
+    pairwise = a_rot.new_empty(q, n)
+    selfs = a_rot.new_empty(n, dtype=dtype)
+    step = max(1, chunk_elements // (o * i))
+    for s in range(0, n, step):
+        grads = per_example_gradients(a_rot[s:s + step], g_rot[s:s + step]).reshape(-1, o * i)
+        pairwise[:, s:s + step] = flat @ grads.T
+        sq = grads.to(dtype).square_()
+        selfs[s:s + step] = sq.sum(-1) if weights is None else sq @ weights
+    return pairwise, selfs
 
 
 def token_layer_scores(preconditioned: Tensor | LowRankGradient, a: Tensor, g: Tensor,
@@ -91,6 +141,13 @@ def token_layer_scores(preconditioned: Tensor | LowRankGradient, a: Tensor, g: T
                       for s in range(0, p.shape[0], step)])
 
 
+def rotate_rows(factors: LayerFactors, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows into the Kronecker eigenbasis: ``(a Q_A, g Q_S)`` (as they are without bases)."""
+    a_rot = rows_times(factors._get("basis_in", a), a) if factors.basis_in is not None else a
+    g_rot = rows_times(factors._get("basis_out", g), g) if factors.basis_out is not None else g
+    return a_rot, g_rot
+
+
 def self_layer_scores(factors: LayerFactors, a: Tensor, g: Tensor,
                       chunk_elements: int = 2**22) -> Tensor:
     """One layer's self-influence ``<P(G_n), G_n>`` ``[N]`` from rows ``a``, ``g``.
@@ -98,18 +155,21 @@ def self_layer_scores(factors: LayerFactors, a: Tensor, g: Tensor,
     In the eigenbasis, ``<P(G), G> = sum (Q_S^T G Q_A)^2 / (Lambda + damping)``; for single-row
     layers ``(Q_S^T G_n Q_A)^2 = (g'_n)^2 (a'_n^2)^T``, so no per-example matrix is built.
     """
-    a_rot = rows_times(factors._get("basis_in", a), a) if factors.basis_in is not None else a
-    g_rot = rows_times(factors._get("basis_out", g), g) if factors.basis_out is not None else g
-    n, t, i = a.shape
-    o = g.shape[-1]
-    dtype = accumulation_dtype(a.dtype)  # 16-bit rows: squares and sums in float32
+    return _self_from_rotated(factors, *rotate_rows(factors, a, g), chunk_elements)
+
+
+def _self_from_rotated(factors: LayerFactors, a_rot: Tensor, g_rot: Tensor,
+                       chunk_elements: int) -> Tensor:
+    n, t, i = a_rot.shape
+    o = g_rot.shape[-1]
+    dtype = accumulation_dtype(a_rot.dtype)  # 16-bit rows: squares and sums in float32
     if t == 1:
         sq_a, sq_g = a_rot[:, 0].to(dtype).square(), g_rot[:, 0].to(dtype).square()
         inv = factors.inverse_eigenvalues(sq_a)
         if inv is None:
             return sq_g.sum(-1) * sq_a.sum(-1)
         return torch.einsum("no,oi,ni->n", sq_g, inv, sq_a)
-    out = a.new_empty(n, dtype=dtype)
+    out = a_rot.new_empty(n, dtype=dtype)
     weights = None if factors.eigenvalues is None else factors.inverse_eigenvalues(out).flatten()
     step = max(1, chunk_elements // (o * i))
     for s in range(0, n, step):

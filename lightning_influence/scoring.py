@@ -40,13 +40,16 @@ from lightning_influence.passes import (
     iterate_rows,
     model_device,
     move_to_device,
+    return_freed_memory,
     row_dtype_of,
 )
 from lightning_influence.ranking import StreamingTopK, TopKResult
 from lightning_influence.score_store import ScoreStore, data_fingerprint
 from lightning_influence.scores import (
+    pairwise_and_self_rotated,
     pairwise_layer_scores,
     per_example_gradients,
+    rotate_rows,
     self_layer_scores,
 )
 from lightning_influence.task import Task, resolve_task
@@ -88,9 +91,11 @@ class BoundInfluence:
     tracker: LayerTracker
 
     def query_gradients(self, loader: Any, *, precondition: bool = True,
-                        progress: bool = True) -> dict[str, Tensor]:
+                        progress: bool = True, in_eigenbasis: bool = False) -> dict[str, Tensor]:
         """Per-query gradients of the measurement, ``{layer: [Q, O, I]}``, preconditioned by
-        default (in at least float32; float64 when the model is float64)."""
+        default (in at least float32; float64 when the model is float64). With fitted factors
+        and ``in_eigenbasis`` they are left in each layer's Kronecker eigenbasis,
+        ``Q_S^T P(G) Q_A`` (see :meth:`~lightning_influence.factors.LayerFactors.precondition`)."""
         check_loader(loader, "query")
         pre = self.preconditioner
         chunks: dict[str, list[Tensor]] = {name: [] for name in pre.shapes}
@@ -103,7 +108,9 @@ class BoundInfluence:
                      else like.new_zeros(like.shape[0], *shape, dtype=dtype)  # did not run
                      for name, shape in pre.shapes.items()}
             _warn_zero_queries(grads, offset)
-            if precondition:  # all layers at once: a preconditioner may couple them
+            if precondition and in_eigenbasis:
+                grads = pre.precondition(grads, in_eigenbasis=True)
+            elif precondition:  # all layers at once: a preconditioner may couple them
                 grads = pre.precondition(grads)
             for name, grad in grads.items():
                 chunks[name].append(grad)
@@ -149,8 +156,12 @@ class BoundInfluence:
             query_losses = _measurements(model, query_loader, task)
         self._check_memory(train_loader, options, count_examples(query_loader) or
                            int(query_losses.numel()))
+        # Both scores from one pass, with fitted factors: rows rotated once into each layer's
+        # eigenbasis serve self-influence and the pairwise scores (queries kept in that basis)
+        in_eigenbasis = self_influence and factors.layerwise and query_grads is None
         if query_grads is None:
-            query_grads = self.query_gradients(query_loader, progress=options.progress)
+            query_grads = self.query_gradients(query_loader, progress=options.progress,
+                                               in_eigenbasis=in_eigenbasis)
         names = list(query_grads)
         num_queries = next(iter(query_grads.values())).shape[0]
         scale = _normalization(factors, options.normalize)
@@ -165,6 +176,8 @@ class BoundInfluence:
 
         def pairwise_chunk(rows: dict[str, tuple[Tensor, Tensor]], losses: Tensor) -> dict:
             n = losses.shape[0]
+            if in_eigenbasis:
+                return _pairwise_and_self_chunk(factors, query_grads, rows, n, scale, per_layer)
             per = torch.stack([pairwise_layer_scores(query_grads[name], *rows[name])
                                if name in rows else losses.new_zeros(num_queries, n)
                                for name in names]).double().cpu() * scale  # [L, Q, N]
@@ -235,6 +248,7 @@ class BoundInfluence:
         each batch's scores ``chunk_of(rows, losses)`` with its indices and losses handed to
         ``fold`` and, with ``scores_dir``, written as score chunks under ``signature()``. The
         training rows are in the dtype the factors were fitted with (their ``row_dtype``)."""
+        return_freed_memory()  # what earlier stages freed, before this pass
         store = (ScoreStore(scores_dir, kind, signature(), options.chunk_batches)
                  if scores_dir is not None else None)
         skip = _resume(store, fold)
@@ -443,6 +457,28 @@ def _self_chunk(preconditioner: Preconditioner, rows: dict[str, tuple[Tensor, Te
     computes it, under ``prefix="self_"``)."""
     per = self_terms(preconditioner, rows, n).cpu() * scale  # [L, N]
     return {f"{prefix}scores": per.sum(0), f"{prefix}layer_scores": per}
+
+
+def _pairwise_and_self_chunk(factors: Any, rotated: dict[str, Tensor],
+                             rows: dict[str, tuple[Tensor, Tensor]], n: int, scale: float,
+                             per_layer: bool) -> dict[str, Tensor]:
+    """One batch's pairwise and self-influence chunk entries in each layer's eigenbasis:
+    ``rotated`` are the queries' ``Q_S^T P Q_A`` (see
+    :func:`~lightning_influence.scores.pairwise_and_self_rotated`)."""
+    pair, selfs = [], []
+    for name, queries in rotated.items():
+        if name not in rows:  # the layer did not run: zero gradient
+            pair.append(torch.zeros(queries.shape[0], n, dtype=torch.float64))
+            selfs.append(torch.zeros(n, dtype=torch.float64))
+            continue
+        lf = factors.layers[name]
+        p, s = pairwise_and_self_rotated(lf, queries, *rotate_rows(lf, *rows[name]))
+        pair.append(p.double().cpu())
+        selfs.append(s.double().cpu())
+    per = torch.stack(pair) * scale  # [L, Q, N]
+    self_per = torch.stack(selfs) * scale  # [L, N]
+    return {"scores": per.sum(0), **({"layer_scores": per} if per_layer else {}),
+            "self_scores": self_per.sum(0), "self_layer_scores": self_per}
 
 
 def _self_result(merged: dict[str, Tensor], names: list[str], scale: float,

@@ -87,7 +87,12 @@ def test_after_fit_matches_the_functional_api_and_writes_files(tmp_path):
     queries = DataLoader(torch.utils.data.Subset(val.dataset, range(4)), batch_size=16)
     factors = li.fit_factors(model, ordered, "classification", progress=False)
     expected = li.compute_pairwise_scores(model, factors, queries, ordered, progress=False)
-    torch.testing.assert_close(scores_cb.pairwise_result.scores, expected.scores)
+    # the callback computes both scores in one pass, contracting in the Kronecker eigenbasis
+    # (<R_q, G'_n> = <P_q, G_n>): the float32 pairwise scores agree to float32 rounding of the
+    # largest score (against float64 arithmetic: 3e-7 of it, the separate pass 6e-7)
+    top = expected.scores.abs().max().item()
+    torch.testing.assert_close(scores_cb.pairwise_result.scores, expected.scores, rtol=0,
+                               atol=2e-6 * top)
     self_expected = li.compute_self_scores(model, factors, ordered, progress=False)
     torch.testing.assert_close(scores_cb.self_result.scores, self_expected.scores)
     rows = (folder / "self_influence_flags.csv").read_text().splitlines()

@@ -239,3 +239,25 @@ def test_the_callbacks_refuse_a_plan_before_the_first_training_step(tmp_path):
     with pytest.raises(MemoryPlanError, match="net.head"):
         trainer.fit(Module(), DataLoader(_wide_data(), batch_size=8))
     assert steps == []
+
+
+def test_float32_eigendecompositions_give_orthonormal_bases_and_the_same_scores(wide_mlp):
+    """eigh_dtype="auto" decomposes float32 factors in float32 (about 2x faster than float64):
+    bases orthonormal to float32 precision, scores as with float64 decompositions."""
+    _, _, x, y, xq, yq = wide_mlp
+    model = ref.mlp(d_in=9, hidden=7, classes=5, seed=2).float()
+    data = loader(x.float(), y, batch_size=8)
+    queries = loader(xq.float(), yq, batch_size=4)
+    got = {}
+    for eigh in ("float32", "float64"):
+        f = li.fit_factors(model, data, "classification", factor_dtype="float32",
+                           eigh_dtype=eigh, fisher="empirical", progress=False)
+        for lf in f.layers.values():
+            q = lf.basis_out.double()
+            assert_close(q.T @ q, torch.eye(q.shape[0], dtype=torch.float64), atol=1e-5, rtol=0)
+        got[eigh] = li.compute_pairwise_scores(model, f, queries, data, "classification",
+                                               progress=False).scores
+    top = got["float64"].abs().max().item()
+    assert_close(got["float32"], got["float64"], rtol=0, atol=1e-4 * top)
+    with pytest.raises(ValueError, match="eigh_dtype='half'"):
+        li.FitOptions(eigh_dtype="half")
