@@ -261,3 +261,28 @@ def test_float32_eigendecompositions_give_orthonormal_bases_and_the_same_scores(
     assert_close(got["float32"], got["float64"], rtol=0, atol=1e-4 * top)
     with pytest.raises(ValueError, match="eigh_dtype='half'"):
         li.FitOptions(eigh_dtype="half")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_wide_cpu_covariances_accumulate_one_triangle_and_mirror_it(dtype):
+    """Sides of 256 or more on the CPU are updated through BLAS syrk (half the multiply-adds):
+    only the lower triangle is written, compute() mirrors it, and the result is x^T x."""
+    from lightning_influence.statistics import CovarianceStatistic
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 5, 300, generator=gen, dtype=dtype),
+                torch.randn(4, 5, 260, generator=gen, dtype=dtype)) for _ in range(3)]
+    stat = CovarianceStatistic(300, 260, dtype=dtype)
+    for a, g in batches:
+        stat.update(a, g)
+    assert stat.activation_sum.triu(1).abs().max() == 0  # one triangle written
+    a_all = torch.cat([a.reshape(-1, 300) for a, _ in batches]).double()
+    g_all = torch.cat([g.reshape(-1, 260) for _, g in batches]).double()
+    got = stat.compute()
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert_close(got["A"].double(), a_all.T @ a_all / 60, rtol=tol, atol=tol)
+    assert_close(got["S"].double(), g_all.T @ g_all / 60, rtol=tol, atol=tol)
+    basis = eigenbases({"x": stat})["x"]  # the decomposition reads the written triangle
+    q, lam = basis["q_a"].double(), basis["l_a"]
+    assert_close(q @ torch.diag(lam) @ q.T, got["A"].double(), rtol=0, atol=1e-4 if dtype ==
+                 torch.float32 else 1e-10)
