@@ -127,7 +127,10 @@ def add_rows(covariances: dict[str, CovarianceStatistic], rows: dict[str, tuple[
              mask: Tensor | None) -> None:
     """Add every layer's rows ``(a, g)`` (with the task's row mask) to its covariances. A
     tracked layer that did not run on this batch still counts its examples: its curvature is
-    a mean over every training example, and those contribute zero."""
+    a mean over every training example, and those contribute zero. A mask that keeps every
+    row is dropped (no masked copies of the rows)."""
+    if mask is not None and bool((mask == 1).all()):
+        mask = None
     for name, (a, g) in rows.items():
         covariances[name].accumulate(a, g, mask)
     n = next(iter(rows.values()))[0].shape[0] if rows else 0
@@ -156,6 +159,10 @@ def fit_covariances(model: nn.Module, loader: Any, task: Task | str | None = Non
     task = resolve_task(task, model)
     tracker = tracker or options_tracker(model, options, task)
     check_loader(loader, "covariance")
+    if covariances is None and options.memory_limit != "off":  # before the pass
+        plan = plan_memory(model, loader, task, options, tracker=tracker)
+        plan.stages = {"covariances": plan.stages.get("covariances", 0)}
+        check_plan(plan, options.memory_limit, "fit_covariances()")
     covs = covariances if covariances is not None else new_covariances(
         tracker, model_device(model), options)
     spec = RowPass.fitting(options, "influence: covariances")
@@ -341,8 +348,9 @@ def fit_factors(model: nn.Module, loader: Any, task: Task | str | None = None,
         bases = None
         if row.needs_covariances:
             covs = covariances
-            if covs is None:
-                covs = fit_covariances(model, loader, task, options, tracker=tracker)
+            if covs is None:  # (the plan was checked above)
+                covs = fit_covariances(model, loader, task, options, tracker=tracker,
+                                       memory_limit="off")
             bases = eigenbases(covs, options.eigh_dtype)
         eigenvalues = None
         if row.needs_eigenvalue_pass:

@@ -412,7 +412,10 @@ def test_callbacks_take_num_queries_from_a_streaming_validation_loader(tmp_path)
     expected = li.compute_pairwise_scores(model, callbacks[1].factors,
                                           queries, DataLoader(train.dataset, batch_size=16),
                                           progress=False)
-    torch.testing.assert_close(result.scores, expected.scores)
+    # the callbacks score pairwise and self-influence in one fused float32 pass (the queries
+    # kept in the Kronecker eigenbasis): equal to the separate pass up to float32 rounding
+    top = expected.scores.abs().max().item()
+    torch.testing.assert_close(result.scores, expected.scores, rtol=0, atol=2e-6 * top)
     rows = list(csv.DictReader((tmp_path / "influence" / "top_influential.csv").open()))
     assert {row["query_label"] for row in rows if row["query_index"] == "3"} == {
         str(int(val.dataset[3][1]))}  # the queries' own labels, from the stream
