@@ -25,8 +25,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
 __all__ = ["FitOptions", "ScoreOptions", "DocumentOptions", "ValidationOptions",
-           "resolve_options", "callback_options", "option_help", "DEFAULT_FIT",
-           "DEFAULT_DOCUMENTS", "DEFAULT_VALIDATION", "CALLBACK_SCORE"]
+           "IndexOptions", "resolve_options", "callback_options", "option_help", "DEFAULT_FIT",
+           "DEFAULT_DOCUMENTS", "DEFAULT_VALIDATION", "DEFAULT_INDEX", "CALLBACK_SCORE"]
 
 # OmegaConf reads these annotations to validate Hydra configs: fields are typed with what it
 # understands (primitives, ``X | None``, lists, Any).
@@ -384,3 +384,63 @@ CALLBACK_SCORE = ScoreOptions(keep_scores=False, per_layer=True, precision="auto
 """The default of :class:`~lightning_influence.callbacks.InfluenceScores`' ``score``: the
 callback keeps top-k lists rather than the whole matrix, with each layer's share (for the
 layer-wise chart), and follows the Trainer's mixed precision."""
+
+
+COMPRESSIONS = ("eigen", "kronecker")
+INDEX_DTYPES = ("float16", "bfloat16", "float32")
+
+
+@dataclass
+class IndexOptions:
+    """How the training-gradient index is built and queried.
+
+    Used by :func:`~lightning_influence.index.build_index`,
+    :meth:`~lightning_influence.index.TrainingIndex.query` and the
+    :class:`~lightning_influence.callbacks.InfluenceIndex` callback (Hydra:
+    ``callbacks.influence_index.options.<field>=...``).
+    """
+
+    compression: str = _help(
+        "eigen (the EK-FAC eigenbasis coordinates whose Lambda / (Lambda + damping) is "
+        "largest, whitened: the measured default) | kronecker (random projections of each "
+        "layer's activations and output gradients, any preconditioner)", default="eigen")
+    width: int = _help("numbers stored per training example, over all tracked layers",
+                       default=4096)
+    dtype: str = _help("float16 | bfloat16 | float32: the stored codes' dtype",
+                       default="float16")
+    candidates: int | None = _help(
+        "candidates per end (largest and most negative index estimates) re-ranked exactly per "
+        "query; None: 2% of the training examples (at least top_k)", default=None)
+    top_k: int = _help("proponents and opponents returned per query", default=10)
+    rerank: bool = _help(
+        "recompute the candidates' gradients and score them with the full preconditioner "
+        "(exact scores); False returns the index estimates, marked as such", default=True)
+    shard_batches: int = _help(
+        "batches per shard file (an interrupted build loses at most one shard's work)",
+        default=32)
+    seed: int = _help("seed of the kronecker projections", default=0)
+    verify: bool = _help("check every shard's checksum when the index is opened",
+                         default=True)
+    batch_size: int | None = _help(
+        "callbacks: batch size of the build pass (default: the training loader's)",
+        default=None)
+    overwrite: bool = _help("rebuild even when a matching index exists in the folder",
+                            default=False)
+    progress: bool = _help("show progress bars", default=True)
+
+    def __post_init__(self) -> None:
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(f"compression={self.compression!r} is not one of "
+                             f"{list(COMPRESSIONS)}.")
+        if self.dtype not in INDEX_DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is not one of {list(INDEX_DTYPES)}.")
+        _positive(self, "width", "candidates", "top_k", "shard_batches", "batch_size")
+
+    @classmethod
+    def help(cls) -> str:
+        """Every option with its type, default and help, one per line."""
+        return option_help(cls)
+
+
+DEFAULT_INDEX = IndexOptions()
+"""The default of :class:`~lightning_influence.callbacks.InfluenceIndex`' ``options``."""

@@ -1,0 +1,266 @@
+"""What the index keeps of each training gradient: a linear code per layer, D numbers in all.
+
+Index letters: N training examples, T rows per example, Q queries, O = d_out, I = d_in (+1 bias),
+L tracked layers, K_l the numbers kept for layer l (D = sum_l K_l per example), U_O / U_I the
+eigenvectors of the output / input side that the kept coordinates use.
+
+Each layer's code is linear in the gradient, ``x = C(G) [K_l]`` for a training example's
+``G = sum_t g_t a_t^T`` (built from the rows, never as ``[O, I]``), and there is a query-side
+code ``y = C*(P)`` of a preconditioned query gradient ``P = P(grad L(z_q))`` such that
+
+    y . x  ~  <P, G>    (the exact EK-FAC score term of that layer; equal at full width)
+
+so the index estimate of a score is ``sum_l y_l . x_l``: one ``[Q, D] x [D, N]`` product.
+
+Two codes (``IndexOptions.compression``):
+
+- ``"eigen"``: in the Kronecker eigenbasis ``(Q_S, Q_A)`` the EK-FAC term is
+  ``sum_{o,i} (Q_S^T P Q_A)_{oi} (Q_S^T G Q_A)_{oi} (Lambda_{oi} + damping)``, because
+  ``Q_S^T P Q_A = (Q_S^T G_q Q_A) / (Lambda + damping)``. The index keeps the coordinates
+  ``(o_k, i_k)`` whose ``Lambda / (Lambda + damping)`` is largest over every layer (the
+  directions where the curvature outweighs the damping; for training gradients that is the
+  expected square of the whitened coordinate, so they hold most of the whitened energy):
+  ``x_k = (Q_S^T G Q_A)_{o_k i_k} s_k`` and ``y_k = (Q_S^T P Q_A)_{o_k i_k} / s_k`` with
+  ``s_k = (Lambda + damping)^(-1/2)`` (whitened codes are O(1): safe in float16). From rows:
+  ``x_k = sum_t (g_t^T Q_S)_{o_k} (a_t^T Q_A)_{i_k} s_k``, only the ``U_O`` and ``U_I`` used
+  eigenvectors rotated. Needs eigenvalues (diagonal, kfac, ekfac factors).
+- ``"kronecker"``: random projections ``R_S [r_S, O]``, ``R_A [r_A, I]`` with orthonormal rows
+  scaled by ``sqrt(O / r_S)``, ``sqrt(I / r_A)`` (so ``E[R^T R] = 1``):
+  ``x = vec(R_S G R_A^T) = vec(sum_t (R_S g_t)(R_A a_t)^T)``, ``y = vec(R_S P R_A^T)``; an
+  unbiased estimate for any preconditioner (solvers too), exact at full size. One ``r`` for
+  every layer, the largest with ``sum_l min(O, r) min(I, r) <= width``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["LayerCode", "Compression", "make_compression"]
+
+# cap on the [n, T, K] intermediates of the row encoding (examples are chunked to fit)
+MAX_ELEMENTS = 2**24
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return torch.promote_types(dtype, torch.float32)
+
+
+@dataclass
+class LayerCode:
+    """One layer's code (see the module docstring).
+
+    Attributes:
+        kind: ``"eigen"`` or ``"kronecker"``.
+        left: eigen: ``Q_S[:, U_O] [O, U_O]`` (None: identity basis); kronecker: ``R_S [r_S, O]``.
+        right: eigen: ``Q_A[:, U_I] [I, U_I]`` (None: identity); kronecker: ``R_A [r_A, I]``.
+        out_pos, in_pos: eigen: ``[K]`` positions of each kept coordinate in ``U_O`` / ``U_I``.
+        scale: eigen: ``s [K]`` = ``(Lambda + damping)^(-1/2)`` of each kept coordinate.
+    """
+
+    kind: str
+    left: Tensor | None
+    right: Tensor | None
+    out_pos: Tensor | None = None
+    in_pos: Tensor | None = None
+    scale: Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        """K: numbers kept per example."""
+        if self.kind == "eigen":
+            return int(self.scale.numel())
+        return self.left.shape[0] * self.right.shape[0]
+
+    def encode_rows(self, a: Tensor, g: Tensor) -> Tensor:
+        """Training codes ``[N, K]`` from activation rows ``a [N, T, I]`` and output-gradient
+        rows ``g [N, T, O]`` (in at least float32)."""
+        dtype = _compute_dtype(a, g)
+        a, g = a.to(dtype), g.to(dtype)
+        left, right = self.left, self.right
+        left = None if left is None else left.to(dtype)
+        right = None if right is None else right.to(dtype)
+        if self.kind == "kronecker":
+            u, v = g @ left.T, a @ right.T  # [N, T, r_S], [N, T, r_A]
+            return torch.einsum("ntr,nts->nrs", u, v).flatten(1)
+        gs = g @ left if left is not None else g  # [N, T, U_O]
+        as_ = a @ right if right is not None else a  # [N, T, U_I]
+        out_pos, in_pos = self.out_pos, self.in_pos
+        scale = self.scale.to(dtype)
+        n, t = a.shape[:2]
+        step = max(1, MAX_ELEMENTS // max(t * self.size, 1))
+        parts = []
+        for s in range(0, n, step):  # [n, T, K] products summed over the rows
+            parts.append((gs[s:s + step, :, out_pos] * as_[s:s + step, :, in_pos]).sum(1))
+        return torch.cat(parts) * scale
+
+    def encode_matrices(self, p: Tensor) -> Tensor:
+        """Query codes ``[Q, K]`` of preconditioned gradients ``p [Q, O, I]``."""
+        dtype = _compute_dtype(p)
+        p = p.to(dtype)
+        left = None if self.left is None else self.left.to(dtype)
+        right = None if self.right is None else self.right.to(dtype)
+        if self.kind == "kronecker":
+            return (left @ p @ right.T).flatten(1)
+        rot = left.T @ p if left is not None else p  # [Q, U_O, I]
+        rot = rot @ right if right is not None else rot  # [Q, U_O, U_I]
+        return rot[:, self.out_pos, self.in_pos] / self.scale.to(dtype)
+
+    def tensors(self, prefix: str) -> dict[str, Tensor]:
+        out = {}
+        for key in ("left", "right", "out_pos", "in_pos", "scale"):
+            value = getattr(self, key)
+            if value is not None:
+                out[f"{prefix}.{key}"] = value.detach().cpu().contiguous()
+        return out
+
+
+@dataclass
+class Compression:
+    """The codes of every tracked layer, in ``layers`` order (the D axis of the index).
+
+    Attributes:
+        kind: ``"eigen"`` or ``"kronecker"``.
+        layers: ``{name: LayerCode}``.
+        seed: the kronecker projections' seed.
+    """
+
+    kind: str
+    layers: dict[str, LayerCode]
+    seed: int = 0
+
+    @property
+    def width(self) -> int:
+        """D: numbers per example."""
+        return sum(code.size for code in self.layers.values())
+
+    def sizes(self) -> dict[str, int]:
+        return {name: code.size for name, code in self.layers.items()}
+
+    def encode_rows(self, rows: dict[str, tuple[Tensor, Tensor]], n: int) -> Tensor:
+        """Training codes ``[N, D]`` of one batch's rows (a layer that did not run: zeros)."""
+        like = next(iter(rows.values()))[0]
+        dtype = _compute_dtype(like)
+        return torch.cat([code.encode_rows(*rows[name]).to(dtype) if name in rows
+                          else like.new_zeros(n, code.size, dtype=dtype)
+                          for name, code in self.layers.items()], dim=1)
+
+    def encode_matrices(self, grads: dict[str, Tensor]) -> Tensor:
+        """Query codes ``[Q, D]`` of preconditioned gradients ``{layer: [Q, O, I]}``."""
+        return torch.cat([code.encode_matrices(grads[name])
+                          for name, code in self.layers.items()], dim=1)
+
+    def tensors(self) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for name, code in self.layers.items():
+            out.update(code.tensors(name))
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "width": self.width, "seed": self.seed, "sizes": self.sizes()}
+
+    @classmethod
+    def from_tensors(cls, description: dict[str, Any], tensors: dict[str, Tensor],
+                     ) -> Compression:
+        """The compression a manifest describes (``describe()`` and ``tensors()``)."""
+        kind = description["kind"]
+        layers = {}
+        for name in description["sizes"]:
+            get = {key: tensors.get(f"{name}.{key}") for key in
+                   ("left", "right", "out_pos", "in_pos", "scale")}
+            layers[name] = LayerCode(kind, **get)
+        return cls(kind, layers, int(description.get("seed", 0)))
+
+
+def make_compression(preconditioner: Any, kind: str, width: int, seed: int = 0) -> Compression:
+    """The compression of ``width`` numbers per example for a preconditioner's layers.
+
+    ``"eigen"`` needs fitted factors with eigenvalues (diagonal, kfac, ekfac); ``"kronecker"``
+    works with any preconditioner (it needs only the layer shapes).
+    """
+    shapes = {name: tuple(shape) for name, shape in preconditioner.shapes.items()}
+    if kind == "kronecker":
+        return _kronecker(shapes, width, seed)
+    if kind != "eigen":
+        raise ValueError(f"compression={kind!r} is not one of ['eigen', 'kronecker'].")
+    layers = getattr(preconditioner, "layers", None)
+    if not getattr(preconditioner, "layerwise", False) or layers is None or any(
+            lf.eigenvalues is None for lf in layers.values()):
+        raise ValueError(
+            f"compression='eigen' keeps EK-FAC eigenbasis coordinates, which a "
+            f"{preconditioner.strategy!r} preconditioner does not have (it needs fitted "
+            "diagonal, kfac or ekfac factors). Use compression='kronecker' (random projections, "
+            "any preconditioner) or fit strategy='ekfac'.")
+    return _eigen(layers, width)
+
+
+def _eigen(layers: dict[str, Any], width: int) -> Compression:
+    """Keep the ``width`` coordinates with the largest ``Lambda / (Lambda + damping)`` over all
+    layers (ties: layer order, then row-major position)."""
+    candidates = []  # per layer: (ratio [k], flat index [k]) of its own top-width coordinates
+    for lf in layers.values():
+        lam = lf.eigenvalues.double()
+        total = lam + lf.damping
+        ratio = torch.where(total > 0, lam / total.clamp_min(1e-300),
+                            torch.full_like(lam, -1.0)).flatten()
+        order = torch.sort(ratio, descending=True, stable=True).indices[:width]
+        keep = order[ratio[order] >= 0]  # a coordinate with Lambda + damping = 0 is never kept
+        candidates.append((ratio[keep], keep))
+    ratios = torch.cat([r for r, _ in candidates])
+    if ratios.numel() == 0:
+        raise ValueError("compression='eigen': no layer has a coordinate with Lambda + damping > 0.")
+    owner = torch.cat([torch.full((len(k),), j) for j, (_, k) in enumerate(candidates)])
+    chosen = torch.sort(ratios, descending=True, stable=True).indices[:width]
+    out: dict[str, LayerCode] = {}
+    for j, (name, lf) in enumerate(layers.items()):
+        mine = chosen[owner[chosen] == j]
+        offset = sum(len(k) for _, k in candidates[:j])
+        flat = candidates[j][1][(mine - offset).sort().values]  # row-major order within the layer
+        o, i = lf.eigenvalues.shape
+        rows, cols = flat // i, flat % i
+        used_out, out_pos = torch.unique(rows, return_inverse=True)
+        used_in, in_pos = torch.unique(cols, return_inverse=True)
+        lam = lf.eigenvalues.double()[rows, cols]
+        left = lf.basis_out.double()[:, used_out] if lf.basis_out is not None else None
+        right = lf.basis_in.double()[:, used_in] if lf.basis_in is not None else None
+        if left is None:  # no basis (diagonal): select the kept rows of the identity
+            left = torch.eye(o, dtype=torch.float64)[:, used_out]
+        if right is None:
+            right = torch.eye(i, dtype=torch.float64)[:, used_in]
+        out[name] = LayerCode("eigen", left, right, out_pos, in_pos,
+                              (lam + lf.damping).rsqrt())
+    return Compression("eigen", out)
+
+
+def _kronecker(shapes: dict[str, tuple[int, int]], width: int, seed: int) -> Compression:
+    """One projection size ``r`` for every layer: the largest with ``sum_l min(O, r) min(I, r)
+    <= width``; orthonormal random rows (QR of a seeded Gaussian) scaled to ``E[R^T R] = 1``."""
+    def cost(r: int) -> int:
+        return sum(min(o, r) * min(i, r) for o, i in shapes.values())
+
+    if cost(1) > width:
+        raise ValueError(f"width={width} is below one number per layer ({len(shapes)} tracked "
+                         "layers): raise width.")
+    r = 1
+    while r < max(max(s) for s in shapes.values()) and cost(r + 1) <= width:
+        r += 1
+    gen = torch.Generator().manual_seed(seed)
+    layers = {}
+    for name, (o, i) in shapes.items():
+        layers[name] = LayerCode("kronecker", _projection(min(o, r), o, gen),
+                                 _projection(min(i, r), i, gen))
+    return Compression("kronecker", layers, seed)
+
+
+def _projection(r: int, d: int, gen: torch.Generator) -> Tensor:
+    """``[r, d]``: r orthonormal random rows scaled by ``sqrt(d / r)``."""
+    gauss = torch.randn(d, r, generator=gen, dtype=torch.float64)
+    q, _ = torch.linalg.qr(gauss)  # [d, r] orthonormal columns
+    return (q.T * math.sqrt(d / r)).contiguous()
