@@ -204,8 +204,15 @@ class DocumentOptions:
         "also score with full-rank queries (one more pass) and report the Spearman "
         "correlation of the rank-limited scores with them", default=False)
     candidates: int | None = _help(
-        "score only the K documents most similar to each query by TF-IDF (None: every "
-        "document, exact, and the TF-IDF recall table is reported)", default=None)
+        "score only K candidate documents per query, chosen by the prefilter (None: every "
+        "document, exact, and the prefilters' recall table is reported)", default=None)
+    prefilter: str = _help(
+        "tfidf (the K documents most similar to the query's text) | index (the K largest and "
+        "the K most negative document estimates of the training-gradient index: needs index)",
+        default="tfidf")
+    index: str | None = _help(
+        "folder of a training-gradient index of the corpus (lightning_influence.index); with "
+        "it the recall table also shows the index's recall at each K", default=None)
     recall_ks: list[int] = _help("candidate-set sizes K of the recall table",
                                  default_factory=lambda: [5, 10, 20, 40])
     token_documents: int = _help(
@@ -217,6 +224,11 @@ class DocumentOptions:
 
     def __post_init__(self) -> None:
         _positive(self, "rank", "top_k", "candidates", "batch_size", "render_tokens")
+        if self.prefilter not in ("tfidf", "index"):
+            raise ValueError(f"prefilter={self.prefilter!r} is not one of ['tfidf', 'index'].")
+        if self.prefilter == "index" and self.index is None:
+            raise ValueError("prefilter='index' needs index=<folder of a training-gradient "
+                             "index of the corpus> (build_index, or the InfluenceIndex callback).")
         if self.token_documents < 0:
             raise ValueError(f"token_documents must be >= 0, got {self.token_documents}.")
         self.recall_ks = [int(k) for k in self.recall_ks]
