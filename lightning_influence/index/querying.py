@@ -44,7 +44,7 @@ from lightning_influence.ranking import TopKResult
 from lightning_influence.scoring import BoundInfluence, bind
 from lightning_influence.task import Task
 
-__all__ = ["TrainingIndex", "IndexResult", "open_index"]
+__all__ = ["TrainingIndex", "IndexResult", "open_index", "search_shards"]
 
 # rows of codes multiplied at once: at most this many numbers per block
 BLOCK_ELEMENTS = 2**23
@@ -194,15 +194,7 @@ class TrainingIndex:
     def search(self, codes: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The ``k`` largest and ``k`` most negative estimates per query, by exact search over
         the shards: ``(largest [Q, k], their indices, smallest [Q, k], their indices)``."""
-        q = codes.shape[0]
-        hi_v = lo_v = codes.new_empty(q, 0)
-        hi_i = lo_i = torch.empty(q, 0, dtype=torch.long)
-        for indices, block in iterate_blocks(self.shards, self._block_rows()):
-            est = _products(codes, block)  # [Q, b]
-            idx = indices.unsqueeze(0).expand(q, -1)
-            hi_v, hi_i = _keep(hi_v, hi_i, est, idx, k, True)
-            lo_v, lo_i = _keep(lo_v, lo_i, est, idx, k, False)
-        return hi_v, hi_i, lo_v, lo_i
+        return search_shards(self.shards, codes, k, self._block_rows())
 
     def _block_rows(self) -> int:
         return max(1, BLOCK_ELEMENTS // max(self.width, 1))
@@ -273,6 +265,22 @@ class TrainingIndex:
             rows.append((mine[best.indices], best.values, mine[worst.indices], worst.values))
         top = TopKResult(*(torch.stack([r[j] for r in rows]) for j in range(4)))
         return top, result.query_losses
+
+
+def search_shards(shards: list[Shard], codes: Tensor, k: int, block_rows: int,
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Exact search: the ``k`` largest and ``k`` most negative products of ``codes [Q, D]``
+    with every shard's codes, ``block_rows`` rows at a time: ``(largest [Q, k], their training
+    positions, smallest [Q, k], their positions)``."""
+    q = codes.shape[0]
+    hi_v = lo_v = codes.new_empty(q, 0)
+    hi_i = lo_i = torch.empty(q, 0, dtype=torch.long)
+    for indices, block in iterate_blocks(shards, block_rows):
+        est = _products(codes, block)  # [Q, b]
+        idx = indices.unsqueeze(0).expand(q, -1)
+        hi_v, hi_i = _keep(hi_v, hi_i, est, idx, k, True)
+        lo_v, lo_i = _keep(lo_v, lo_i, est, idx, k, False)
+    return hi_v, hi_i, lo_v, lo_i
 
 
 def _products(codes: Tensor, block: Tensor) -> Tensor:
