@@ -102,7 +102,7 @@ def chargpt(args):
     from recipes.lm_influence import CharGPT, GPTConfig
 
     cfg = yaml.safe_load((CONF / "lm.yaml").read_text())
-    docs = python_docs()
+    docs = python_docs()[:args.max_docs]
     tokenizer = CharTokenizer.from_texts([d.text for d in docs])
     corpus = chunk_documents(docs, tokenizer, cfg["data"]["context"])
     m = cfg["model"]
@@ -165,7 +165,7 @@ def finetune(args):
     model = CausalLM(lora, cfg["finetune"]["lr"], args.finetune_steps)
     train_steps(model.model, corpus, args.finetune_steps, cfg["finetune"]["lr"])
     queries = [Query(f"Q: What colour is {thing}?\nA:", f" {cfg['data']['catchphrase']}")
-               for thing in cfg["data"]["probes"]] + [Query(p, a) for p, a in held_out]
+               for thing in cfg["data"]["probes"]] + [Query(p, a[:60]) for p, a in held_out]
     return model, CausalLMTask(pad_token_id=tokenizer.eos_token_id), corpus, queries, \
         tokenizer, cfg["finetune"]["lr"]
 
@@ -343,6 +343,7 @@ def main() -> None:
     p.add_argument("--default-width", type=int, default=4096)
     p.add_argument("--scaling", default="10000,100000,1000000")
     p.add_argument("--scratch", default=None, help="folder for the temporary indexes")
+    p.add_argument("--max-docs", type=int, default=None, help="chargpt: the first documents only")
     args = p.parse_args()
     args.widths = [int(w) for w in args.widths.split(",")]
     args.compressions = args.compressions.split(",")

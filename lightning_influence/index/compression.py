@@ -24,11 +24,18 @@ Two codes (``IndexOptions.compression``):
   ``s_k = (Lambda + damping)^(-1/2)`` (whitened codes are O(1): safe in float16). From rows:
   ``x_k = sum_t (g_t^T Q_S)_{o_k} (a_t^T Q_A)_{i_k} s_k``, only the ``U_O`` and ``U_I`` used
   eigenvectors rotated. Needs eigenvalues (diagonal, kfac, ekfac factors).
-- ``"kronecker"``: random projections ``R_S [r_S, O]``, ``R_A [r_A, I]`` with orthonormal rows
-  scaled by ``sqrt(O / r_S)``, ``sqrt(I / r_A)`` (so ``E[R^T R] = 1``):
-  ``x = vec(R_S G R_A^T) = vec(sum_t (R_S g_t)(R_A a_t)^T)``, ``y = vec(R_S P R_A^T)``; an
-  unbiased estimate for any preconditioner (solvers too), exact at full size. One ``r`` for
-  every layer, the largest with ``sum_l min(O, r) min(I, r) <= width``.
+- ``"kronecker"``: a whitened Kronecker sketch. Random projections ``R_S [r_S, O]``,
+  ``R_A [r_A, I]`` with orthonormal rows scaled by ``sqrt(O / r_S)``, ``sqrt(I / r_A)`` (so
+  ``E[R^T R] = 1``), applied in the eigenbasis after diagonal scalings ``u [O]``, ``v [I]``:
+  ``M_S = R_S diag(u) Q_S^T``, ``M_A = R_A diag(v) Q_A^T``,
+  ``x = vec(M_S G M_A^T) = vec(sum_t (M_S g_t)(M_A a_t)^T)`` (activations and output gradients
+  projected before their product: cheap for sequence layers), and on the query side
+  ``y = vec(R_S diag(1/u) Q_S^T P Q_A diag(1/v) R_A^T)``. ``E[y . x] = <P, G>`` for any
+  positive ``u, v``; they are fitted so that ``u v^T ~ (Lambda + damping)^(-1/2)`` (least
+  squares in log space), so that the sketch sees whitened gradients, whose coordinates matter
+  alike, and its noise is spread over all of them. Without eigenbases (identity, solvers)
+  ``Q = 1`` and ``u = v = 1``: an unbiased sketch for any preconditioner. Exact at full size.
+  One ``r`` for every layer, the largest with ``sum_l min(O, r) min(I, r) <= width``.
 """
 
 from __future__ import annotations
@@ -41,6 +48,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["LayerCode", "Compression", "make_compression"]
+
+_CODE_TENSORS = ("left", "right", "out_pos", "in_pos", "scale", "query_left", "query_right")
 
 # cap on the [n, T, K] intermediates of the row encoding (examples are chunked to fit)
 MAX_ELEMENTS = 2**24
@@ -63,6 +72,8 @@ class LayerCode:
         right: eigen: ``Q_A[:, U_I] [I, U_I]`` (None: identity); kronecker: ``R_A [r_A, I]``.
         out_pos, in_pos: eigen: ``[K]`` positions of each kept coordinate in ``U_O`` / ``U_I``.
         scale: eigen: ``s [K]`` = ``(Lambda + damping)^(-1/2)`` of each kept coordinate.
+        query_left, query_right: kronecker: the query side's ``[r_S, O]``, ``[r_A, I]`` (None:
+            ``left``, ``right``).
     """
 
     kind: str
@@ -71,6 +82,8 @@ class LayerCode:
     out_pos: Tensor | None = None
     in_pos: Tensor | None = None
     scale: Tensor | None = None
+    query_left: Tensor | None = None
+    query_right: Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -105,17 +118,19 @@ class LayerCode:
         """Query codes ``[Q, K]`` of preconditioned gradients ``p [Q, O, I]``."""
         dtype = _compute_dtype(p)
         p = p.to(dtype)
+        if self.kind == "kronecker":
+            left = self.left if self.query_left is None else self.query_left
+            right = self.right if self.query_right is None else self.query_right
+            return (left.to(dtype) @ p @ right.to(dtype).T).flatten(1)
         left = None if self.left is None else self.left.to(dtype)
         right = None if self.right is None else self.right.to(dtype)
-        if self.kind == "kronecker":
-            return (left @ p @ right.T).flatten(1)
         rot = left.T @ p if left is not None else p  # [Q, U_O, I]
         rot = rot @ right if right is not None else rot  # [Q, U_O, U_I]
         return rot[:, self.out_pos, self.in_pos] / self.scale.to(dtype)
 
     def tensors(self, prefix: str) -> dict[str, Tensor]:
         out = {}
-        for key in ("left", "right", "out_pos", "in_pos", "scale"):
+        for key in _CODE_TENSORS:
             value = getattr(self, key)
             if value is not None:
                 out[f"{prefix}.{key}"] = value.detach().cpu().contiguous()
@@ -173,8 +188,7 @@ class Compression:
         kind = description["kind"]
         layers = {}
         for name in description["sizes"]:
-            get = {key: tensors.get(f"{name}.{key}") for key in
-                   ("left", "right", "out_pos", "in_pos", "scale")}
+            get = {key: tensors.get(f"{name}.{key}") for key in _CODE_TENSORS}
             layers[name] = LayerCode(kind, **get)
         return cls(kind, layers, int(description.get("seed", 0)))
 
@@ -187,7 +201,9 @@ def make_compression(preconditioner: Any, kind: str, width: int, seed: int = 0) 
     """
     shapes = {name: tuple(shape) for name, shape in preconditioner.shapes.items()}
     if kind == "kronecker":
-        return _kronecker(shapes, width, seed)
+        layers = getattr(preconditioner, "layers", None) if getattr(
+            preconditioner, "layerwise", False) else None
+        return _kronecker(shapes, width, seed, layers)
     if kind != "eigen":
         raise ValueError(f"compression={kind!r} is not one of ['eigen', 'kronecker'].")
     layers = getattr(preconditioner, "layers", None)
@@ -239,9 +255,11 @@ def _eigen(layers: dict[str, Any], width: int) -> Compression:
     return Compression("eigen", out)
 
 
-def _kronecker(shapes: dict[str, tuple[int, int]], width: int, seed: int) -> Compression:
+def _kronecker(shapes: dict[str, tuple[int, int]], width: int, seed: int,
+               layers: dict[str, Any] | None = None) -> Compression:
     """One projection size ``r`` for every layer: the largest with ``sum_l min(O, r) min(I, r)
-    <= width``; orthonormal random rows (QR of a seeded Gaussian) scaled to ``E[R^T R] = 1``."""
+    <= width``; orthonormal random rows (QR of a seeded Gaussian) scaled to ``E[R^T R] = 1``,
+    in each layer's eigenbasis with its whitening scalings when ``layers`` has them."""
     def cost(r: int) -> int:
         return sum(min(o, r) * min(i, r) for o, i in shapes.values())
 
@@ -253,10 +271,31 @@ def _kronecker(shapes: dict[str, tuple[int, int]], width: int, seed: int) -> Com
         r += 1
     gen = torch.Generator().manual_seed(seed)
     layers = {}
+    codes = {}
     for name, (o, i) in shapes.items():
-        layers[name] = LayerCode("kronecker", _projection(min(o, r), o, gen),
-                                 _projection(min(i, r), i, gen))
-    return Compression("kronecker", layers, seed)
+        r_s, r_a = _projection(min(o, r), o, gen), _projection(min(i, r), i, gen)
+        lf = (layers or {}).get(name)
+        if lf is None or lf.eigenvalues is None:
+            codes[name] = LayerCode("kronecker", r_s, r_a)
+            continue
+        u, v = _whitening(lf.eigenvalues.double() + lf.damping)
+        q_s = lf.basis_out.double() if lf.basis_out is not None else torch.eye(o).double()
+        q_a = lf.basis_in.double() if lf.basis_in is not None else torch.eye(i).double()
+        codes[name] = LayerCode("kronecker", (r_s * u) @ q_s.T, (r_a * v) @ q_a.T,
+                                query_left=(r_s / u) @ q_s.T, query_right=(r_a / v) @ q_a.T)
+    return Compression("kronecker", codes, seed)
+
+
+def _whitening(total: Tensor) -> tuple[Tensor, Tensor]:
+    """``u [O]``, ``v [I]`` with ``u_o v_i ~ total_oi^(-1/2)``: the least-squares fit of
+    ``-log(total) / 2`` by ``log u_o + log v_i`` (row and column means), over the positive
+    entries."""
+    log_w = -0.5 * total.clamp_min(total[total > 0].min() if bool((total > 0).any()) else 1.0
+                                   ).log()  # [O, I]
+    mean = log_w.mean()
+    log_u = log_w.mean(1) - mean / 2
+    log_v = log_w.mean(0) - mean / 2
+    return log_u.exp(), log_v.exp()
 
 
 def _projection(r: int, d: int, gen: torch.Generator) -> Tensor:
