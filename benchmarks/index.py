@@ -1,7 +1,7 @@
 """Training-gradient index: recall of the exact top-10, latency of a new query, bytes, build cost, N-scaling.
 
     .venv/bin/python benchmarks/index.py                         # both models, ~25 min on 2 cores
-    .venv/bin/python benchmarks/index.py --models chargpt --train-steps 300 --scaling 10000
+    .venv/bin/python benchmarks/index.py --models chargpt --max-docs 25 --train-steps 300 --scaling ""
     .venv/bin/python benchmarks/index.py --models none --scaling 10000,100000,1000000
 
 Protocol, per model (positive score = proponent, as everywhere):
@@ -198,8 +198,7 @@ def measure(name, setup, args, out: Path):
     bound = bind(model, factors, task)
     folder = Path(tempfile.mkdtemp(prefix=f"index-{name}-", dir=args.scratch))
     writers = {(c, w): IndexWriter.prepare(bound, train, folder / f"{c}-{w}", IndexOptions(
-        compression=c, width=w, progress=False, overwrite=True))
-        for c in args.compressions for w in args.widths}
+        compression=c, width=w, progress=False, overwrite=True)) for c, w in args.grid}
     start = time.perf_counter()
     with observing_rows(*writers.values()):
         full = bound.pairwise(qloader, train, top_k=10, keep_scores=True, progress=False)
@@ -273,7 +272,7 @@ def scaling(args, width: int) -> list[dict]:
     try:
         writer = ShardWriter(folder, "synthetic", torch.float16, shard_batches=1)
         gen = torch.Generator().manual_seed(0)
-        written, step = 0, 65536
+        written, step = 0, 16384
         for n in sorted(args.scaling):
             while written < n:
                 m = min(step, n - written)
@@ -337,16 +336,15 @@ def main() -> None:
     p.add_argument("--train-steps", type=int, default=1200)
     p.add_argument("--finetune-steps", type=int, default=300)
     p.add_argument("--queries", type=int, default=24)
-    p.add_argument("--widths", default="1024,4096,16384")
-    p.add_argument("--compressions", default="eigen,kronecker")
-    p.add_argument("--default-compression", default="eigen")
-    p.add_argument("--default-width", type=int, default=4096)
+    p.add_argument("--grid", default="sketch:4096,sketch:8192,sketch:16384,eigen:8192,"
+                   "kronecker:8192", help="compression:width of each index measured")
+    p.add_argument("--default-compression", default="sketch")
+    p.add_argument("--default-width", type=int, default=8192)
     p.add_argument("--scaling", default="10000,100000,1000000")
     p.add_argument("--scratch", default=None, help="folder for the temporary indexes")
     p.add_argument("--max-docs", type=int, default=None, help="chargpt: the first documents only")
     args = p.parse_args()
-    args.widths = [int(w) for w in args.widths.split(",")]
-    args.compressions = args.compressions.split(",")
+    args.grid = [(c, int(w)) for c, w in (item.split(":") for item in args.grid.split(","))]
     args.scaling = [int(n) for n in args.scaling.split(",") if n]
     bench = harness.start(args, quiet=True)
     results: dict = {"models": {}}

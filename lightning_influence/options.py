@@ -398,7 +398,7 @@ callback keeps top-k lists rather than the whole matrix, with each layer's share
 layer-wise chart), and follows the Trainer's mixed precision."""
 
 
-COMPRESSIONS = ("eigen", "kronecker")
+COMPRESSIONS = ("sketch", "eigen", "kronecker")
 INDEX_DTYPES = ("float16", "bfloat16", "float32")
 
 
@@ -413,11 +413,12 @@ class IndexOptions:
     """
 
     compression: str = _help(
-        "eigen (the EK-FAC eigenbasis coordinates whose Lambda / (Lambda + damping) is "
-        "largest, whitened: the measured default) | kronecker (random projections of each "
-        "layer's activations and output gradients, any preconditioner)", default="eigen")
+        "sketch (a count-sketch of each example's whitened gradient in the EK-FAC eigenbasis: "
+        "the measured default; any preconditioner) | eigen (the eigen-coordinates whose "
+        "Lambda / (Lambda + damping) is largest) | kronecker (whitened Kronecker-structured "
+        "projections of each layer's activations and output gradients)", default="sketch")
     width: int = _help("numbers stored per training example, over all tracked layers",
-                       default=4096)
+                       default=8192)
     dtype: str = _help("float16 | bfloat16 | float32: the stored codes' dtype",
                        default="float16")
     candidates: int | None = _help(

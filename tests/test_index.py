@@ -96,7 +96,7 @@ def _estimates(index, queries):
 
 
 # ----------------------------------------------------------------------------------- codes
-@pytest.mark.parametrize("compression", ["eigen", "kronecker"])
+@pytest.mark.parametrize("compression", ["sketch", "eigen", "kronecker"])
 def test_full_width_codes_give_the_exact_scores(mlp, lm, tmp_path, compression):
     for name, p in (("mlp", mlp), ("lm", lm)):
         task = "classification" if name == "mlp" else p["task"]
@@ -115,7 +115,7 @@ def test_eigen_code_is_the_ekfac_score_on_the_kept_coordinates(mlp, tmp_path):
     the largest Lambda / (Lambda + damping), from explicit per-example gradients."""
     model, factors, names = mlp["model"], mlp["factors"], ["0", "2"]
     index = build_index(model, factors, mlp["train"], "classification", tmp_path, width=12,
-                        dtype="float32", progress=False)
+                        compression="eigen", dtype="float32", progress=False)
     xq, yq = next(iter(mlp["queries"]))
     train_grads = ref.per_example_gradients(model, names, ref.class_nll, mlp["x"], mlp["y"])
     query_grads = ref.per_example_gradients(model, names, ref.class_nll, xq, yq)
@@ -140,13 +140,44 @@ def test_eigen_needs_eigenvalues_and_kronecker_takes_any_preconditioner(mlp, tmp
                               progress=False)
     with pytest.raises(ValueError, match="compression='kronecker'"):
         build_index(mlp["model"], identity, mlp["train"], "classification", tmp_path / "a",
-                    progress=False)
-    index = build_index(mlp["model"], identity, mlp["train"], "classification", tmp_path / "b",
-                        compression="kronecker", width=10**6, dtype="float32", progress=False)
+                    compression="eigen", progress=False)
     plain = li.compute_pairwise_scores(mlp["model"], identity, mlp["queries"], mlp["train"],
                                        "classification", progress=False).scores
-    torch.testing.assert_close(_estimates(index, mlp["queries"]).double(), plain, rtol=1e-5,
-                               atol=1e-5)
+    for compression in ("sketch", "kronecker"):
+        index = build_index(mlp["model"], identity, mlp["train"], "classification",
+                            tmp_path / compression, compression=compression, width=10**6,
+                            dtype="float32", progress=False)
+        torch.testing.assert_close(_estimates(index, mlp["queries"]).double(), plain,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_sketch_is_the_count_sketch_of_the_whitened_gradient(mlp, tmp_path):
+    """At a width below the coordinate count, the sketch estimate equals the count-sketch of
+    the whitened eigenbasis gradients with the code's own buckets and signs, rebuilt from
+    explicit per-example gradients; buckets go to the layers by effective dimension."""
+    model, factors, names = mlp["model"], mlp["factors"], ["0", "2"]
+    index = build_index(model, factors, mlp["train"], "classification", tmp_path, width=20,
+                        dtype="float32", progress=False)
+    assert index.width == 20
+    xq, yq = next(iter(mlp["queries"]))
+    train_grads = ref.per_example_gradients(model, names, ref.class_nll, mlp["x"], mlp["y"])
+    query_grads = ref.per_example_gradients(model, names, ref.class_nll, xq, yq)
+    expected = 0
+    for name in names:
+        lf, code = factors.layers[name], index.compression.layers[name]
+        total = lf.eigenvalues.double() + lf.damping
+        w_n = (lf.basis_out.T @ train_grads[name] @ lf.basis_in / total.sqrt()).flatten(1)
+        w_q = (lf.basis_out.T @ query_grads[name] @ lf.basis_in / total.sqrt()).flatten(1)
+        onehot = torch.zeros(code.bucket.numel(), code.buckets, dtype=torch.float64)
+        onehot[torch.arange(code.bucket.numel()), code.bucket] = code.sign.double()
+        expected = expected + (w_q @ onehot) @ (w_n @ onehot).T
+    got = _estimates(index, mlp["queries"]).double()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())
+    sizes = index.compression.sizes()
+    ratio = {n: float((factors.layers[n].eigenvalues / (factors.layers[n].eigenvalues
+                                                        + factors.layers[n].damping)).sum())
+             for n in names}
+    assert (sizes["0"] > sizes["2"]) == (ratio["0"] > ratio["2"])
 
 
 # ----------------------------------------------------------------------------------- queries

@@ -12,7 +12,21 @@ code ``y = C*(P)`` of a preconditioned query gradient ``P = P(grad L(z_q))`` suc
 
 so the index estimate of a score is ``sum_l y_l . x_l``: one ``[Q, D] x [D, N]`` product.
 
-Two codes (``IndexOptions.compression``):
+Three codes (``IndexOptions.compression``); ``"sketch"``, the default, recalled best by far
+in ``benchmarks/index.py`` (the whitened gradients' energy is spread over a large effective
+dimension ``sum Lambda / (Lambda + damping)``, so no small subset of coordinates holds most of
+it, and a Kronecker-structured sketch of the near-low-rank per-example matrices multiplies two
+noisy estimates):
+
+- ``"sketch"``: a count-sketch of the whole whitened gradient in the eigenbasis. With
+  ``W = (Q_S^T G Q_A) * s`` (``s = (Lambda + damping)^(-1/2)``, the per-example gradient built
+  from the rotated rows), ``x_b = sum_{h(o,i) = b} sigma_oi W_oi`` over ``K_l`` buckets, a
+  fixed random bucket ``h`` and sign ``sigma`` per coordinate; the query side hashes
+  ``(Q_S^T P Q_A) / s`` the same way, so ``E[y . x] = <P, G>`` with an error of about
+  ``|W| |Y| / sqrt(K_l)``. Buckets are shared out in proportion to each layer's effective
+  dimension (a layer given as many buckets as coordinates is stored exactly). Without
+  eigenvalues (identity, solvers) ``s = 1`` and no rotation: an unbiased sketch for any
+  preconditioner.
 
 - ``"eigen"``: in the Kronecker eigenbasis ``(Q_S, Q_A)`` the EK-FAC term is
   ``sum_{o,i} (Q_S^T P Q_A)_{oi} (Q_S^T G Q_A)_{oi} (Lambda_{oi} + damping)``, because
@@ -47,9 +61,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["LayerCode", "Compression", "make_compression"]
+__all__ = ["LayerCode", "Compression", "make_compression", "COMPRESSIONS"]
 
-_CODE_TENSORS = ("left", "right", "out_pos", "in_pos", "scale", "query_left", "query_right")
+COMPRESSIONS = ("sketch", "eigen", "kronecker")
+
+_CODE_TENSORS = ("left", "right", "out_pos", "in_pos", "scale", "query_left", "query_right",
+                 "bucket", "sign")
 
 # cap on the [n, T, K] intermediates of the row encoding (examples are chunked to fit)
 MAX_ELEMENTS = 2**24
@@ -74,6 +91,9 @@ class LayerCode:
         scale: eigen: ``s [K]`` = ``(Lambda + damping)^(-1/2)`` of each kept coordinate.
         query_left, query_right: kronecker: the query side's ``[r_S, O]``, ``[r_A, I]`` (None:
             ``left``, ``right``).
+        bucket, sign: sketch: ``[O * I]`` each coordinate's bucket and sign (row-major);
+            ``scale`` is then ``s [O * I]``, ``left``/``right`` the whole ``Q_S``/``Q_A``.
+        buckets: sketch: ``K_l``.
     """
 
     kind: str
@@ -84,13 +104,22 @@ class LayerCode:
     scale: Tensor | None = None
     query_left: Tensor | None = None
     query_right: Tensor | None = None
+    bucket: Tensor | None = None
+    sign: Tensor | None = None
+    buckets: int = 0
 
     @property
     def size(self) -> int:
         """K: numbers kept per example."""
+        if self.kind == "sketch":
+            return self.buckets
         if self.kind == "eigen":
             return int(self.scale.numel())
         return self.left.shape[0] * self.right.shape[0]
+
+    def _hash(self, w: Tensor) -> Tensor:
+        """Count-sketch of ``w [n, O*I]`` (already scaled and signed) into ``[n, K]``."""
+        return w.new_zeros(w.shape[0], self.buckets).index_add_(1, self.bucket, w)
 
     def encode_rows(self, a: Tensor, g: Tensor) -> Tensor:
         """Training codes ``[N, K]`` from activation rows ``a [N, T, I]`` and output-gradient
@@ -103,6 +132,15 @@ class LayerCode:
         if self.kind == "kronecker":
             u, v = g @ left.T, a @ right.T  # [N, T, r_S], [N, T, r_A]
             return torch.einsum("ntr,nts->nrs", u, v).flatten(1)
+        if self.kind == "sketch":
+            g_rot = g @ left if left is not None else g  # [N, T, O]
+            a_rot = a @ right if right is not None else a  # [N, T, I]
+            weights = (self.scale * self.sign).to(dtype)  # [O*I]
+            o, i = g.shape[-1], a.shape[-1]
+            step = max(1, MAX_ELEMENTS // max(o * i, 1))
+            return torch.cat([self._hash(torch.einsum("nto,nti->noi", g_rot[s:s + step],
+                                                      a_rot[s:s + step]).flatten(1) * weights)
+                              for s in range(0, a.shape[0], step)])
         gs = g @ left if left is not None else g  # [N, T, U_O]
         as_ = a @ right if right is not None else a  # [N, T, U_I]
         out_pos, in_pos = self.out_pos, self.in_pos
@@ -126,6 +164,8 @@ class LayerCode:
         right = None if self.right is None else self.right.to(dtype)
         rot = left.T @ p if left is not None else p  # [Q, U_O, I]
         rot = rot @ right if right is not None else rot  # [Q, U_O, U_I]
+        if self.kind == "sketch":
+            return self._hash(rot.flatten(1) * (self.sign / self.scale).to(dtype))
         return rot[:, self.out_pos, self.in_pos] / self.scale.to(dtype)
 
     def tensors(self, prefix: str) -> dict[str, Tensor]:
@@ -189,7 +229,8 @@ class Compression:
         layers = {}
         for name in description["sizes"]:
             get = {key: tensors.get(f"{name}.{key}") for key in _CODE_TENSORS}
-            layers[name] = LayerCode(kind, **get)
+            layers[name] = LayerCode(kind, **get, buckets=int(description["sizes"][name]) if
+                                     kind == "sketch" else 0)
         return cls(kind, layers, int(description.get("seed", 0)))
 
 
@@ -200,12 +241,16 @@ def make_compression(preconditioner: Any, kind: str, width: int, seed: int = 0) 
     works with any preconditioner (it needs only the layer shapes).
     """
     shapes = {name: tuple(shape) for name, shape in preconditioner.shapes.items()}
+    if kind == "sketch":
+        layers = getattr(preconditioner, "layers", None) if getattr(
+            preconditioner, "layerwise", False) else None
+        return _sketch(shapes, width, seed, layers)
     if kind == "kronecker":
         layers = getattr(preconditioner, "layers", None) if getattr(
             preconditioner, "layerwise", False) else None
         return _kronecker(shapes, width, seed, layers)
     if kind != "eigen":
-        raise ValueError(f"compression={kind!r} is not one of ['eigen', 'kronecker'].")
+        raise ValueError(f"compression={kind!r} is not one of {list(COMPRESSIONS)}.")
     layers = getattr(preconditioner, "layers", None)
     if not getattr(preconditioner, "layerwise", False) or layers is None or any(
             lf.eigenvalues is None for lf in layers.values()):
@@ -253,6 +298,67 @@ def _eigen(layers: dict[str, Any], width: int) -> Compression:
         out[name] = LayerCode("eigen", left, right, out_pos, in_pos,
                               (lam + lf.damping).rsqrt())
     return Compression("eigen", out)
+
+
+def _sketch(shapes: dict[str, tuple[int, int]], width: int, seed: int,
+            layers: dict[str, Any] | None) -> Compression:
+    """Count-sketch codes: ``K_l`` buckets per layer in proportion to its effective dimension
+    ``sum Lambda / (Lambda + damping)`` (its coordinate count without eigenvalues), at most its
+    ``O I`` coordinates (then stored exactly), ``sum_l K_l = min(width, sum_l O I)``."""
+    if width < len(shapes):
+        raise ValueError(f"width={width} is below one number per layer ({len(shapes)} tracked "
+                         "layers): raise width.")
+    weights, scales, bases = {}, {}, {}
+    for name, (o, i) in shapes.items():
+        lf = (layers or {}).get(name)
+        if lf is None or lf.eigenvalues is None:
+            weights[name], bases[name] = float(o * i), (None, None)
+            scales[name] = torch.ones(o * i, dtype=torch.float64)
+            continue
+        total = lf.eigenvalues.double() + lf.damping
+        lam = lf.eigenvalues.double()
+        weights[name] = float(torch.where(total > 0, lam / total.clamp_min(1e-300), 0).sum())
+        scales[name] = torch.where(total > 0, total.clamp_min(1e-300).rsqrt(), 0).flatten()
+        bases[name] = (None if lf.basis_out is None else lf.basis_out.double(),
+                       None if lf.basis_in is None else lf.basis_in.double())
+    sizes = _share(width, {n: o * i for n, (o, i) in shapes.items()}, weights)
+    gen = torch.Generator().manual_seed(seed)
+    codes = {}
+    for name, (o, i) in shapes.items():
+        k = sizes[name]
+        if k >= o * i:  # as many buckets as coordinates: the whitened gradient itself
+            bucket, sign = torch.arange(o * i), torch.ones(o * i, dtype=torch.float64)
+        else:
+            bucket = torch.randint(0, k, (o * i,), generator=gen)
+            sign = torch.randint(0, 2, (o * i,), generator=gen).double() * 2 - 1
+        left, right = bases[name]
+        codes[name] = LayerCode("sketch", left, right, scale=scales[name], bucket=bucket,
+                                sign=sign, buckets=k)
+    return Compression("sketch", codes, seed)
+
+
+def _share(width: int, caps: dict[str, int], weights: dict[str, float]) -> dict[str, int]:
+    """Integer shares of ``min(width, sum caps)`` in proportion to ``weights``, each between 1
+    and its cap (what a capped layer does not use goes to the others)."""
+    budget = min(width, sum(caps.values()))
+    sizes = dict.fromkeys(caps, 0)
+    open_ = set(caps)
+    while open_ and budget > sum(sizes.values()):
+        left = budget - sum(sizes[n] for n in caps if n not in open_)
+        total = sum(max(weights[n], 1e-12) for n in open_)
+        capped = {n for n in open_ if left * max(weights[n], 1e-12) / total >= caps[n]}
+        if not capped:
+            for n in open_:
+                sizes[n] = max(1, int(left * max(weights[n], 1e-12) / total))
+            for n in sorted(open_, key=lambda n: -weights[n]):  # the rounding's remainder
+                if sum(sizes.values()) >= budget:
+                    break
+                sizes[n] = min(caps[n], sizes[n] + budget - sum(sizes.values()))
+            break
+        for n in capped:
+            sizes[n] = caps[n]
+        open_ -= capped
+    return sizes
 
 
 def _kronecker(shapes: dict[str, tuple[int, int]], width: int, seed: int,
