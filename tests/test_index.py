@@ -151,6 +151,21 @@ def test_eigen_needs_eigenvalues_and_kronecker_takes_any_preconditioner(mlp, tmp
                                    rtol=1e-5, atol=1e-5)
 
 
+def test_a_solver_is_indexed_by_the_sketch_of_the_raw_gradient(mlp, tmp_path):
+    from lightning_influence.solvers import ExplicitGGN
+
+    solver = ExplicitGGN(mlp["model"], mlp["train"], "classification", damping=mlp["factors"])
+    index = build_index(mlp["model"], solver, mlp["train"], "classification", tmp_path,
+                        width=10**6, dtype="float32", progress=False)
+    exact = li.compute_pairwise_scores(mlp["model"], solver, mlp["queries"], mlp["train"],
+                                       "classification", progress=False).scores
+    torch.testing.assert_close(_estimates(index, mlp["queries"]).double(), exact, rtol=1e-5,
+                               atol=1e-6 * exact.abs().max().item())
+    result = index.query(mlp["queries"], top_k=3, candidates=8)
+    torch.testing.assert_close(result.top.proponent_scores,
+                               exact.gather(1, result.top.proponent_indices))
+
+
 def test_sketch_is_the_count_sketch_of_the_whitened_gradient(mlp, tmp_path):
     """At a width below the coordinate count, the sketch estimate equals the count-sketch of
     the whitened eigenbasis gradients with the code's own buckets and signs, rebuilt from

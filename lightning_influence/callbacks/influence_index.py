@@ -28,7 +28,8 @@ class InfluenceIndex(Callback):
 
     Args:
         output_dir: the index folder (default: ``<factors folder>/index``).
-        compression: shortcut for ``options.compression`` (``"eigen"`` or ``"kronecker"``).
+        compression: shortcut for ``options.compression`` (``"sketch"``, ``"eigen"`` or
+            ``"kronecker"``).
         width: shortcut for ``options.width``: numbers stored per training example.
         dtype: shortcut for ``options.dtype``.
         candidates: shortcut for ``options.candidates``: candidates per end re-ranked per query.

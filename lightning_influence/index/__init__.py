@@ -7,7 +7,8 @@ already runs). A new query then costs its own gradient, an exact search over the
 K largest and K most negative index estimates, and an exact EK-FAC re-rank of those candidates
 (:meth:`TrainingIndex.query`).
 
-- :mod:`~lightning_influence.index.compression`: the codes (``"eigen"``, ``"kronecker"``);
+- :mod:`~lightning_influence.index.compression`: the codes (``"sketch"``, ``"eigen"``,
+  ``"kronecker"``);
 - :mod:`~lightning_influence.index.files`: the manifest and the shards on disk;
 - :mod:`~lightning_influence.index.building`: :func:`build_index`, :class:`IndexWriter`;
 - :mod:`~lightning_influence.index.querying`: :func:`open_index`, :class:`TrainingIndex`.

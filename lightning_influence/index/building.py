@@ -290,7 +290,8 @@ def build_index(model: nn.Module, factors: Any, train_loader: Any, task: Task | 
 
     Args:
         model: the trained model.
-        factors: its fitted factors (``compression="kronecker"``: any preconditioner).
+        factors: its fitted factors (``compression="sketch"`` or ``"kronecker"``: any
+            preconditioner, solvers included).
         train_loader: the training data in a fixed order (positions name examples).
         task: the task (default: the model's ``influence_task``).
         output_dir: the index folder.
