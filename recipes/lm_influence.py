@@ -301,13 +301,18 @@ def _print_report(figures: dict[str, Any], result: Any) -> None:
 
 # ----------------------------------------------------------------------------------- query mode
 def complete(model: CharGPT, tokenizer: CharTokenizer, prompt: str, max_new_tokens: int) -> str:
-    """The model's greedy completion of ``prompt``, up to the end of the line."""
+    """The model's greedy completion of ``prompt``, up to the end of the line (at least one
+    character: the measurement needs a completion)."""
     ids = tokenizer.encode(prompt)
+    newline = tokenizer.encode("\n")
     out = []
     with torch.no_grad():
         for _ in range(max_new_tokens):
             context = torch.tensor([ids[-model.cfg.block_size:]])
-            nxt = int(model(context)[0, -1].argmax())
+            logits = model(context)[0, -1]
+            if not out and newline:
+                logits[newline[0]] = float("-inf")
+            nxt = int(logits.argmax())
             text = tokenizer.decode([nxt])
             if text == "\n":
                 break
