@@ -411,3 +411,40 @@ def test_two_processes_write_their_own_shards_and_a_query_reads_all(mlp, tmp_pat
     manifest = json.loads((tmp_path / "index" / "index.json").read_text())
     assert manifest["complete"] and sum(s["rows"] for s in manifest["shards"]) == N
     assert os.environ.get("RANK") is None
+
+
+# ----------------------------------------------------------------------------------- language
+def test_index_prefilter_and_recall_beside_tfidf(tmp_path):
+    from test_language import QUERIES, TEXTS, TinyGPT
+
+    from lightning_influence.language import Document, chunk_documents, document_influence
+    from lightning_influence.language.corpus import CharTokenizer
+    from lightning_influence.options import DocumentOptions
+
+    docs = [Document(t, s) for t, s in TEXTS]
+    tokenizer = CharTokenizer.from_texts([d.text for d in docs])
+    corpus = chunk_documents(docs, tokenizer, context=24)
+    model = TinyGPT(tokenizer.vocab_size)
+    task = li.CausalLMTask(pad_token_id=tokenizer.pad_id)
+    train = DataLoader(corpus, batch_size=5)
+    factors = li.fit_factors(model, train, task, progress=False)
+    build_index(model, factors, train, task, tmp_path, width=10**6, dtype="float32",
+                progress=False)
+    base = dict(rank=None, top_k=2, recall_ks=[2, 3], token_documents=0, batch_size=5,
+                progress=False)
+    exact = document_influence(model, factors, corpus, QUERIES, task, DocumentOptions(
+        index=str(tmp_path), **base))
+    torch.testing.assert_close(exact.index_estimates, exact.document_scores, rtol=1e-5,
+                               atol=1e-6 * exact.document_scores.abs().max().item())
+    assert [row["index_recall"] for row in exact.recall] == [1.0, 1.0]  # full width: exact
+    assert {"recall", "index_opponent_recall"} <= set(exact.recall[0])
+    fast = document_influence(model, factors, corpus, QUERIES, task, DocumentOptions(
+        index=str(tmp_path), prefilter="index", candidates=1, **base))
+    assert fast.candidates.shape == (len(QUERIES), 2)  # the largest and the most negative
+    assert torch.equal(fast.proponents[:, 0], exact.proponents[:, 0])
+    assert torch.equal(fast.opponents[:, 0], exact.opponents[:, 0])
+    scored = ~torch.isnan(fast.chunk_scores)
+    assert 0 < int(scored.sum()) < scored.numel()  # only the candidates' chunks were scored
+    torch.testing.assert_close(fast.chunk_scores[scored], exact.chunk_scores[scored])
+    with pytest.raises(ValueError, match="prefilter='index' needs index"):
+        DocumentOptions(prefilter="index")

@@ -219,7 +219,9 @@ class Compression:
         return out
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "width": self.width, "seed": self.seed, "sizes": self.sizes()}
+        # the D axis's layer order as a list: the manifest's JSON sorts the keys of ``sizes``
+        return {"kind": self.kind, "width": self.width, "seed": self.seed, "sizes": self.sizes(),
+                "order": list(self.layers)}
 
     @classmethod
     def from_tensors(cls, description: dict[str, Any], tensors: dict[str, Tensor],
@@ -227,7 +229,7 @@ class Compression:
         """The compression a manifest describes (``describe()`` and ``tensors()``)."""
         kind = description["kind"]
         layers = {}
-        for name in description["sizes"]:
+        for name in description["order"]:
             get = {key: tensors.get(f"{name}.{key}") for key in _CODE_TENSORS}
             layers[name] = LayerCode(kind, **get, buckets=int(description["sizes"][name]) if
                                      kind == "sketch" else 0)
