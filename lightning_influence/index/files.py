@@ -37,6 +37,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from lightning_influence.distributed import rank
+from lightning_influence.factors import content_checksum  # the factor files' checksum
 from lightning_influence.io import atomic_save_json, atomic_save_safetensors, tensors_checksum
 
 __all__ = ["IndexMismatchError", "CorruptIndexError", "IncompleteIndexError", "MANIFEST",
@@ -64,16 +65,11 @@ class IncompleteIndexError(IndexMismatchError):
     """An index whose build has not finished (killed, or still running)."""
 
 
-def _checksum(tensors: dict[str, Tensor], meta: dict[str, Any]) -> str:
-    body = {k: v for k, v in meta.items() if k != "checksum"}
-    return tensors_checksum(tensors, json.dumps(body, sort_keys=True, default=str))
-
-
 def write_manifest(folder: Path, meta: dict[str, Any], tensors: dict[str, Tensor]) -> Path:
     """Write the manifest (tensors, metadata and their checksum in one file, one rename) and its
     readable JSON copy (only rank zero writes)."""
     meta = dict(meta, format_version=FORMAT_VERSION)
-    meta["checksum"] = _checksum(tensors, meta)
+    meta["checksum"] = content_checksum(tensors, meta)
     path = folder / f"{MANIFEST}.safetensors"
     if rank() == 0:
         atomic_save_safetensors(tensors, path, metadata={_HEADER_KEY: json.dumps(
@@ -114,7 +110,7 @@ def read_manifest(folder: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         version = meta.get("format_version") if isinstance(meta, dict) else None
         raise corrupt(f"format version {version}, this version reads {FORMAT_VERSION}")
-    if meta.get("checksum") != _checksum(tensors, meta):
+    if meta.get("checksum") != content_checksum(tensors, meta):
         raise corrupt("its checksum does not match its contents (flipped bytes, or an edited "
                       "field)")
     return meta, tensors
