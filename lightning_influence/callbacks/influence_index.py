@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -114,9 +115,8 @@ class InfluenceIndex(Callback):
         folder = output_dir(trainer, self.output_dir or (Path(base) / "index" if base else None))
         if self.output_dir is None and base is None:
             folder = folder / "index"
-        options = self.options
-        options = IndexOptions(**{**vars(options),
-                                  "progress": options.progress and trainer.is_global_zero})
+        options = dataclasses.replace(self.options, progress=self.options.progress
+                                      and trainer.is_global_zero)
         loader = training_loader(trainer, pl_module, options.batch_size)
         bound = bind(pl_module, factors, task, factors.tracker(pl_module))
         self.folder = str(folder)

@@ -19,6 +19,7 @@ the manifest once every rank has finished.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -245,7 +246,7 @@ class IndexWriter:
                 self._finish()
             barrier()
         return TrainingIndex.open(self.folder, self.bound, self.loader,
-                                  IndexOptions(**{**vars(self.options), "verify": False}))
+                                  dataclasses.replace(self.options, verify=False))  # just written
 
     def _finish(self) -> None:
         entries, covered = [], []
