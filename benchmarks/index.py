@@ -215,10 +215,11 @@ def measure(name, setup, args, out: Path):
         print(f"[{name}] {c:9s} width {index.width:6d}: " + ", ".join(  # noqa: T201
             f"K={r['K']} {r['proponents']:.3f}/{r['opponents']:.3f}"
             for r in recall[f"{c} {w}"]["rows"]), flush=True)
-    # the operating point: the default compression and width, the smallest K with recall >= 0.95
+    # the operating point: the default compression and width, the smallest K whose recall of
+    # the exact top-10 proponents is >= 0.95 (the opponents' recall at that K is reported)
     default = indexes[(args.default_compression, args.default_width)]
     rows = recall[f"{args.default_compression} {args.default_width}"]["rows"]
-    ok = [r for r in rows if r["proponents"] >= 0.95 and r["opponents"] >= 0.95]
+    ok = [r for r in rows if r["proponents"] >= 0.95]
     k = (ok[0] if ok else rows[-1])["K"]
     answer = default.query(qloader, top_k=10, candidates=k)
     err = 0.0
@@ -309,7 +310,8 @@ def report(results: dict, args, bench) -> str:
             for v in r["recall"].values()])
         s = r["seconds"]
         lines += ["", f"- operating point: {args.default_compression} {args.default_width}, K = "
-                  f"{r['operating_K']} per end ({r['operating_fraction']:.1%} of N); the "
+                  f"{r['operating_K']} per end ({r['operating_fraction']:.1%} of N: the smallest "
+                  "with proponent recall >= 0.95); the "
                   f"re-ranked scores equal the full pass's to {r['rerank_max_relative_error']:.1e} "
                   f"(relative to each query's largest); {r['full_top10_found_by_rerank']:.1%} of "
                   "the full pass's top-10 proponents returned",
