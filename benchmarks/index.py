@@ -220,7 +220,7 @@ def measure(name, setup, args, out: Path):
     default = indexes[(args.default_compression, args.default_width)]
     rows = recall[f"{args.default_compression} {args.default_width}"]["rows"]
     ok = [r for r in rows if r["proponents"] >= 0.95]
-    k = (ok[0] if ok else rows[-1])["K"]
+    k = args.operating_k or (ok[0] if ok else rows[-1])["K"]
     answer = default.query(qloader, top_k=10, candidates=k)
     err = 0.0
     for end in ("proponent", "opponent"):
@@ -345,6 +345,8 @@ def main() -> None:
     p.add_argument("--scaling", default="10000,100000,1000000")
     p.add_argument("--scratch", default=None, help="folder for the temporary indexes")
     p.add_argument("--max-docs", type=int, default=None, help="chargpt: the first documents only")
+    p.add_argument("--operating-k", type=int, default=None,
+                   help="candidates per end of the timed query (default: from the recall)")
     args = p.parse_args()
     args.grid = [(c, int(w)) for c, w in (item.split(":") for item in args.grid.split(","))]
     args.scaling = [int(n) for n in args.scaling.split(",") if n]
