@@ -75,13 +75,14 @@ def _schemas() -> dict[str, type]:
     from lightning_influence.callbacks import (
         DocumentInfluence,
         EigenCorrection,
+        InfluenceIndex,
         InfluenceScores,
         InfluenceStatistics,
         InfluenceValidation,
     )
     return {"statistics": InfluenceStatistics, "eigen": EigenCorrection,
             "scores": InfluenceScores, "documents": DocumentInfluence,
-            "validation": InfluenceValidation}
+            "validation": InfluenceValidation, "index": InfluenceIndex}
 
 
 SCHEMAS: dict[str, type] = {}

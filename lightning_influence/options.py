@@ -25,8 +25,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
 __all__ = ["FitOptions", "ScoreOptions", "DocumentOptions", "ValidationOptions",
-           "resolve_options", "callback_options", "option_help", "DEFAULT_FIT",
-           "DEFAULT_DOCUMENTS", "DEFAULT_VALIDATION", "CALLBACK_SCORE"]
+           "IndexOptions", "resolve_options", "callback_options", "option_help", "DEFAULT_FIT",
+           "DEFAULT_DOCUMENTS", "DEFAULT_VALIDATION", "DEFAULT_INDEX", "CALLBACK_SCORE"]
 
 # OmegaConf reads these annotations to validate Hydra configs: fields are typed with what it
 # understands (primitives, ``X | None``, lists, Any).
@@ -237,8 +237,15 @@ class DocumentOptions:
         "also score with full-rank queries (one more pass) and report the Spearman "
         "correlation of the rank-limited scores with them", default=False)
     candidates: int | None = _help(
-        "score only the K documents most similar to each query by TF-IDF (None: every "
-        "document, exact, and the TF-IDF recall table is reported)", default=None)
+        "score only K candidate documents per query, chosen by the prefilter (None: every "
+        "document, exact, and the prefilters' recall table is reported)", default=None)
+    prefilter: str = _help(
+        "tfidf (the K documents most similar to the query's text) | index (the K largest and "
+        "the K most negative document estimates of the training-gradient index: needs index)",
+        default="tfidf")
+    index: str | None = _help(
+        "folder of a training-gradient index of the corpus (lightning_influence.index); with "
+        "it the recall table also shows the index's recall at each K", default=None)
     recall_ks: list[int] = _help("candidate-set sizes K of the recall table",
                                  default_factory=lambda: [5, 10, 20, 40])
     token_documents: int = _help(
@@ -250,6 +257,11 @@ class DocumentOptions:
 
     def __post_init__(self) -> None:
         _positive(self, "rank", "top_k", "candidates", "batch_size", "render_tokens")
+        if self.prefilter not in ("tfidf", "index"):
+            raise ValueError(f"prefilter={self.prefilter!r} is not one of ['tfidf', 'index'].")
+        if self.prefilter == "index" and self.index is None:
+            raise ValueError("prefilter='index' needs index=<folder of a training-gradient "
+                             "index of the corpus> (build_index, or the InfluenceIndex callback).")
         if self.token_documents < 0:
             raise ValueError(f"token_documents must be >= 0, got {self.token_documents}.")
         self.recall_ks = [int(k) for k in self.recall_ks]
@@ -424,3 +436,64 @@ CALLBACK_SCORE = ScoreOptions(keep_scores=False, per_layer=True, precision="auto
 """The default of :class:`~lightning_influence.callbacks.InfluenceScores`' ``score``: the
 callback keeps top-k lists rather than the whole matrix, with each layer's share (for the
 layer-wise chart), and follows the Trainer's mixed precision."""
+
+
+COMPRESSIONS = ("sketch", "eigen", "kronecker")
+INDEX_DTYPES = ("float16", "bfloat16", "float32")
+
+
+@dataclass
+class IndexOptions:
+    """How the training-gradient index is built and queried.
+
+    Used by :func:`~lightning_influence.index.build_index`,
+    :meth:`~lightning_influence.index.TrainingIndex.query` and the
+    :class:`~lightning_influence.callbacks.InfluenceIndex` callback (Hydra:
+    ``callbacks.influence_index.options.<field>=...``).
+    """
+
+    compression: str = _help(
+        "sketch (a count-sketch of each example's whitened gradient in the EK-FAC eigenbasis: "
+        "the measured default; any preconditioner) | eigen (the eigen-coordinates whose "
+        "Lambda / (Lambda + damping) is largest) | kronecker (whitened Kronecker-structured "
+        "projections of each layer's activations and output gradients)", default="sketch")
+    width: int = _help("numbers stored per training example, over all tracked layers",
+                       default=8192)
+    dtype: str = _help("float16 | bfloat16 | float32: the stored codes' dtype",
+                       default="float16")
+    candidates: int | None = _help(
+        "candidates per end (largest and most negative index estimates) re-ranked exactly per "
+        "query; None: 2% of the training examples (at least top_k)", default=None)
+    top_k: int = _help("proponents and opponents returned per query", default=10)
+    rerank: bool = _help(
+        "recompute the candidates' gradients and score them with the full preconditioner "
+        "(exact scores); False returns the index estimates, marked as such", default=True)
+    shard_batches: int = _help(
+        "batches per shard file (an interrupted build loses at most one shard's work)",
+        default=32)
+    seed: int = _help("seed of the kronecker projections", default=0)
+    verify: bool = _help("check every shard's checksum when the index is opened",
+                         default=True)
+    batch_size: int | None = _help(
+        "callbacks: batch size of the build pass (default: the training loader's)",
+        default=None)
+    overwrite: bool = _help("rebuild even when a matching index exists in the folder",
+                            default=False)
+    progress: bool = _help("show progress bars", default=True)
+
+    def __post_init__(self) -> None:
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(f"compression={self.compression!r} is not one of "
+                             f"{list(COMPRESSIONS)}.")
+        if self.dtype not in INDEX_DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is not one of {list(INDEX_DTYPES)}.")
+        _positive(self, "width", "candidates", "top_k", "shard_batches", "batch_size")
+
+    @classmethod
+    def help(cls) -> str:
+        """Every option with its type, default and help, one per line."""
+        return option_help(cls)
+
+
+DEFAULT_INDEX = IndexOptions()
+"""The default of :class:`~lightning_influence.callbacks.InfluenceIndex`' ``options``."""

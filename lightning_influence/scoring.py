@@ -13,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,11 +67,29 @@ __all__ = [
     "BoundInfluence",
     "bind",
     "build_query_store",
+    "observing_rows",
 ]
 
 log = logging.getLogger(__name__)
 
 _PASS_DESCRIPTIONS = {"pairwise": "influence: pairwise scores", "self": "influence: self-influence"}
+
+_ROW_OBSERVERS: ContextVar[tuple[Any, ...]] = ContextVar("lightning_influence_row_observers",
+                                                         default=())
+
+
+@contextmanager
+def observing_rows(*observers: Any) -> Iterator[None]:
+    """Hand the training rows of every scoring pass run inside the block to ``observers``
+    (e.g. an :class:`~lightning_influence.index.IndexWriter`, so that the pass builds the index
+    as well): each has ``wants(train_loader, bound) -> bool``, asked once per pass, and
+    ``add(batch_index, first_example, rows, n)``, called with each batch's rows. ``None``
+    entries are ignored."""
+    token = _ROW_OBSERVERS.set(_ROW_OBSERVERS.get() + tuple(o for o in observers if o is not None))
+    try:
+        yield
+    finally:
+        _ROW_OBSERVERS.reset(token)
 
 
 # ----------------------------------------------------------------------------------- binding
@@ -252,6 +272,7 @@ class BoundInfluence:
         store = (ScoreStore(scores_dir, kind, signature(), options.chunk_batches)
                  if scores_dir is not None else None)
         skip = _resume(store, fold)
+        observers = [o for o in _ROW_OBSERVERS.get() if o.wants(train_loader, self)]
         row_dtype = getattr(self.preconditioner, "extra", {}).get("row_dtype")
         spec = RowPass("loss", _PASS_DESCRIPTIONS[kind], options.progress,
                        autocast=options.autocast(), row_dtype=row_dtype_of(row_dtype))
@@ -259,6 +280,8 @@ class BoundInfluence:
                                                        self.tracker, spec, skip=skip):
             chunk = {"indices": torch.arange(offset, offset + losses.shape[0]),
                      **chunk_of(rows, losses), "losses": losses.double().cpu()}
+            for observer in observers:  # e.g. an index built from this pass's rows
+                observer.add(b, offset, rows, losses.shape[0])
             fold(chunk)
             if store is not None:
                 store.add(b, **chunk)

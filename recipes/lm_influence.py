@@ -14,6 +14,13 @@ distribution of influence magnitudes, the TF-IDF prefilter's recall and a table 
     python -m recipes.lm_influence
     python -m recipes.lm_influence 'data.files=[notes/*.txt]' trainer.max_steps=2000
     python -m recipes.lm_influence data.hf_dataset=wikitext data.hf_config=wikitext-2-raw-v1
+
+The ``InfluenceIndex`` callback builds a training-gradient index from the rows of
+``DocumentInfluence``'s pass, and the recall table shows its recall beside TF-IDF's. A finished
+run then answers new prompts from that index, without a pass over the corpus (query mode):
+
+    python -m recipes.lm_influence mode=query ask.run_dir=outputs/<date>/<time> \
+        'ask.prompt="Q: What does the yield statement do?\nA:"'
 """
 
 from __future__ import annotations
@@ -35,16 +42,24 @@ from torch.utils.data import DataLoader
 
 import lightning_influence
 from lightning_influence.callbacks import DocumentInfluence
-from lightning_influence.io import atomic_save_json
+from lightning_influence.io import atomic_save_json, atomic_save_safetensors
 from lightning_influence.language import (
     CharTokenizer,
     ChunkedCorpus,
     Document,
+    Query,
     chunk_documents,
+    document_influence,
     hf_documents,
     python_docs,
     read_text_files,
 )
+from lightning_influence.language.reporting import (
+    render_window,
+    token_ansi,
+    write_document_influence,
+)
+from lightning_influence.options import DocumentOptions
 from recipes._common import recipe_loggers, start_run
 
 log = logging.getLogger(__name__)
@@ -207,6 +222,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                          logger=loggers or False)
     train_start = time.perf_counter()
     trainer.fit(model, datamodule=data)
+    atomic_save_safetensors(model.state_dict(), out / "model.safetensors")  # for query mode
     doc_cb = next(c for c in callbacks if isinstance(c, DocumentInfluence))
     result = doc_cb.result
     wall = time.perf_counter() - start
@@ -264,12 +280,18 @@ def _print_report(figures: dict[str, Any], result: Any) -> None:
                      f"over documents: mean {sum(sp['documents']) / len(sp['documents']):.3f}, min "
                      f"{min(sp['documents']):.3f}")
     if figures["tfidf_recall"]:
+        with_index = "index_recall" in figures["tfidf_recall"][0]
         lines.append("TF-IDF prefilter: recall of the exact top-k proponent documents among the K "
-                     "most TF-IDF-similar documents")
-        lines.append(f"  {'K':>5} {'K/D':>7} {'recall':>8} {'min':>6} {'random':>8}")
+                     "most TF-IDF-similar documents" + (
+                         "; index prefilter: among the K largest index estimates (and of the "
+                         "top-k opponents among the K most negative)" if with_index else ""))
+        lines.append(f"  {'K':>5} {'K/D':>7} {'recall':>8} {'min':>6} {'random':>8}" + (
+            f" {'index':>8} {'min':>6} {'opponents':>10}" if with_index else ""))
         for row in figures["tfidf_recall"]:
             lines.append(f"  {row['K']:>5} {row['fraction']:>7.1%} {row['recall']:>8.1%} "
-                         f"{row['min_recall']:>6.0%} {row['random_recall']:>8.1%}")
+                         f"{row['min_recall']:>6.0%} {row['random_recall']:>8.1%}" + (
+                             f" {row['index_recall']:>8.1%} {row['index_min_recall']:>6.0%} "
+                             f"{row['index_opponent_recall']:>10.1%}" if with_index else ""))
     timings = ", ".join(f"{k} {v:.0f} s" for k, v in figures["timings"].items())
     lines.append(f"Influence stages: {timings}")
     lines.append(f"Wall time, end to end: {figures['wall_time_s']:.0f} s")
@@ -277,9 +299,92 @@ def _print_report(figures: dict[str, Any], result: Any) -> None:
     print("\n".join(lines))  # noqa: T201 - the recipe's report is its output
 
 
+# ----------------------------------------------------------------------------------- query mode
+def complete(model: CharGPT, tokenizer: CharTokenizer, prompt: str, max_new_tokens: int) -> str:
+    """The model's greedy completion of ``prompt``, up to the end of the line (at least one
+    character: the measurement needs a completion)."""
+    ids = tokenizer.encode(prompt)
+    newline = tokenizer.encode("\n")
+    out = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            context = torch.tensor([ids[-model.cfg.block_size:]])
+            logits = model(context)[0, -1]
+            if not out and newline:
+                logits[newline[0]] = float("-inf")
+            nxt = int(logits.argmax())
+            text = tokenizer.decode([nxt])
+            if text == "\n":
+                break
+            ids.append(nxt)
+            out.append(text)
+    return "".join(out)
+
+
+def ask(cfg: DictConfig) -> dict[str, Any]:
+    """Query mode: a finished run's model, factors and index answer ``cfg.ask.prompt`` (its
+    completion given, or the model's own) without a pass over the corpus: the index's
+    candidates are scored exactly and the top documents shown with their tokens coloured."""
+    import json
+
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_file
+
+    start = time.perf_counter()
+    out = start_run(cfg)
+    if not cfg.ask.run_dir:
+        raise ValueError("mode=query needs ask.run_dir=<the folder of a finished run> (it holds "
+                         "model.safetensors, tokenizer.json and influence/index).")
+    run_dir = Path(cfg.ask.run_dir)
+    trained = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    tokenizer = CharTokenizer.from_state_dict(json.loads((run_dir / "tokenizer.json").read_text()))
+    corpus = chunk_documents(load_documents(trained.data), tokenizer, trained.data.context)
+    m = trained.model
+    model = CharGPT(GPTConfig(tokenizer.vocab_size, trained.data.context, m.n_layer, m.n_head,
+                              m.n_embd))
+    model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
+    model.eval()
+    factors = lightning_influence.Factors.load(run_dir / "influence")
+    completion = cfg.ask.completion or complete(model, tokenizer, cfg.ask.prompt,
+                                                cfg.ask.max_new_tokens)
+    query = Query(cfg.ask.prompt, completion)
+    result = document_influence(model, factors, corpus, [query], model.influence_task,
+                                DocumentOptions(
+        rank=None, top_k=cfg.ask.top_k, candidates=cfg.ask.candidates, prefilter="index",
+        index=str(run_dir / "influence" / "index"), token_documents=1,
+        batch_size=trained.data.batch_size, progress=False))
+    seconds = time.perf_counter() - start
+    paths = write_document_influence(out / "answer", result, corpus, 1200)
+    lines = [f"{query.prompt!r} -> {query.completion!r} (NLL {float(result.query_losses[0]):.1f} "
+             f"nats)", f"Answered in {seconds:.1f} s from the index of {len(corpus)} chunks: "
+             f"{len(result.candidates[0].unique())} candidate documents scored exactly (scores: "
+             "+ = proponent/helpful, - = opponent).", "Proponents:"]
+    lines += [f"  {corpus.titles[d]} ({s:+.3g})" for d, s in result.top_documents(0)]
+    lines.append("Opponents:")
+    lines += [f"  {corpus.titles[d]} ({s:+.3g})" for d, s in result.top_documents(0, "opponent")]
+    top = int(result.proponents[0, 0])
+    scores = result.token_scores[(0, top)]
+    ids = torch.cat([corpus.input_ids[int(c)][corpus.attention_mask[int(c)]]
+                     for c in corpus.document_chunks(top)])
+    a, b = render_window(scores, cfg.ask.show_tokens)
+    lines += [f"Top proponent {corpus.titles[top]!r}, tokens coloured by influence (green + / "
+              "red -):", token_ansi(tokenizer.token_strings(ids[a:b].tolist()), scores[a:b]),
+              f"Token-coloured HTML: {paths['token_influence']}"]
+    print("\n".join(lines))  # noqa: T201 - the recipe's report is its output
+    figures = {"prompt": query.prompt, "completion": query.completion, "seconds": seconds,
+               "proponents": [[corpus.titles[d], s] for d, s in result.top_documents(0)],
+               "opponents": [[corpus.titles[d], s] for d, s in result.top_documents(0, "opponent")],
+               "files": {k: str(v) for k, v in paths.items()}}
+    atomic_save_json(figures, out / "answer.json")
+    return figures
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="lm")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    if cfg.get("mode", "train") == "query":
+        ask(cfg)
+    else:
+        run(cfg)
 
 
 if __name__ == "__main__":

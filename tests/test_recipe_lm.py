@@ -60,6 +60,23 @@ def test_lm_recipe_on_local_files_logs_everything(tmp_path):
                  "layer_influence.png", "document_scores.safetensors", "summary.json"):
         assert (out / name).is_file(), name
     assert (run_dir / "influence" / "factors.safetensors").is_file()
+    # the index was built from the document pass; its recall is printed beside TF-IDF's
+    assert (run_dir / "influence" / "index" / "index.safetensors").is_file()
+    assert {"index_recall", "index_opponent_recall"} <= set(report["tfidf_recall"][0])
+    assert report["tfidf_recall"][-1]["index_recall"] == 1.0  # K = D
+
+    # query mode: a new prompt answered from the saved index, no pass over the corpus
+    ask_dir = tmp_path / "ask"
+    proc = subprocess.run(
+        [sys.executable, "-m", "recipes.lm_influence", "mode=query", f"ask.run_dir={run_dir}",
+         f"hydra.run.dir={ask_dir}", "threads=1", "wandb.enabled=false", "ask.candidates=2",
+         "ask.top_k=2", "ask.max_new_tokens=12"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Answered in" in proc.stdout and "\x1b[48;5;" in proc.stdout, proc.stdout[-2000:]
+    answer = json.loads((ask_dir / "answer.json").read_text())
+    assert len(answer["proponents"]) == 2 and answer["completion"]
+    assert (ask_dir / "answer" / "token_influence.html").is_file()
 
     runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1

@@ -14,19 +14,25 @@ well they agree.
 
 :class:`DocumentInfluence` (language models) logs which training documents drive the completions
 of prompt + completion queries: document-, token- and layer-wise, with low-rank query batching.
+
+:class:`InfluenceIndex` (optional) writes a compressed index of the training gradients, built
+from the scoring pass of the callbacks before it, and answers new queries from it
+(:meth:`InfluenceIndex.query`) without a pass over the training data.
 """
 
 from typing import Any
 
 from lightning_influence.callbacks.document_influence import DocumentInfluence
 from lightning_influence.callbacks.eigen_correction import EigenCorrection
+from lightning_influence.callbacks.influence_index import InfluenceIndex
 from lightning_influence.callbacks.influence_scores import InfluenceScores
 from lightning_influence.callbacks.influence_statistics import InfluenceStatistics
 from lightning_influence.callbacks.influence_validation import InfluenceValidation
 from lightning_influence.callbacks.run import InfluenceRun
 from lightning_influence.options import FitOptions, ScoreOptions
 
-__all__ = ["DocumentInfluence", "EigenCorrection", "InfluenceRun", "InfluenceScores",
+__all__ = ["DocumentInfluence", "EigenCorrection", "InfluenceIndex", "InfluenceRun",
+           "InfluenceScores",
            "InfluenceStatistics", "InfluenceValidation", "influence_callbacks"]
 
 

@@ -15,6 +15,7 @@ from lightning_influence.language import (
     ChunkedCorpus,
     DocumentInfluenceResult,
     document_influence,
+    index_recall,
     queries_from_config,
 )
 from lightning_influence.language.documents import check_query_lengths
@@ -32,6 +33,8 @@ class DocumentInfluence(Callback):
     over the training chunks, sums chunk scores per document, computes token-wise influence of
     each query's top documents and layer-wise influence, and writes and logs (W&B) the tables,
     token-coloured HTML, a layer-wise bar chart and the log-log distribution of influence.
+    With an :class:`InfluenceIndex` after it in the callbacks, the index is built from the rows of
+    that same pass, and the recall table shows the index's recall beside TF-IDF's.
 
     The training corpus is a :class:`~lightning_influence.language.ChunkedCorpus`: the
     ``corpus`` argument, else the datamodule's ``corpus`` attribute.
@@ -111,9 +114,13 @@ class DocumentInfluence(Callback):
             factors.shapes, factors.strategy, num_queries=len(self.queries),
             query_rank=options.rank, batch_size=options.batch_size,
             rows_per_example=corpus.context)))
-        self.result = document_influence(
-            pl_module, factors, corpus, self.queries, task, options,
-            progress=options.progress and trainer.is_global_zero)
+        with self.influence_run.training_pass(trainer, pl_module):  # feeds an InfluenceIndex
+            self.result = document_influence(
+                pl_module, factors, corpus, self.queries, task, options,
+                progress=options.progress and trainer.is_global_zero)
+        index = self.influence_run.index
+        if index is not None and options.index is None and self.result.recall is not None:
+            self.result.recall = index_recall(self.result, index, corpus, task, options)
         if trainer.is_global_zero:
             folder = output_dir(trainer, self.output_dir or (
                 Path(factors_path) / "documents" if factors_path else None))

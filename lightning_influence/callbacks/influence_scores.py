@@ -146,17 +146,19 @@ class InfluenceScores(Callback):
                 factors.shapes, factors.strategy, num_queries=count_examples(queries),
                 batch_size=train.batch_size or 1, num_train=num_train,
                 keep_scores=options.keep_scores)))
-            self.pairwise_result = compute_pairwise_scores(
-                pl_module, factors, queries, train, task, options, tracker=tracker,
-                scores_dir=chunks,
-                self_influence=self.self_influence)  # both from one pass over the training data
+            with influence.training_pass(trainer, pl_module):  # an InfluenceIndex is fed too
+                self.pairwise_result = compute_pairwise_scores(
+                    pl_module, factors, queries, train, task, options, tracker=tracker,
+                    scores_dir=chunks,
+                    self_influence=self.self_influence)  # both from one pass over the data
             self.self_result = self.pairwise_result.self_result
         if self.self_influence and not factors.layerwise:
             rank_zero_info(f"lightning-influence: self-influence through the "
                            f"{factors.strategy} solver (one solve per training batch)")
         if self.self_influence and self.self_result is None:
-            self.self_result = compute_self_scores(pl_module, factors, train, task, options,
-                                                   tracker=tracker, scores_dir=chunks)
+            with influence.training_pass(trainer, pl_module):
+                self.self_result = compute_self_scores(pl_module, factors, train, task, options,
+                                                       tracker=tracker, scores_dir=chunks)
         if not trainer.is_global_zero:
             return
         folder = output_dir(trainer, self.output_dir or influence.factors_path)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from pytorch_lightning.utilities import rank_zero_info
@@ -23,6 +25,7 @@ from lightning_influence.callbacks._common import training_loader
 from lightning_influence.fitting import options_tracker
 from lightning_influence.memory import check_plan, plan_memory
 from lightning_influence.options import FitOptions
+from lightning_influence.scoring import observing_rows
 from lightning_influence.strategies import strategy as strategy_row
 from lightning_influence.task import resolve_task
 
@@ -49,6 +52,7 @@ class InfluenceRun:
             statistics callback when there is one, else by the eigen callback).
         factors: the fitted factors (or the solver), once :class:`EigenCorrection` has them.
         factors_path: the folder they were read from or written to.
+        index: the training-gradient index, once :class:`InfluenceIndex` has built it.
     """
 
     def __init__(self) -> None:
@@ -60,6 +64,7 @@ class InfluenceRun:
         self.factors: Preconditioner | None = None
         self.factors_path: str | None = None
         self.memory_checked = False
+        self.index: Any = None
 
     # ------------------------------------------------------------------ joining
     @classmethod
@@ -176,3 +181,17 @@ class InfluenceRun:
         factors = self.eigen.ensure_factors(trainer, pl_module)
         assert self.task is not None  # bound by ensure_factors
         return factors, self.task
+
+    @contextmanager
+    def training_pass(self, trainer: Any, pl_module: Any) -> Iterator[None]:
+        """Around a consumer's scoring pass over the training data: the consumers that build
+        something from the same rows (an :class:`InfluenceIndex`: ``training_rows_observer``)
+        are fed them (:func:`~lightning_influence.scoring.observing_rows`), and told when the
+        pass has ended (``training_pass_done``), so no second pass is needed."""
+        feeding = [(c, c.training_rows_observer(trainer, pl_module)) for c in self.consumers
+                   if hasattr(c, "training_rows_observer")]
+        feeding = [(c, o) for c, o in feeding if o is not None]
+        with observing_rows(*(o for _, o in feeding)):
+            yield
+        for consumer, _ in feeding:
+            consumer.training_pass_done()

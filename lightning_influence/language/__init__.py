@@ -15,8 +15,9 @@ The pieces, in the order data flows through them:
 - document-level influence: the sum of a document's chunk scores (:func:`document_scores`);
   token-wise influence of a document's tokens (:func:`token_scores`); layer-wise influence,
   each layer's share of a query's total (:func:`layer_influence`);
-- a TF-IDF candidate prefilter (:func:`tfidf_candidates`) and the recall of the exact top-k
-  documents among the candidates (:func:`recall_table`);
+- a TF-IDF candidate prefilter (:func:`tfidf_candidates`), or the training-gradient index's
+  (:func:`index_candidates`), and the recall of the exact top-k documents among each
+  prefilter's candidates (:func:`recall_table`);
 - :func:`document_influence`, which runs all of it with a (low-rank) query store and one
   streaming pass over the training chunks.
 
@@ -46,6 +47,9 @@ from lightning_influence.language.documents import (
     candidate_recall,
     document_influence,
     document_scores,
+    index_candidates,
+    index_document_estimates,
+    index_recall,
     layer_influence,
     rank_correlation,
     recall_table,
@@ -74,6 +78,9 @@ __all__ = [
     "layer_influence",
     "rank_correlation",
     "tfidf_candidates",
+    "index_candidates",
+    "index_document_estimates",
+    "index_recall",
     "candidate_recall",
     "recall_table",
     "DocumentInfluenceResult",

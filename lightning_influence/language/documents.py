@@ -7,8 +7,9 @@ K kept per query (top-k documents or TF-IDF candidates).
 one streaming pass that scores every training chunk (:func:`score_chunks`), chunk scores summed
 per document (:func:`document_scores`), each layer's share (:func:`layer_influence`), token-wise
 scores of each query's top documents (:func:`token_influence`), the rank correlation of the
-low-rank scores with full rank (:func:`compare_full_rank_scores`), and the recall of a TF-IDF
-prefilter (:func:`recall_table`).
+low-rank scores with full rank (:func:`compare_full_rank_scores`), and the recall of the
+prefilters (:func:`recall_table`): TF-IDF, and a training-gradient index of the corpus
+(:func:`index_document_estimates`, :func:`index_candidates`) when one is given.
 
 Sign: positive = proponent (helpful): up-weighting the document raises the completion's
 log-likelihood (lowers its loss).
@@ -27,6 +28,7 @@ from scipy.stats import spearmanr
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from lightning_influence.index import open_index
 from lightning_influence.language.corpus import (
     ChunkedCorpus,
     Query,
@@ -54,6 +56,9 @@ __all__ = [
     "compare_full_rank_scores",
     "model_context",
     "check_query_lengths",
+    "index_document_estimates",
+    "index_candidates",
+    "index_recall",
 ]
 
 log = logging.getLogger(__name__)
@@ -150,8 +155,11 @@ def candidate_recall(candidates: Tensor, exact_top: Tensor) -> Tensor:
 
 
 def recall_table(query_texts: Sequence[str], document_texts: Sequence[str], scores: Tensor,
-                 ks: Sequence[int], top_k: int) -> list[dict[str, float]]:
-    """Recall of the exact top-``top_k`` proponent documents among the TF-IDF top-K, per K.
+                 ks: Sequence[int], top_k: int, index_estimates: Tensor | None = None,
+                 ) -> list[dict[str, float]]:
+    """Recall of the exact top-``top_k`` proponent documents among the TF-IDF top-K, per K,
+    and with ``index_estimates`` among the index's top-K (proponents, and the exact top
+    opponents among its K most negative estimates).
 
     Args:
         query_texts: the queries' texts (prompt + completion).
@@ -159,10 +167,12 @@ def recall_table(query_texts: Sequence[str], document_texts: Sequence[str], scor
         scores: ``[Q, D]`` exact document scores (no NaN).
         ks: the candidate-set sizes K.
         top_k: k, the exact top documents looked for.
+        index_estimates: ``[Q, D]`` the index's document estimates (:func:`index_document_estimates`).
 
     Returns:
-        One row per K: ``K``, ``fraction`` (K / D), ``recall`` (mean over queries), ``min_recall``
-        and ``random_recall`` (the expected recall of K random candidates, K / D).
+        One row per K: ``K``, ``fraction`` (K / D), ``recall`` (TF-IDF, mean over queries),
+        ``min_recall`` and ``random_recall`` (the expected recall of K random candidates, K / D);
+        with the index also ``index_recall``, ``index_min_recall`` and ``index_opponent_recall``.
     """
     d = scores.shape[1]
     top_k = min(top_k, d)
@@ -173,7 +183,31 @@ def recall_table(query_texts: Sequence[str], document_texts: Sequence[str], scor
         recall = candidate_recall(ranked[:, :k], exact)
         rows.append({"K": k, "fraction": k / d, "recall": float(recall.mean()),
                      "min_recall": float(recall.min()), "random_recall": k / d})
+        if index_estimates is not None:
+            ours = candidate_recall(index_estimates.topk(k, dim=1).indices, exact)
+            opponents = candidate_recall(index_estimates.topk(k, dim=1, largest=False).indices,
+                                         scores.topk(top_k, dim=1, largest=False).indices)
+            rows[-1].update(index_recall=float(ours.mean()), index_min_recall=float(ours.min()),
+                            index_opponent_recall=float(opponents.mean()))
     return rows
+
+
+# ----------------------------------------------------------------------------------- index
+def index_document_estimates(index: Any, query_grads: Mapping[str, Tensor],
+                             corpus: ChunkedCorpus) -> Tensor:
+    """The index's estimates of every document's score ``[Q, D]`` (sums of chunk estimates),
+    from the queries' preconditioned gradients ``{layer: [Q, O, I]}`` (full rank)."""
+    codes = index.compression.encode_matrices(dict(query_grads))
+    chunks = index.estimates(codes).double()  # [Q, N]
+    return document_scores(chunks, corpus.chunk_document, corpus.num_documents)
+
+
+def index_candidates(estimates: Tensor, k: int) -> Tensor:
+    """Candidate documents ``[Q, 2K]``: the K largest and the K most negative index estimates
+    of each query (the two ends: proponents and opponents)."""
+    k = min(k, estimates.shape[1])
+    return torch.cat([estimates.topk(k, dim=1).indices,
+                      estimates.topk(k, dim=1, largest=False).indices], dim=1)
 
 
 # ----------------------------------------------------------------------------------- analysis
@@ -199,7 +233,9 @@ class DocumentInfluenceResult:
         full_rank_chunk_scores: ``[Q, N]`` scores with full-rank queries (when compared).
         spearman_chunks, spearman_documents: ``[Q]`` rank correlation of low-rank with
             full-rank scores (when compared).
-        candidates: ``[Q, K]`` TF-IDF candidates (when prefiltered).
+        candidates: ``[Q, K]`` the prefilter's candidates (TF-IDF: ``[Q, K]``; the index:
+            ``[Q, 2K]``, the K largest and K most negative estimates), when prefiltered.
+        index_estimates: ``[Q, D]`` the index's document estimates (with an index).
         recall: the TF-IDF recall table (when scores are exact).
         timings: seconds per stage.
     """
@@ -222,6 +258,7 @@ class DocumentInfluenceResult:
     spearman_chunks: Tensor | None = None
     spearman_documents: Tensor | None = None
     candidates: Tensor | None = None
+    index_estimates: Tensor | None = None
     recall: list[dict[str, float]] | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -300,8 +337,11 @@ def document_influence(model: nn.Module, factors: Any, corpus: ChunkedCorpus,
     3. Token-wise influence is computed for each query's top ``token_documents`` proponent and
        opponent documents (a second pass over those documents' chunks only).
     4. With ``candidates=K`` only the K documents most similar to each query by TF-IDF are
-       scored (the others are NaN); without it, the scores are exact and the TF-IDF recall
-       table over ``recall_ks`` is computed from them.
+       scored (the others are NaN), or with ``prefilter="index"`` the K largest and K most
+       negative estimates of the training-gradient index at ``index`` (no pass over the
+       corpus: only the candidates' chunks are scored); without it, the scores are exact and
+       the recall table over ``recall_ks`` is computed from them (TF-IDF, and the index's
+       beside it when ``index`` is given).
     5. With ``compare_full_rank``, a second pass with full-rank queries measures the rank
        correlation (Spearman) of the low-rank scores with them.
 
@@ -336,13 +376,23 @@ def document_influence(model: nn.Module, factors: Any, corpus: ChunkedCorpus,
     memory = {"bytes": store.memory_bytes(), "full_rank_bytes": store.full_rank_bytes(),
               "ratio": store.memory_ratio()}
 
+    bound = bind(model, factors, task, tracker)
+    estimates = None
+    if options.index is not None:  # the training-gradient index of the corpus
+        start = time.perf_counter()
+        index = open_index(options.index, model, factors, _loader(corpus, batch_size), task)
+        estimates = index_document_estimates(index, bound.query_gradients(
+            query_loader, progress=False), corpus)
+        timings["index_estimates"] = time.perf_counter() - start
+
     cands = chunk_ids = None
     if candidates is not None:
-        cands, _ = tfidf_candidates([q.text for q in queries], [d.text for d in corpus.documents],
-                                    candidates)
+        if options.prefilter == "index":
+            cands = index_candidates(estimates, candidates)
+        else:
+            cands, _ = tfidf_candidates([q.text for q in queries],
+                                        [d.text for d in corpus.documents], candidates)
         chunk_ids = corpus.chunks_of(cands.unique())
-
-    bound = bind(model, factors, task, tracker)
 
     def score(query_grads: QueryStore) -> ChunkScores:
         return score_chunks(bound, corpus, query_loader, query_grads, chunk_ids,
@@ -366,7 +416,7 @@ def document_influence(model: nn.Module, factors: Any, corpus: ChunkedCorpus,
         chunk_scores=chunks.scores, document_scores=docs, document_layer_scores=doc_layers,
         layer_names=chunks.layer_names, proponents=proponents, opponents=opponents,
         layer_totals=totals, layer_shares=shares, rank=rank, memory=memory, candidates=cands,
-        timings=timings)
+        index_estimates=estimates, timings=timings)
 
     if options.token_documents > 0:
         start = time.perf_counter()
@@ -384,7 +434,7 @@ def document_influence(model: nn.Module, factors: Any, corpus: ChunkedCorpus,
         timings["full_rank_pass"] = time.perf_counter() - start
     if cands is None:
         result.recall = recall_table([q.text for q in queries], [d.text for d in corpus.documents],
-                                     docs, options.recall_ks, top_k)
+                                     docs, options.recall_ks, top_k, estimates)
     return result
 
 
@@ -446,3 +496,17 @@ def compare_full_rank_scores(result: DocumentInfluenceResult, full_chunk: Tensor
     scored = ~torch.isnan(result.document_scores).any(0)
     result.spearman_documents = rank_correlation(result.document_scores[:, scored],
                                                  full_docs[:, scored])
+
+
+def index_recall(result: DocumentInfluenceResult, index: Any, corpus: ChunkedCorpus, task: Any,
+                 options: DocumentOptions) -> list[dict[str, float]]:
+    """The recall table of an exact ``result`` with the index's recall beside TF-IDF's (the
+    index of the corpus, e.g. just built from the same pass); also sets
+    ``result.index_estimates``."""
+    loader = _loader(QueryDataset(result.queries, corpus.tokenizer), options.batch_size)
+    grads = bind(index.bound.model, index.bound.preconditioner, task,
+                 index.bound.tracker).query_gradients(loader, progress=False)
+    result.index_estimates = index_document_estimates(index, grads, corpus)
+    return recall_table([q.text for q in result.queries], [d.text for d in corpus.documents],
+                        result.document_scores, options.recall_ks, options.top_k,
+                        result.index_estimates)

@@ -26,6 +26,7 @@ from lightning_influence.reporting import SCORE_COLUMN
 
 __all__ = [
     "token_html",
+    "token_ansi",
     "render_window",
     "tail_exponent",
     "query_rows",
@@ -49,6 +50,24 @@ def render_window(scores: Tensor, width: int) -> tuple[int, int]:
     mass = csum[width:] - csum[:-width]  # [n - width + 1]
     start = int(mass.argmax())
     return start, start + width
+
+
+def token_ansi(tokens: list[str], scores: Tensor, scale: float | None = None) -> str:
+    """Tokens coloured for a terminal (ANSI 256 colours): green background for a proponent
+    token (+), red for an opponent (-), in four steps of ``|score| / scale`` (default: the
+    largest magnitude); tokens under an eighth of it stay plain."""
+    scale = float(scores.abs().max()) if scale is None else scale
+    greens, reds = (22, 28, 34, 40), (52, 88, 124, 160)
+    out = []
+    for token, score in zip(tokens, scores.tolist(), strict=True):
+        level = min(3, int(4 * abs(score) / scale)) if scale > 0 else 0
+        text = token.replace("\n", "\u21b5\n")
+        if scale > 0 and abs(score) >= scale / 8:
+            colour = (greens if score > 0 else reds)[level]
+            out.append(f"\x1b[48;5;{colour}m{text}\x1b[0m")
+        else:
+            out.append(text)
+    return "".join(out)
 
 
 def token_html(tokens: list[str], scores: Tensor, title: str = "", scale: float | None = None) -> str:
