@@ -27,4 +27,4 @@ lint: install
 	$(BIN)/ruff check lightning_influence recipes tests benchmarks
 
 clean:
-	rm -rf $(VENV) outputs wandb lightning_logs
+	rm -rf $(VENV) outputs multirun wandb lightning_logs

@@ -16,7 +16,23 @@ __all__ = ["StreamingTopK", "TopKResult", "flag_top_fraction", "detection_report
 
 @dataclass
 class TopKResult:
-    """Top-k per query. ``*_indices`` index the training set (loader order)."""
+    """The top-k proponents and opponents of each query (``PairwiseResult.top``).
+
+    Row ``q`` belongs to query ``q`` (query loader order); K is ``top_k``, or the number of
+    training examples when there are fewer.
+
+    Attributes:
+        proponent_indices: ``[Q, K]`` int64 positions in the training loader's order of the
+            examples with the largest scores (most helpful first).
+        proponent_scores: ``[Q, K]`` float64 their scores, descending (positive = proponent:
+            up-weighting the example lowers the query's loss).
+        opponent_indices: ``[Q, K]`` positions of the examples with the smallest scores (most
+            harmful first).
+        opponent_scores: ``[Q, K]`` their scores, ascending (most negative first).
+        proponent_layers, opponent_layers: ``[Q, K, L]`` each entry's score split over the
+            tracked layers (summing to the score; layers in ``PairwiseResult.layer_names``
+            order), with ``per_layer=True``; else None.
+    """
 
     proponent_indices: Tensor  # [Q, K] largest scores, descending
     proponent_scores: Tensor  # [Q, K]

@@ -104,7 +104,8 @@ class StepRecording:
                 expected = task.forward(module, batch)
             finally:
                 detach()
-        pairs = [("the model output", task.logits(self.output).detach(), task.logits(expected))]
+        pairs = [("the model's outputs", task.logits(self.output).detach(),
+                  task.logits(expected))]
         for name, acts in self.capture.activations.items():
             ref = reference.activations.get(name, [])
             if len(ref) != len(acts):

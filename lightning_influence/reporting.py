@@ -1,4 +1,5 @@
-"""Results to people: files on disk (safetensors, CSV, JSON) and W&B tables and plots.
+"""Results to people: files on disk (safetensors, CSV, JSON, an HTML page with PNG plots) and
+W&B tables and plots.
 
 Sign convention, repeated in every table: a positive score marks a proponent (helpful) training
 example: up-weighting it lowers the query loss; a negative score an opponent.
@@ -14,13 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import IterableDataset
 
 from lightning_influence.io import atomic_save_csv, atomic_save_json, atomic_save_safetensors
 from lightning_influence.ranking import flag_top_fraction
+from lightning_influence.report_html import example_image, write_html_report
 from lightning_influence.scoring import PairwiseResult, SelfResult
 from lightning_influence.task import Task
 
@@ -121,9 +122,13 @@ class InfluenceReport:
 
 
 def write_results(folder: str | Path, report: InfluenceReport,
-                  extra: dict[str, Any] | None = None) -> dict[str, Path]:
+                  extra: dict[str, Any] | None = None, html: bool = True,
+                  render: bool = True) -> dict[str, Path]:
     """Write ``scores.safetensors``, ``top_influential.csv``, ``self_influence_flags.csv``,
-    ``layer_influence.csv`` and ``summary.json`` to ``folder`` (atomically). Returns the paths."""
+    ``layer_influence.csv`` and ``summary.json`` to ``folder`` (atomically), and with ``html``
+    the page ``report.html`` with its PNG plots (:func:`~lightning_influence.report_html.
+    write_html_report`; ``render`` shows the examples as images or text there). Returns the
+    paths."""
     pairwise, self_result, queries, train = (report.pairwise, report.self_result,
                                              report.queries, report.train)
     flag_fraction = report.flag_fraction
@@ -160,6 +165,9 @@ def write_results(folder: str | Path, report: InfluenceReport,
         summary.update(flag_fraction=flag_fraction, num_flagged=len(rows))
     paths["scores"] = atomic_save_safetensors(tensors, folder / "scores.safetensors")
     paths["summary"] = atomic_save_json(summary, folder / "summary.json")
+    if html:
+        paths.update(write_html_report(folder, report, extra=extra, render=render,
+                                       files=[p.name for p in paths.values()]))
     return paths
 
 
@@ -195,17 +203,10 @@ def layer_shares(layer_scores: Tensor) -> Tensor:
 def _wandb_media(obj: Any) -> Any:
     import wandb
 
-    if obj is None:
-        return None
-    if isinstance(obj, str):
+    if obj is None or isinstance(obj, str):
         return obj
-    side = min(obj.shape[0], obj.shape[1])
-    if side < 64:  # tiny images (8x8 digits) are upscaled, nearest-neighbour, to be seen
-        factor = -(-64 // side)
-        obj = obj.repeat(factor, axis=0).repeat(factor, axis=1)
-    if obj.dtype != np.uint8:  # Task.render gives floats in [0, 1]; W&B casts to 8 bits as is
-        obj = (np.clip(obj, 0.0, 1.0) * 255.0).round().astype(np.uint8)
-    return wandb.Image(obj)
+    image = example_image(obj)  # tiny images (8x8 digits) upscaled, nearest-neighbour
+    return None if image is None else wandb.Image(image)
 
 
 def log_results(loggers: list[Any], report: InfluenceReport, prefix: str = "influence",

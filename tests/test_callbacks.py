@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -332,6 +333,23 @@ def test_forwards_that_cannot_be_reused_fall_back_to_a_separate_pass(tmp_path, m
     assert reason in stats.fallback_reason
     assert stats.updates == 6
     assert all(float(c.compute()["examples"]) == 6 * 16 for c in stats.covariances.values())
+
+
+def test_during_training_mode_says_it_is_on_and_why_it_falls_back(tmp_path, caplog):
+    # (Lightning's rank-zero info: on the console outside pytest, in caplog here)
+    caplog.set_level(logging.INFO)
+    _fit_stats(tmp_path, TinyClassifier, reuse=True)
+    said = caplog.text
+    assert ("lightning-influence: covariances accumulated during training, on the current batch "
+            "every 2 optimizer steps (reusing the training step's forward") in said
+    assert "cannot be reused" not in said
+    caplog.clear()
+    _fit_stats(tmp_path, DropoutClassifier, reuse=True)
+    said = caplog.text
+    assert ("lightning-influence: the training step's own forward cannot be reused for the "
+            "covariance updates: the model's outputs differ between train and eval mode "
+            "(dropout, batch norm or a forward that depends on self.training). Each update runs "
+            "a separate eval-mode forward and backward instead.") in said
 
 
 def test_solver_strategies_run_in_the_callbacks(tmp_path):

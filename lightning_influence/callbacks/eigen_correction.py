@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from pytorch_lightning import Callback
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_influence.callbacks._common import output_dir, training_loader
 from lightning_influence.callbacks.run import InfluenceRun
@@ -180,6 +180,13 @@ class EigenCorrection(Callback):
         if use_ekfac:
             options["preconditioner"] = ekfac
         rank_zero_info(f"lightning-influence: building the {self.strategy} solver")
+        if self.strategy == "cg":
+            rank_zero_warn(
+                "lightning-influence: strategy='cg' is a reference solver, not a fast one: each "
+                "solve runs up to max_iterations passes over the training data, and "
+                "self-influence takes one solve per training batch; with the default heuristic "
+                "damping a few iterations do not converge (ekfac_preconditioner or not). Use it "
+                "to check ekfac on a small model; ekfac and kfac are the fast strategies.")
         run = self.influence_run
         fit = run.fit_options()
         try:

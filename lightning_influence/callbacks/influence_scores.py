@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 from pytorch_lightning import Callback
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from lightning_influence.callbacks._common import (
@@ -46,8 +46,11 @@ class InfluenceScores(Callback):
     - computes the self-influence of every training example and flags the top
       ``flag_fraction`` (likely mislabeled, conflicting or out-of-distribution examples);
     - writes ``scores.safetensors``, ``top_influential.csv``, ``self_influence_flags.csv``,
-      ``layer_influence.csv`` and ``summary.json`` to the output folder, and logs tables (with
-      images or text of the examples), histograms and a layer-wise bar chart to W&B.
+      ``layer_influence.csv`` and ``summary.json`` to the output folder, with ``report.html``
+      (per query its proponents and opponents, the flagged examples, score histograms and the
+      layer-wise bars as PNG files beside it: readable in a browser, no account), and logs
+      tables (with images or text of the examples), histograms and a layer-wise bar chart to
+      W&B.
 
     Args:
         queries: the query loader (default: the Trainer's validation loader).
@@ -159,6 +162,9 @@ class InfluenceScores(Callback):
             with influence.training_pass(trainer, pl_module):
                 self.self_result = compute_self_scores(pl_module, factors, train, task, options,
                                                        tracker=tracker, scores_dir=chunks)
+        note = getattr(factors, "convergence_note", lambda: None)()
+        if note:
+            rank_zero_warn(f"lightning-influence: {note}; the scores are approximate.")
         if not trainer.is_global_zero:
             return
         folder = output_dir(trainer, self.output_dir or influence.factors_path)
@@ -167,10 +173,13 @@ class InfluenceScores(Callback):
         report = InfluenceReport(self.pairwise_result, self.self_result, query_lookup,
                                  train_lookup, self.flag_fraction)
         paths = write_results(folder, report,
-                              extra={"strategy": factors.strategy, "damping": factors.damping})
+                              extra={"strategy": factors.strategy, "damping": factors.damping,
+                                     **({"solver_convergence": note} if note else {})},
+                              render=options.render)
         self.files = {k: str(v) for k, v in paths.items()}
         self.logged_keys = log_results(trainer.loggers, report, render=options.render)
-        rank_zero_info(f"lightning-influence: results written to {folder}")
+        rank_zero_info(f"lightning-influence: results written to {folder}; open "
+                       f"{paths['report']} in a browser")
 
     def _shown_indices(self) -> list[int]:
         """Training examples the tables show: top-k entries and flags."""

@@ -145,6 +145,12 @@ class InfluenceStatistics(Callback):
         self.influence_run.check_memory(trainer, pl_module)  # before the first step
         if self.mode == "during_training":
             self._allocate(pl_module)
+            rank_zero_info(
+                f"lightning-influence: covariances accumulated during training, on the current "
+                f"batch every {self.every_n_steps} optimizer steps ("
+                + ("reusing the training step's forward, checked against eval mode on the first "
+                   "update)" if self.reuse_forward else "a separate eval-mode forward and "
+                   "backward after each update step)"))
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any,
                              batch_idx: int) -> None:
@@ -210,8 +216,9 @@ class InfluenceStatistics(Callback):
         if reason is not None:
             self.reuse_verified = False
             self.fallback_reason = reason
-            rank_zero_info(f"lightning-influence: covariance updates during training run a "
-                           f"separate eval-mode forward ({reason}).")
+            rank_zero_info(f"lightning-influence: the training step's own forward cannot be "
+                           f"reused for the covariance updates: {reason}. Each update runs a "
+                           "separate eval-mode forward and backward instead.")
             return False
         rows, _ = rows_from_outputs(recording.output, recording.capture, batch, self.task,
                                     self.tracker, row_mode(self.fisher),

@@ -22,6 +22,7 @@ from torch import Tensor
 from lightning_influence.io import atomic_save_csv, atomic_save_json, atomic_save_safetensors, atomic_write
 from lightning_influence.language.corpus import ChunkedCorpus
 from lightning_influence.language.documents import DocumentInfluenceResult
+from lightning_influence.plots import layer_bar_figure, save_png
 from lightning_influence.reporting import SCORE_COLUMN
 
 __all__ = [
@@ -165,9 +166,10 @@ def _token_sections(result: DocumentInfluenceResult, corpus: ChunkedCorpus,
 def _distribution_figure(result: DocumentInfluenceResult, path: Path) -> Path:
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6, 4.2))
+    queries = len(result.queries)
+    fig = Figure(figsize=(6.5, 4.4), layout="constrained")
     ax = fig.add_subplot()
-    for q in range(len(result.queries)):
+    for q in range(queries):
         s = result.chunk_scores[q]
         mags = s[torch.isfinite(s)].abs()
         mags = mags[mags > 0].sort(descending=True).values.numpy()
@@ -175,29 +177,22 @@ def _distribution_figure(result: DocumentInfluenceResult, path: Path) -> Path:
         ax.loglog(mags, ccdf, lw=1, label=f"q{q}")
     ax.set_xlabel("|influence| of a training chunk")
     ax.set_ylabel("fraction of chunks with larger |influence|")
-    ax.set_title("Influence magnitudes (log-log complementary CDF)")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    ax.set_title("Influence magnitudes (log-log complementary CDF)", fontsize=10)
+    if queries:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
+                  ncol=1 if queries <= 24 else 2)
+    return save_png(fig, path)
 
 
 def _layer_figure(result: DocumentInfluenceResult, path: Path) -> Path:
-    from matplotlib.figure import Figure
-
-    names = result.layer_names
-    fig = Figure(figsize=(max(6, 0.35 * len(names)), 4.2))
-    ax = fig.add_subplot()
-    width = 0.8 / max(len(result.queries), 1)
-    for q in range(len(result.queries)):
-        xs = [i + q * width for i in range(len(names))]
-        ax.bar(xs, result.layer_shares[q].numpy(), width=width, label=f"q{q}")
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, rotation=90, fontsize=7)
-    ax.set_ylabel("share of the query's top-document influence")
-    ax.set_title("Layer-wise influence")
-    ax.axhline(0, color="black", lw=0.5)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    """Each layer's share of each query's top-document influence: one row per layer (the
+    figure grows with the count), one bar per query, names shortened (full in the CSV)."""
+    queries = len(result.queries)
+    series = [f"q{q}" for q in range(queries)] if queries > 1 else None
+    fig = layer_bar_figure(result.layer_names, result.layer_shares.double().numpy(),
+                           "Layer-wise influence: each layer's share of the query's "
+                           "top-document influence", "share", series=series)
+    return save_png(fig, path)
 
 
 def write_document_influence(folder: str | Path, result: DocumentInfluenceResult,

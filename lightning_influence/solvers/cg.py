@@ -5,7 +5,9 @@ tracked layers of O * I.
 
 Solves ``(G + D) x = v`` for ``v [K, P]`` with the full-data product (one pass over the
 training data per iteration, for all K at once); with a preconditioner M (e.g. EK-FAC factors)
-each iteration applies ``z = M^-1 r``. Exact at convergence (``||r|| / ||v|| < rtol``).
+each iteration applies ``z = M^-1 r``. Exact at convergence (``||r|| / ||v|| < rtol``); a solve
+that stops at ``max_iterations`` short of it is warned about on the console (the first one of a
+solver; all are counted in ``unconverged``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 from typing import Any
 
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_influence.solvers.gauss_newton import (
@@ -44,6 +47,9 @@ class ConjugateGradient(CurvatureSolver):
     Attributes:
         iterations: iterations taken by the last solve; ``residuals [K]``: its final relative
             residuals.
+        solves, unconverged: how many solves ran, and how many stopped at ``max_iterations``
+            with a relative residual above ``rtol`` (the first such is warned about);
+            ``worst_residual``: the largest final relative residual of any solve.
     """
 
     strategy = "cg"
@@ -60,6 +66,9 @@ class ConjugateGradient(CurvatureSolver):
         self.preconditioner = preconditioner
         self.iterations = 0
         self.residuals: Tensor | None = None
+        self.solves = 0
+        self.unconverged = 0
+        self.worst_residual = 0.0
 
     def _apply(self, x: Tensor) -> Tensor:
         v = _unflatten(x, self.shapes)
@@ -105,4 +114,29 @@ class ConjugateGradient(CurvatureSolver):
                          float((r.norm(dim=1) / b_norm).max()))
         self.iterations = it
         self.residuals = (r.norm(dim=1) / b_norm).cpu()
+        self._record(float(self.residuals.max()) if len(self.residuals) else 0.0)
         return _unflatten(x, self.shapes)
+
+    def _record(self, worst: float) -> None:
+        """Count the solve; warn (once per solver, on the console) when it did not converge."""
+        self.solves += 1
+        self.worst_residual = max(self.worst_residual, worst)
+        if worst <= self.rtol:
+            return
+        self.unconverged += 1
+        message = (f"CG did not converge: relative residual {worst:.2g} after "
+                   f"{self.iterations} iterations (rtol {self.rtol:g})")
+        if self.unconverged == 1:
+            rank_zero_warn(f"lightning-influence: {message}; the scores are approximate. Raise "
+                           "max_iterations or the damping, or use a fitted strategy (ekfac, "
+                           "kfac). Later unconverged solves are counted, not warned about.")
+        else:
+            log.info(message)
+
+    def convergence_note(self) -> str | None:
+        """A one-line summary when some solve did not converge, else None."""
+        if not self.unconverged:
+            return None
+        return (f"{self.unconverged} of {self.solves} CG solves did not converge within "
+                f"{self.max_iterations} iterations (worst relative residual "
+                f"{self.worst_residual:.2g}, rtol {self.rtol:g})")

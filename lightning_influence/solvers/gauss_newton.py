@@ -339,6 +339,11 @@ class CurvatureSolver(PreconditionerBase):
         solved = self.solve(full)
         return {n: solved[n].to(gradients[n].dtype) for n in gradients}
 
+    def convergence_note(self) -> str | None:
+        """A one-line summary of solves that did not converge (None: all did, or the solver
+        has no such notion)."""
+        return None
+
     def metadata(self) -> dict[str, Any]:
         return {"strategy": self.strategy, "layers": self.shapes, "damping": self.damping,
                 "fingerprint": self.fingerprint, "num_examples": self.num_examples,
