@@ -42,3 +42,13 @@ def plot_area(path: str | Path) -> tuple[int, int]:
     with Image.open(path) as image:
         dark = np.asarray(image.convert("L")) < 80
     return int(_longest_runs(dark).max()), int(_longest_runs(dark.T).max())
+
+
+def assert_output_pngs_readable(folder: str | Path, at_least: int = 1) -> list[Path]:
+    """Every PNG a run wrote under ``folder`` (W&B's own run folders aside: those hold the
+    logged example images) is readable; returns them."""
+    pngs = [p for p in Path(folder).rglob("*.png") if "wandb" not in p.parts]
+    assert len(pngs) >= at_least, f"expected at least {at_least} PNG files under {folder}"
+    for path in pngs:
+        assert_readable_png(path)
+    return pngs

@@ -509,3 +509,46 @@ def test_eigen_correction_takes_row_dtype_and_scores_use_it(tmp_path):
     assert torch.isfinite(scores.self_result.scores).all()
     with pytest.raises(ValueError, match="row_dtype='float16'"):
         EigenCorrection(row_dtype="float16")
+
+
+def test_the_callbacks_run_in_a_lightning_pytorch_trainer(tmp_path):
+    """``import lightning.pytorch as pl`` (the ``lightning`` package) works as the README says:
+    its Trainer takes the callbacks, and the scores equal the plain functions'."""
+    lpl = pytest.importorskip("lightning.pytorch")
+
+    class Classifier(lpl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def validation_step(self, batch, batch_idx):
+            pass
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    train = TensorDataset(torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g))
+    val = TensorDataset(torch.randn(4, 6, generator=g), torch.randint(0, 3, (4,), generator=g))
+    callbacks = [InfluenceStatistics(task="classification", progress=False),
+                 EigenCorrection(progress=False),
+                 InfluenceScores(num_queries=4, top_k=5, keep_scores=True, progress=False)]
+    trainer = lpl.Trainer(max_epochs=1, accelerator="cpu", logger=lpl.loggers.CSVLogger(tmp_path),
+                          callbacks=callbacks, default_root_dir=str(tmp_path),
+                          enable_checkpointing=False, enable_progress_bar=False)
+    model = Classifier()
+    trainer.fit(model, DataLoader(train, batch_size=8), DataLoader(val, batch_size=4))
+    result = callbacks[2].pairwise_result
+    expected = li.compute_pairwise_scores(model, callbacks[1].factors, DataLoader(val, batch_size=4),
+                                          DataLoader(train, batch_size=8), "classification",
+                                          progress=False)
+    top = expected.scores.abs().max().item()
+    torch.testing.assert_close(result.scores, expected.scores, rtol=0, atol=2e-6 * top)
+    assert (tmp_path / "influence" / "report.html").is_file()

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from readable import assert_output_pngs_readable
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,6 +51,9 @@ def test_digits_recipe_finds_flipped_labels(tmp_path):
     for name in ("factors.safetensors", "scores.safetensors", "top_influential.csv",
                  "self_influence_flags.csv", "summary.json"):
         assert (influence_dir / name).is_file(), name
+    # the plots beside the results (report.html's histograms and layer bars) are readable
+    assert len(assert_output_pngs_readable(tmp_path, at_least=3)) >= 3
+    assert (influence_dir / "report.html").is_file()
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     tables = [p.name for p in runs[0].glob("files/media/table/**/*.table.json")]

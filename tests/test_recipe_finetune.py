@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from readable import assert_output_pngs_readable
 
 pytest.importorskip("peft")
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +35,7 @@ def test_finetune_recipe_ranks_the_planted_examples(tmp_path):
     assert report["recall_at_10"] >= 0.5, report["per_probe"]
     for name in ("token_influence", "layer_influence", "top_documents"):
         assert Path(report["files"][name]).is_file(), name
+    assert_output_pngs_readable(tmp_path)  # layer_influence.png among them, 28 LoRA layers
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     assert any(p.name.startswith("finetune") or "planted_recall" in p.name

@@ -16,6 +16,7 @@ from pathlib import Path
 from pydoc_data.topics import topics
 
 import pytest
+from readable import assert_output_pngs_readable
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,6 +61,7 @@ def test_lm_recipe_on_local_files_logs_everything(tmp_path):
                  "layer_influence.png", "document_scores.safetensors", "summary.json"):
         assert (out / name).is_file(), name
     assert (run_dir / "influence" / "factors.safetensors").is_file()
+    assert_output_pngs_readable(run_dir, at_least=2)
     # the index was built from the document pass; its recall is printed beside TF-IDF's
     assert (run_dir / "influence" / "index" / "index.safetensors").is_file()
     assert {"index_recall", "index_opponent_recall"} <= set(report["tfidf_recall"][0])
