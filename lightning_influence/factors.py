@@ -235,6 +235,27 @@ class LayerFactors:
         rotated = self.rotate(v) * inv
         return rotated if in_eigenbasis else self.unrotate(rotated)
 
+    def precondition_rows(self, a: Tensor, g: Tensor, in_eigenbasis: bool = False) -> Tensor:
+        """:meth:`precondition` of the per-example gradients ``G_n = sum_t g_nt a_nt^T`` of
+        rows ``a [N, T, I]``, ``g [N, T, O]``, rotated through the rows where that is cheaper.
+
+        ``Q_S^T G_n Q_A = sum_t (Q_S^T g_nt)(Q_A^T a_nt)^T``: rotating the ``T`` rows costs
+        ``T (I^2 + O^2 + O I)`` multiply-adds per example against ``O I (O + I)`` for the
+        matrix (a GPT-2 MLP layer, T = 128: 5.7x fewer), the same product in another order.
+        """
+        n, t, i = a.shape
+        o = g.shape[-1]
+        has_basis = self.basis_in is not None or self.basis_out is not None
+        if self.eigenvalues is None or not has_basis or t * (i * i + o * o + o * i) >= o * i * (o + i):
+            return self.precondition(torch.einsum("nto,nti->noi", g, a), in_eigenbasis)
+        if self.basis_in is not None:
+            a = rows_times(self._get("basis_in", a), a)
+        if self.basis_out is not None:
+            g = rows_times(self._get("basis_out", g), g)
+        rotated = torch.einsum("nto,nti->noi", g, a)
+        rotated = rotated * self.inverse_eigenvalues(rotated)
+        return rotated if in_eigenbasis else self.unrotate(rotated)
+
     def tensors(self, prefix: str) -> dict[str, Tensor]:
         out = {}
         for key in ("eigenvalues", "basis_in", "basis_out"):

@@ -29,7 +29,7 @@ from lightning_influence.distributed import (
     is_distributed,
     rank,
 )
-from lightning_influence.factors import Preconditioner
+from lightning_influence.factors import Factors, Preconditioner
 from lightning_influence.io import check_writable
 from lightning_influence.lowrank import QueryStore, truncate
 from lightning_influence.memory import check_plan, plan_scoring
@@ -124,14 +124,23 @@ class BoundInfluence:
                                                   spec, shard=False):
             like = next(iter(rows.values()))[0]
             dtype = torch.promote_types(like.dtype, torch.float32)
-            grads = {name: per_example_gradients(*rows[name]).to(dtype) if name in rows
-                     else like.new_zeros(like.shape[0], *shape, dtype=dtype)  # did not run
-                     for name, shape in pre.shapes.items()}
-            _warn_zero_queries(grads, offset)
-            if precondition and in_eigenbasis:
-                grads = pre.precondition(grads, in_eigenbasis=True)
-            elif precondition:  # all layers at once: a preconditioner may couple them
-                grads = pre.precondition(grads)
+            if precondition and isinstance(pre, Factors):
+                # layer by layer, each rotated through its rows where that is cheaper (P is
+                # positive definite: P(G) = 0 exactly where G = 0, so the check below holds)
+                grads = {name: pre.layers[name].precondition_rows(
+                    *(r.to(dtype) for r in rows[name]), in_eigenbasis) if name in rows
+                    else like.new_zeros(like.shape[0], *shape, dtype=dtype)  # did not run
+                    for name, shape in pre.shapes.items()}
+                _warn_zero_queries(grads, offset)
+            else:
+                grads = {name: per_example_gradients(*rows[name]).to(dtype) if name in rows
+                         else like.new_zeros(like.shape[0], *shape, dtype=dtype)  # did not run
+                         for name, shape in pre.shapes.items()}
+                _warn_zero_queries(grads, offset)
+                if precondition and in_eigenbasis:
+                    grads = pre.precondition(grads, in_eigenbasis=True)
+                elif precondition:  # all layers at once: a preconditioner may couple them
+                    grads = pre.precondition(grads)
             for name, grad in grads.items():
                 chunks[name].append(grad)
         return {name: torch.cat(parts) for name, parts in chunks.items() if parts}
