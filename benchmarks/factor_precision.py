@@ -6,8 +6,8 @@
 On the tasks of ``accuracy_tasks.py`` (the digits MLP, 64-128-128-10; the character GPT, two
 blocks of width 32), for each configuration of the EK-FAC factors:
 
-- ``factor_dtype`` float64 (the reference), float32 and bfloat16 (float32 sums, bfloat16
-  eigenbases and eigenvalues), whole factors;
+- ``factor_dtype`` float64 (the reference), float32 (eigendecomposed in float32, the default,
+  and in float64) and bfloat16 (float32 sums, bfloat16 eigenbases and eigenvalues), whole factors;
 - block-diagonal factors (``block_size`` B) in float64, for B below the layers' widths;
 
 it reports, over ``--seeds`` label-sampling seeds, the Pearson and Spearman correlation of the
@@ -34,6 +34,7 @@ from lightning_influence.evaluation import lds
 def configurations(problem: Any, blocks: list[int]) -> list[tuple[str, dict[str, Any]]]:
     out = [("float64 (reference)", {"factor_dtype": "float64"}),
            ("float32", {"factor_dtype": "float32"}),
+           ("float32, float64 eigh", {"factor_dtype": "float32", "eigh_dtype": "float64"}),
            ("bfloat16", {"factor_dtype": "bfloat16"})]
     widest = max(max(shape) for shape in li.LayerTracker(problem.model).describe().values())
     out += [(f"block_size={b} (float64)", {"factor_dtype": "float64", "block_size": b})

@@ -172,7 +172,7 @@ def fit_covariances(model: nn.Module, loader: Any, task: Task | str | None = Non
 
 
 def eigenbases(covariances: dict[str, CovarianceStatistic],
-               eigh_dtype: str = "auto") -> dict[str, dict[str, Any]]:
+               eigh_dtype: str = "float64") -> dict[str, dict[str, Any]]:
     """Eigendecompose every layer's ``A`` and ``S`` (float64) -> eigenvalues and eigenvectors,
     one layer and side at a time: each side's sums are freed as soon as they are decomposed
     (the statistics are spent afterwards), and the eigenvectors are kept in the layer's
@@ -180,8 +180,8 @@ def eigenbases(covariances: dict[str, CovarianceStatistic],
 
     Inside a process group, each side is summed across ranks in place, layer ``i`` is
     decomposed on rank ``i % W`` only, and its results are broadcast to every rank.
-    ``eigh_dtype``: ``"auto"`` decomposes in the layer's storage dtype (float64 for float64
-    factors, float32 otherwise), or ``"float64"`` / ``"float32"`` for every layer.
+    ``eigh_dtype``: ``"float64"`` (the default) or ``"float32"`` for every layer, or ``"auto"``:
+    the layer's storage dtype (float64 for float64 factors, float32 otherwise).
     """
     return_freed_memory()  # what the covariance pass freed, before the decompositions
     out = {}

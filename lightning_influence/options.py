@@ -85,9 +85,10 @@ class FitOptions:
         "ones) | float64 | float32 | bfloat16 (eigenbases and eigenvalues kept in bfloat16 "
         "after float32 sums; eigendecompositions always run in float64)", default="auto")
     eigh_dtype: str = _help(
-        "dtype of the eigendecompositions: auto (that of the factors: float64 for float64 "
-        "factors, float32 for float32 and bfloat16 ones, about 2x faster) | float64 | float32",
-        default="auto")
+        "dtype of the eigendecompositions: float64 (the default) | float32 (about 2x faster at "
+        "width 3072, but it moves the scores beyond float error: Spearman 0.94 against float64 "
+        "on the digits MLP, benchmarks/results/factor_precision.md) | auto (the factors' dtype)",
+        default="float64")
     block_size: int | None = _help(
         "block-diagonal factors: a covariance side wider than this keeps only its diagonal "
         "blocks of this width (Grosse et al. 2023's approximation for their largest layers; "
