@@ -168,7 +168,16 @@ def _cgroup_headroom() -> int | None:
 def probe_batch(model: nn.Module, loader: Any, task: Any, tracker: Any) -> BatchProfile:
     """One forward, without gradients, of the first example of ``loader``'s first batch:
     module outputs per example, the model's output width and each tracked layer's rows per
-    example. Falls back to the whole first batch when the batch cannot be cut."""
+    example. Falls back to the whole first batch when the batch cannot be cut.
+
+    The random number generators are left as they were: a shuffling loader draws its order
+    from torch's generator when an iterator is made, and a probe before training must not
+    change the user's training run."""
+    with torch.random.fork_rng(devices=[]):
+        return _probe_batch(model, loader, task, tracker)
+
+
+def _probe_batch(model: nn.Module, loader: Any, task: Any, tracker: Any) -> BatchProfile:
     from lightning_influence.passes import evaluation_mode, model_device, move_to_device
 
     batch = next(iter(loader), None)

@@ -552,3 +552,23 @@ def test_the_callbacks_run_in_a_lightning_pytorch_trainer(tmp_path):
     top = expected.scores.abs().max().item()
     torch.testing.assert_close(result.scores, expected.scores, rtol=0, atol=2e-6 * top)
     assert (tmp_path / "influence" / "report.html").is_file()
+
+
+@pytest.mark.parametrize("mode", ["after_fit", "during_training"])
+def test_the_callbacks_leave_the_training_run_unchanged(tmp_path, mode):
+    """With a shuffling training loader, a Trainer with the callbacks trains exactly the
+    weights it trains without them: the memory check before training (a probe batch) and
+    the covariance updates draw nothing from the random number generators."""
+    def train(callbacks, folder):
+        pl.seed_everything(3)
+        model = TinyClassifier()
+        loader = DataLoader(_data(), batch_size=16, shuffle=True)
+        _trainer(folder, callbacks, epochs=2).fit(model, loader)
+        return [p.detach().clone() for p in model.parameters()]
+
+    plain = train([], tmp_path / "plain")
+    stats = InfluenceStatistics(mode=mode, progress=False)
+    with_callbacks = train([stats, EigenCorrection(progress=False)], tmp_path / "influence")
+    assert stats.covariances  # the callbacks ran
+    for a, b in zip(plain, with_callbacks, strict=True):
+        assert torch.equal(a, b)
