@@ -1,6 +1,6 @@
 """Recipe: which fine-tuning examples made a LoRA-fine-tuned model say this?
 
-Offline, on CPU, in a few minutes:
+Offline, on CPU, in about 30 seconds on 2 cores:
 
 1. a byte-level BPE tokenizer is trained on text that ships with Python (the pydoc help topics);
 2. a Llama-shaped causal LM (built from a ``transformers`` config, random init) is pretrained

@@ -31,7 +31,7 @@ def test_finetune_recipe_ranks_the_planted_examples(tmp_path):
     assert report["tracked_layers"] == 2 * 7 * 2
     assert report["trainable"] < 0.2 * report["parameters"]
     assert len(report["per_probe"]) == 4
-    # even briefly trained, the planted examples lead the proponents (chance: 8 of ~140)
+    # even briefly trained, the planted examples lead the proponents (chance: 8 of 119)
     assert report["recall_at_10"] >= 0.5, report["per_probe"]
     for name in ("token_influence", "layer_influence", "top_documents"):
         assert Path(report["files"][name]).is_file(), name
