@@ -67,6 +67,24 @@ def content_checksum(tensors: dict[str, Tensor], meta: dict[str, Any]) -> str:
     return tensors_checksum(tensors, json.dumps(body, sort_keys=True, default=str))
 
 
+def checked_metadata(header: str, tensors: dict[str, Tensor], version: int,
+                     corrupt: Any) -> dict[str, Any]:
+    """The metadata of a file written with :func:`content_checksum` (factor files, index
+    manifests): its JSON ``header`` parsed, its format ``version`` and its checksum over
+    ``tensors`` checked; ``corrupt(reason)`` makes the error raised otherwise."""
+    try:
+        meta = json.loads(header)
+    except json.JSONDecodeError as err:
+        raise corrupt(f"its metadata is not valid JSON ({err})") from err
+    if not isinstance(meta, dict) or meta.get("format_version") != version:
+        found = meta.get("format_version") if isinstance(meta, dict) else None
+        raise corrupt(f"format version {found}, this version reads {version}")
+    if meta.get("checksum") != content_checksum(tensors, meta):
+        raise corrupt("its checksum does not match its contents (flipped bytes, or an edited "
+                      "field)")
+    return meta
+
+
 def eigendecompose(matrix: Tensor, what: str, layer: str, dim: int | None = None,
                    dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor | BlockDiagonal]:
     """``eigh`` in ``dtype`` (float64 by default) of a covariance side:
@@ -506,16 +524,7 @@ class Factors(PreconditionerBase):
         if header is None:
             raise corrupt("it has no lightning-influence metadata (written by an older version "
                           "or another tool)")
-        try:
-            meta = json.loads(header)
-        except json.JSONDecodeError as err:
-            raise corrupt(f"its metadata is not valid JSON ({err})") from err
-        if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-            version = meta.get("format_version") if isinstance(meta, dict) else None
-            raise corrupt(f"format version {version}, this version reads {FORMAT_VERSION}")
-        if meta.get("checksum") != content_checksum(tensors, meta):
-            raise corrupt("its checksum does not match its contents (flipped bytes, or an "
-                          "edited field)")
+        meta = checked_metadata(header, tensors, FORMAT_VERSION, corrupt)
         return cls._validated(meta, tensors, corrupt)
 
     @classmethod

@@ -37,7 +37,10 @@ from safetensors import safe_open
 from torch import Tensor
 
 from lightning_influence.distributed import rank
-from lightning_influence.factors import content_checksum  # the factor files' checksum
+from lightning_influence.factors import (  # the factor files' checksum and check
+    checked_metadata,
+    content_checksum,
+)
 from lightning_influence.io import atomic_save_json, atomic_save_safetensors, tensors_checksum
 
 __all__ = ["IndexMismatchError", "CorruptIndexError", "IncompleteIndexError", "MANIFEST",
@@ -103,17 +106,7 @@ def read_manifest(folder: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]
                       ) from err
     if header is None:
         raise corrupt("it has no lightning-influence index metadata")
-    try:
-        meta = json.loads(header)
-    except json.JSONDecodeError as err:
-        raise corrupt(f"its metadata is not valid JSON ({err})") from err
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-        version = meta.get("format_version") if isinstance(meta, dict) else None
-        raise corrupt(f"format version {version}, this version reads {FORMAT_VERSION}")
-    if meta.get("checksum") != content_checksum(tensors, meta):
-        raise corrupt("its checksum does not match its contents (flipped bytes, or an edited "
-                      "field)")
-    return meta, tensors
+    return checked_metadata(header, tensors, FORMAT_VERSION, corrupt), tensors
 
 
 class ShardWriter:
