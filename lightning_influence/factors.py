@@ -238,6 +238,14 @@ class LayerFactors:
             v = rows_times_t(q_in, v)
         return v
 
+    def rotate_rows(self, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        """Rows into the Kronecker eigenbasis: ``(a Q_A, g Q_S)`` (as they are without bases)."""
+        if self.basis_in is not None:
+            a = rows_times(self._get("basis_in", a), a)
+        if self.basis_out is not None:
+            g = rows_times(self._get("basis_out", g), g)
+        return a, g
+
     def block_sizes(self) -> dict[str, int]:
         """``{"in": B, "out": B}`` for the sides whose basis is block-diagonal."""
         return {side: basis.blocks.shape[-1] for side, basis in (
@@ -266,10 +274,7 @@ class LayerFactors:
         has_basis = self.basis_in is not None or self.basis_out is not None
         if self.eigenvalues is None or not has_basis or t * (i * i + o * o + o * i) >= o * i * (o + i):
             return self.precondition(torch.einsum("nto,nti->noi", g, a), in_eigenbasis)
-        if self.basis_in is not None:
-            a = rows_times(self._get("basis_in", a), a)
-        if self.basis_out is not None:
-            g = rows_times(self._get("basis_out", g), g)
+        a, g = self.rotate_rows(a, g)
         rotated = torch.einsum("nto,nti->noi", g, a)
         rotated = rotated * self.inverse_eigenvalues(rotated)
         return rotated if in_eigenbasis else self.unrotate(rotated)

@@ -55,6 +55,7 @@ from lightning_influence.passes import (
 from lightning_influence.statistics import (
     CovarianceStatistic,
     EigenvalueStatistic,
+    eigh_dtype_of,
     factor_dtypes,
 )
 from lightning_influence.strategies import strategy as strategy_row
@@ -188,8 +189,7 @@ def eigenbases(covariances: dict[str, CovarianceStatistic],
     me, world = rank(), world_size()
     for i, (name, stat) in enumerate(covariances.items()):
         storage = getattr(stat, "storage_dtype", stat.activation_sum.dtype)
-        solve = (torch.float64 if storage == torch.float64 else torch.float32) \
-            if eigh_dtype == "auto" else getattr(torch, eigh_dtype)
+        solve = eigh_dtype_of(eigh_dtype, storage)
         device = stat.rows.device
         owner = i % world == me
         sides = {}

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from lightning_influence.blocks import basis_numel, block_count
 from lightning_influence.options import FitOptions, ScoreOptions, resolve_options
-from lightning_influence.statistics import factor_dtypes
+from lightning_influence.statistics import eigh_dtype_of, factor_dtypes
 from lightning_influence.strategies import strategy as strategy_row
 from lightning_influence.tracking import LAYER_PRESETS
 
@@ -278,10 +278,9 @@ def plan_layers(shapes: Mapping[str, list[int]], fit: FitOptions, batch: BatchPr
     layers = []
     for name, (o, i) in shapes.items():
         acc, store = factor_dtypes(fit.factor_dtype, i, o, model_dtype)
-        solve = (8 if store == torch.float64 else 4) if fit.eigh_dtype == "auto" else (
-            8 if fit.eigh_dtype == "float64" else 4)
         layers.append(_Layer(name, o, i, _size(acc), _size(store), acc == torch.float64,
-                             batch.rows.get(name, 1), solve))
+                             batch.rows.get(name, 1),
+                             _size(eigh_dtype_of(fit.eigh_dtype, store))))
     bs = fit.block_size
     rb = batch.dtype_bytes
     per_layer: dict[str, dict[str, int]] = {}

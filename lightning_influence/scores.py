@@ -23,7 +23,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_influence.blocks import rows_times
 from lightning_influence.factors import LayerFactors
 from lightning_influence.lowrank import LowRankGradient
 from lightning_influence.statistics import accumulation_dtype
@@ -143,9 +142,7 @@ def token_layer_scores(preconditioned: Tensor | LowRankGradient, a: Tensor, g: T
 
 def rotate_rows(factors: LayerFactors, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     """Rows into the Kronecker eigenbasis: ``(a Q_A, g Q_S)`` (as they are without bases)."""
-    a_rot = rows_times(factors._get("basis_in", a), a) if factors.basis_in is not None else a
-    g_rot = rows_times(factors._get("basis_out", g), g) if factors.basis_out is not None else g
-    return a_rot, g_rot
+    return factors.rotate_rows(a, g)
 
 
 def self_layer_scores(factors: LayerFactors, a: Tensor, g: Tensor,

@@ -118,29 +118,25 @@ class BoundInfluence:
         ``Q_S^T P(G) Q_A`` (see :meth:`~lightning_influence.factors.LayerFactors.precondition`)."""
         check_loader(loader, "query")
         pre = self.preconditioner
+        # fitted factors precondition layer by layer, each layer's gradient rotated through
+        # its rows where that is cheaper; a solver preconditions all layers at once
+        by_layer = precondition and isinstance(pre, Factors)
+        if in_eigenbasis and not by_layer:
+            raise ValueError("query_gradients(in_eigenbasis=True) needs fitted factors "
+                             "(a Kronecker eigenbasis) and precondition=True.")
         chunks: dict[str, list[Tensor]] = {name: [] for name in pre.shapes}
         spec = RowPass("measurement", "influence: query gradients", progress)
         for _, offset, _, rows, _ in iterate_rows(self.model, loader, self.task, self.tracker,
                                                   spec, shard=False):
-            like = next(iter(rows.values()))[0]
-            dtype = torch.promote_types(like.dtype, torch.float32)
-            if precondition and isinstance(pre, Factors):
-                # layer by layer, each rotated through its rows where that is cheaper (P is
-                # positive definite: P(G) = 0 exactly where G = 0, so the check below holds)
-                grads = {name: pre.layers[name].precondition_rows(
-                    *(r.to(dtype) for r in rows[name]), in_eigenbasis) if name in rows
-                    else like.new_zeros(like.shape[0], *shape, dtype=dtype)  # did not run
-                    for name, shape in pre.shapes.items()}
-                _warn_zero_queries(grads, offset)
-            else:
-                grads = {name: per_example_gradients(*rows[name]).to(dtype) if name in rows
-                         else like.new_zeros(like.shape[0], *shape, dtype=dtype)  # did not run
-                         for name, shape in pre.shapes.items()}
-                _warn_zero_queries(grads, offset)
-                if precondition and in_eigenbasis:
-                    grads = pre.precondition(grads, in_eigenbasis=True)
-                elif precondition:  # all layers at once: a preconditioner may couple them
-                    grads = pre.precondition(grads)
+            dtype = torch.promote_types(next(iter(rows.values()))[0].dtype, torch.float32)
+            grads = {name: _query_gradient(rows, name, shape, dtype, pre.layers[name]
+                                           if by_layer else None, in_eigenbasis)
+                     for name, shape in pre.shapes.items()}
+            # (P is positive definite: P(G) = 0 exactly where G = 0, so preconditioned
+            # gradients serve this check as well)
+            _warn_zero_queries(grads, offset)
+            if precondition and not by_layer:
+                grads = pre.precondition(grads)
             for name, grad in grads.items():
                 chunks[name].append(grad)
         return {name: torch.cat(parts) for name, parts in chunks.items() if parts}
@@ -328,6 +324,21 @@ def _normalization(factors: Any, normalize: bool) -> float:
             "factors.num_examples = N."
         )
     return 1.0 / factors.num_examples
+
+
+def _query_gradient(rows: dict[str, tuple[Tensor, Tensor]], name: str, shape: list[int],
+                    dtype: torch.dtype, factors: Any, in_eigenbasis: bool) -> Tensor:
+    """One layer's per-query gradients ``[Q, O, I]`` in ``dtype`` from a batch's rows:
+    preconditioned by the layer's ``factors`` when given (rotated through the rows where that is
+    cheaper, see :meth:`~lightning_influence.factors.LayerFactors.precondition_rows`), zeros for
+    a layer that did not run."""
+    if name not in rows:
+        like = next(iter(rows.values()))[0]
+        return like.new_zeros(like.shape[0], *shape, dtype=dtype)
+    a, g = rows[name]
+    if factors is not None:
+        return factors.precondition_rows(a.to(dtype), g.to(dtype), in_eigenbasis)
+    return per_example_gradients(a, g).to(dtype)
 
 
 def _warn_zero_queries(grads: dict[str, Tensor], offset: int) -> None:

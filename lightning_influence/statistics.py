@@ -71,6 +71,15 @@ def factor_dtypes(option: str, d_in: int, d_out: int, rows: torch.dtype = torch.
     return (torch.float64 if storage == torch.float64 else torch.float32), storage
 
 
+def eigh_dtype_of(option: str, storage: torch.dtype) -> torch.dtype:
+    """The dtype a layer's covariances are eigendecomposed in for ``eigh_dtype``:
+    ``"float64"``, ``"float32"``, or ``"auto"``, the storage dtype (float64 for float64
+    factors, float32 for float32 and bfloat16 ones)."""
+    if option == "auto":
+        return torch.float64 if storage == torch.float64 else torch.float32
+    return getattr(torch, option)
+
+
 class _SumStates(Metric):
     """A torchmetrics ``Metric`` whose large sum states cost their size once.
 

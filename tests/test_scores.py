@@ -154,6 +154,25 @@ def test_preconditioning_query_rows_equals_the_matrix_route(rows, blocked):
     assert_close(plain.precondition_rows(a, g), expected, rtol=1e-10, atol=1e-12)
 
 
+def test_query_gradients_in_the_eigenbasis_need_fitted_factors(mlp_problem):
+    """Gradients "left in the Kronecker eigenbasis" exist only for preconditioned fitted
+    factors: asked for without preconditioning, the call refuses rather than returning raw
+    gradients; with it, they are the rotated ones."""
+    import lightning_influence as li
+
+    p = mlp_problem
+    factors = fit_factors(p["model"], p["train"], "classification", progress=False)
+    bound = li.bind(p["model"], factors, "classification")
+    with pytest.raises(ValueError, match="in_eigenbasis=True.*needs fitted factors"):
+        bound.query_gradients(p["queries"], precondition=False, in_eigenbasis=True,
+                              progress=False)
+    raw = bound.query_gradients(p["queries"], precondition=False, progress=False)
+    rotated = bound.query_gradients(p["queries"], in_eigenbasis=True, progress=False)
+    for name, lf in factors.layers.items():
+        assert_close(rotated[name], lf.precondition(raw[name], in_eigenbasis=True),
+                     rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("strategy", ["ekfac", "kfac"])
 def test_precondition_equals_kron_inverse_fitted(mlp_problem, strategy):
     p = mlp_problem
