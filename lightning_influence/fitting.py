@@ -3,7 +3,7 @@
 Index letters: N examples, T rows per example, I = d_in (+1 bias), O = d_out.
 
     A = mean over rows of a a^T,  S = mean over rows of g g^T          (covariance pass)
-    A = Q_A diag(l_A) Q_A^T,  S = Q_S diag(l_S) Q_S^T                  (float64 eigh)
+    A = Q_A diag(l_A) Q_A^T,  S = Q_S diag(l_S) Q_S^T                  (eigh, see eigh_dtype)
     Lambda = mean over examples of (Q_S^T G_n Q_A)^2                    (eigenvalue pass)
 
 :func:`fit_factors` runs what a strategy needs and returns :class:`~lightning_influence.Factors`;
@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from lightning_influence.blocks import BlockDiagonal, rows_times
 from lightning_influence.distributed import (
     EIGENVALUE_STREAM,
+    all_gather_objects,
     broadcast_object,
     broadcast_tensor,
     rank,
@@ -35,6 +36,7 @@ from lightning_influence.factors import (
     Factors,
     LayerFactors,
     eigendecompose,
+    eigh_dtype_for,
     model_fingerprint,
 )
 from lightning_influence.memory import check_plan, plan_memory
@@ -173,7 +175,7 @@ def fit_covariances(model: nn.Module, loader: Any, task: Task | str | None = Non
 
 
 def eigenbases(covariances: dict[str, CovarianceStatistic],
-               eigh_dtype: str = "float64") -> dict[str, dict[str, Any]]:
+               eigh_dtype: str = "auto") -> dict[str, dict[str, Any]]:
     """Eigendecompose every layer's ``A`` and ``S`` (float64) -> eigenvalues and eigenvectors,
     one layer and side at a time: each side's sums are freed as soon as they are decomposed
     (the statistics are spent afterwards), and the eigenvectors are kept in the layer's
@@ -181,11 +183,15 @@ def eigenbases(covariances: dict[str, CovarianceStatistic],
 
     Inside a process group, each side is summed across ranks in place, layer ``i`` is
     decomposed on rank ``i % W`` only, and its results are broadcast to every rank.
-    ``eigh_dtype``: ``"float64"`` (the default) or ``"float32"`` for every layer, or ``"auto"``:
-    the layer's storage dtype (float64 for float64 factors, float32 otherwise).
+    ``eigh_dtype``: ``"auto"`` (the default): float64, except float32 for a float32 side at
+    least :data:`~lightning_influence.factors.FLOAT32_EIGH_MIN_WIDTH` wide whose condition
+    number is proven at most 1e4 (:func:`~lightning_influence.factors.float32_suffices`);
+    ``"float64"`` or ``"float32"`` for every side. The dtype each side was decomposed in is
+    returned under ``"eigh_dtypes"`` (``{"a": ..., "s": ...}``) and logged.
     """
     return_freed_memory()  # what the covariance pass freed, before the decompositions
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
+    chosen: dict[str, str] = {}
     me, world = rank(), world_size()
     for i, (name, stat) in enumerate(covariances.items()):
         storage = getattr(stat, "storage_dtype", stat.activation_sum.dtype)
@@ -200,7 +206,9 @@ def eigenbases(covariances: dict[str, CovarianceStatistic],
                 raise ValueError(f"Layer {name!r} has no covariance rows: the statistics pass "
                                  "never ran it. Exclude it or check the data.")
             if owner:
-                values, vectors = eigendecompose(mean, what, name, dim, solve)
+                dtype = eigh_dtype_for(mean, solve)
+                chosen[f"{name}.{side}"] = str(dtype).removeprefix("torch.")
+                values, vectors = eigendecompose(mean, what, name, dim, dtype)
                 del mean
                 sides[f"l_{side}"] = values
                 sides[f"q_{side}"] = vectors.to(storage)
@@ -212,6 +220,14 @@ def eigenbases(covariances: dict[str, CovarianceStatistic],
                 sides[key] = _broadcast_basis(sides.get(key), i % world, device)
         out[name] = {**sides, "rows_per_example": float(stat.rows / stat.examples.clamp_min(1)),
                      "examples": float(stat.examples), "storage": storage}
+    if world > 1:  # each rank decomposed its own layers
+        chosen = {k: v for part in all_gather_objects(chosen) for k, v in part.items()}
+    for name, basis in out.items():
+        basis["eigh_dtypes"] = {side: chosen.get(f"{name}.{side}") for side in ("a", "s")}
+    in_float32 = sum(v == "float32" for v in chosen.values())
+    if in_float32 and eigh_dtype == "auto":
+        log.info("Eigendecomposed %d of %d covariance sides in float32 (wide, condition number "
+                 "at most 1e4, checked), the others in float64.", in_float32, len(chosen))
     return out
 
 
@@ -361,6 +377,8 @@ def fit_factors(model: nn.Module, loader: Any, task: Task | str | None = None,
         factors.extra["batch_layout"] = tracker.batch_layout
         if row_dtype_of(options.row_dtype) is not None:
             factors.extra["row_dtype"] = options.row_dtype
+        if bases is not None:  # what each side was eigendecomposed in (eigh_dtype="auto")
+            factors.extra["eigh_dtypes"] = {n: b["eigh_dtypes"] for n, b in bases.items()}
         if not (row.needs_covariances or row.needs_eigenvalue_pass):  # no pass counted them
             factors.num_examples = count_examples(loader)
         return factors

@@ -280,7 +280,7 @@ def plan_layers(shapes: Mapping[str, list[int]], fit: FitOptions, batch: BatchPr
         acc, store = factor_dtypes(fit.factor_dtype, i, o, model_dtype)
         layers.append(_Layer(name, o, i, _size(acc), _size(store), acc == torch.float64,
                              batch.rows.get(name, 1),
-                             _size(eigh_dtype_of(fit.eigh_dtype, store))))
+                             _size(eigh_dtype_of(fit.eigh_dtype, store) or torch.float64)))
     bs = fit.block_size
     rb = batch.dtype_bytes
     per_layer: dict[str, dict[str, int]] = {}

@@ -85,10 +85,14 @@ class FitOptions:
         "ones) | float64 | float32 | bfloat16 (eigenbases and eigenvalues kept in bfloat16 "
         "after float32 sums; eigendecompositions always run in float64)", default="auto")
     eigh_dtype: str = _help(
-        "dtype of the eigendecompositions: float64 (the default) | float32 (about 2x faster at "
-        "width 3072, but it moves the scores beyond float error: Spearman 0.94 against float64 "
-        "on the digits MLP, benchmarks/results/factor_precision.md) | auto (the factors' dtype)",
-        default="float64")
+        "dtype of the eigendecompositions: auto (the default: float64, except float32 for a "
+        "side of float32 factors at least 1024 wide whose condition number a float64 Cholesky "
+        "test shows to be at most 1e4: about 2x faster there; on GPT-2's MLP layers it moves "
+        "the scores by 1.6e-3 of the largest, benchmarks/results/eigh_precision.md) | "
+        "float64 (every side, as Kronfluence) | float32 (every side: "
+        "it moves the scores beyond float error on ill-conditioned sides, Spearman 0.94 "
+        "against float64 on the digits MLP, benchmarks/results/factor_precision.md)",
+        default="auto")
     block_size: int | None = _help(
         "block-diagonal factors: a covariance side wider than this keeps only its diagonal "
         "blocks of this width (Grosse et al. 2023's approximation for their largest layers; "

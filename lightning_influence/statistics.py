@@ -71,12 +71,14 @@ def factor_dtypes(option: str, d_in: int, d_out: int, rows: torch.dtype = torch.
     return (torch.float64 if storage == torch.float64 else torch.float32), storage
 
 
-def eigh_dtype_of(option: str, storage: torch.dtype) -> torch.dtype:
+def eigh_dtype_of(option: str, storage: torch.dtype) -> torch.dtype | None:
     """The dtype a layer's covariances are eigendecomposed in for ``eigh_dtype``:
-    ``"float64"``, ``"float32"``, or ``"auto"``, the storage dtype (float64 for float64
-    factors, float32 for float32 and bfloat16 ones)."""
+    ``"float64"`` or ``"float32"`` as named; ``"auto"``: float64 for float64 factors, ``None``
+    for float32 and bfloat16 ones (decided per side by
+    :func:`~lightning_influence.factors.float32_suffices`: float32 for wide, provably
+    well-conditioned sides, float64 for the others)."""
     if option == "auto":
-        return torch.float64 if storage == torch.float64 else torch.float32
+        return torch.float64 if storage == torch.float64 else None
     return getattr(torch, option)
 
 

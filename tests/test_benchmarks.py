@@ -197,3 +197,16 @@ def test_gpu_check_runs_its_cpu_path(tmp_path):
     assert results["gpt2/default"]["left_out"] == ["lm_head"]
     assert all("error" not in s for r in results.values() for s in r["ours"].values())
     assert (tmp_path / "speed_sequence.json").is_file()
+
+
+def test_eigh_precision_compares_each_dtype_with_float64(tmp_path):
+    run("eigh_precision.py", "--smoke", "--threads", "1", "--out", str(tmp_path))
+    data = json.loads((tmp_path / "eigh_precision.json").read_text())
+    assert set(data) == {"float64, seed 0", "auto, seed 0", "float32, seed 0", "float64, seed 1"}
+    reference = data["float64, seed 0"]
+    assert reference["pairwise"]["pearson"] > 0.999999 and reference["pairwise"]["max_diff"] == 0
+    assert reference["float32_sides"] == 0 and data["float64, seed 1"]["float32_sides"] == 0
+    assert data["float32, seed 0"]["float32_sides"] == data["float32, seed 0"]["sides"] > 0
+    for row in data.values():
+        assert -1 <= row["self"]["spearman"] <= 1 and row["eigh_seconds"] >= 0
+    assert "auto, seed 0" in (tmp_path / "eigh_precision.md").read_text()

@@ -244,8 +244,8 @@ def test_the_callbacks_refuse_a_plan_before_the_first_training_step(tmp_path):
 def test_float32_eigendecompositions_give_orthonormal_bases_and_the_same_scores(wide_mlp):
     """eigh_dtype="float32" (opt-in, about 2x faster than float64 at real widths): bases
     orthonormal to float32 precision, scores close to float64 decompositions' on a
-    well-conditioned problem; the default decomposes in float64."""
-    assert li.FitOptions().eigh_dtype == "float64"
+    well-conditioned problem; the default decides per side (tests below)."""
+    assert li.FitOptions().eigh_dtype == "auto"
     _, _, x, y, xq, yq = wide_mlp
     model = ref.mlp(d_in=9, hidden=7, classes=5, seed=2).float()
     data = loader(x.float(), y, batch_size=8)
@@ -263,6 +263,79 @@ def test_float32_eigendecompositions_give_orthonormal_bases_and_the_same_scores(
     assert_close(got["float32"], got["float64"], rtol=0, atol=1e-4 * top)
     with pytest.raises(ValueError, match="eigh_dtype='half'"):
         li.FitOptions(eigh_dtype="half")
+
+
+def _spd(width: int, condition: float, seed: int) -> torch.Tensor:
+    """A symmetric positive definite float32 matrix with eigenvalues spread geometrically
+    from 1 down to 1 / condition (only its lower triangle holds the values, like the wide
+    CPU sums)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.linalg.qr(torch.randn(width, width, generator=g, dtype=torch.float64)).Q
+    values = torch.logspace(0, -torch.log10(torch.tensor(condition)).item(), width,
+                            dtype=torch.float64)
+    return torch.tril(q @ torch.diag(values) @ q.T).float()
+
+
+def test_auto_eigh_takes_float32_only_for_wide_sides_proven_well_conditioned(monkeypatch):
+    """eigh_dtype="auto" decomposes a float32 side in float32 only when it is wide enough to
+    pay and a float64 Cholesky test proves its condition number at most 1e4; nearly singular,
+    singular, indefinite and narrow sides stay float64; the test leaves torch's global random
+    state alone (it must not change the user's run)."""
+    from lightning_influence import factors as fmod
+
+    monkeypatch.setattr(fmod, "FLOAT32_EIGH_MIN_WIDTH", 48)
+    well, near = _spd(64, 1e3, 0), _spd(64, 1e6, 1)
+    assert fmod.float32_suffices(_spd(64, 5e3, 2))
+    assert not fmod.float32_suffices(_spd(64, 3e4, 2))
+    singular = well.clone()
+    singular[:, 0] = 0.0
+    singular[0, :] = 0.0
+    indefinite = well.clone()
+    indefinite[5, 5] = -1.0
+    state = torch.random.get_rng_state()
+    assert fmod.eigh_dtype_for(well, None) == torch.float32
+    for m in (near, singular, indefinite, _spd(32, 10.0, 3)):  # the last: narrower than 48
+        assert fmod.eigh_dtype_for(m, None) == torch.float64
+    assert fmod.eigh_dtype_for(well, torch.float64) == torch.float64  # a named dtype is kept
+    assert torch.equal(torch.random.get_rng_state(), state)
+    # what float32 gives where the test allows it: the same decomposition to float32 precision
+    values, vectors = fmod.eigendecompose(well, "activation", "x", dtype=None)
+    assert vectors.dtype == torch.float32
+    exact = torch.tril(well.double()) + torch.tril(well.double(), -1).T
+    rebuilt = vectors.double() @ torch.diag(values) @ vectors.double().T
+    assert (rebuilt - exact).norm() <= 1e-5 * exact.norm()
+    # nearly singular: float64, bit for bit what eigh_dtype="float64" gives
+    v64, q64 = fmod.eigendecompose(near, "activation", "x", dtype=torch.float64)
+    v_auto, q_auto = fmod.eigendecompose(near, "activation", "x", dtype=None)
+    assert torch.equal(v64, v_auto) and torch.equal(q64, q_auto)
+
+
+def test_auto_eigh_records_each_sides_dtype_in_the_factors(monkeypatch, tmp_path):
+    """fit_factors with the default records what each side was decomposed in (saved with the
+    factors); with the width threshold lowered, a well-conditioned wide side goes float32 and
+    the scores stay within 1e-4 of the largest of an all-float64 fit's."""
+    from lightning_influence import factors as fmod
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 32), nn.Tanh(), nn.Linear(32, 3)).float()
+    x, y = torch.randn(256, 24), torch.randint(0, 3, (256,))
+    data, queries = loader(x, y, batch_size=32), loader(x[:4], y[:4], batch_size=4)
+    monkeypatch.setattr(fmod, "FLOAT32_EIGH_MIN_WIDTH", 20)
+    fits = {e: li.fit_factors(model, data, "classification", factor_dtype="float32",
+                              eigh_dtype=e, fisher="empirical", progress=False)
+            for e in ("auto", "float64")}
+    chosen = fits["auto"].extra["eigh_dtypes"]
+    assert set(chosen) == {"0", "2"}
+    assert chosen["0"]["a"] == "float32"  # 25 wide (24 inputs + bias), Gaussian inputs
+    assert all(d in ("float32", "float64") for c in chosen.values() for d in c.values())
+    assert all(d == "float64" for c in fits["float64"].extra["eigh_dtypes"].values()
+               for d in c.values())
+    fits["auto"].save(tmp_path)
+    assert li.Factors.load(tmp_path).extra["eigh_dtypes"] == chosen
+    got = {e: li.compute_pairwise_scores(model, f, queries, data, "classification",
+                                         progress=False).scores for e, f in fits.items()}
+    top = got["float64"].abs().max().item()
+    assert_close(got["auto"], got["float64"], rtol=0, atol=1e-4 * top)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
