@@ -185,7 +185,7 @@ def eigenbases(covariances: dict[str, CovarianceStatistic],
     decomposed on rank ``i % W`` only, and its results are broadcast to every rank.
     ``eigh_dtype``: ``"auto"`` (the default): float64, except float32 for a float32 side at
     least :data:`~lightning_influence.factors.FLOAT32_EIGH_MIN_WIDTH` wide whose condition
-    number is proven at most 1e4 (:func:`~lightning_influence.factors.float32_suffices`);
+    number is checked to be at most about 1e4 (:func:`~lightning_influence.factors.float32_suffices`);
     ``"float64"`` or ``"float32"`` for every side. The dtype each side was decomposed in is
     returned under ``"eigh_dtypes"`` (``{"a": ..., "s": ...}``) and logged.
     """

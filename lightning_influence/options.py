@@ -83,7 +83,7 @@ class FitOptions:
         "dtype the factors are accumulated and kept in: auto (float64 for layers whose "
         "covariances hold at most 2^22 numbers and for float64 models, float32 for wider "
         "ones) | float64 | float32 | bfloat16 (eigenbases and eigenvalues kept in bfloat16 "
-        "after float32 sums; eigendecompositions always run in float64)", default="auto")
+        "after float32 sums; eigendecompositions as eigh_dtype says)", default="auto")
     eigh_dtype: str = _help(
         "dtype of the eigendecompositions: auto (the default: float64, except float32 for a "
         "side of float32 factors at least 1024 wide whose condition number a float64 Cholesky "

@@ -75,8 +75,8 @@ def eigh_dtype_of(option: str, storage: torch.dtype) -> torch.dtype | None:
     """The dtype a layer's covariances are eigendecomposed in for ``eigh_dtype``:
     ``"float64"`` or ``"float32"`` as named; ``"auto"``: float64 for float64 factors, ``None``
     for float32 and bfloat16 ones (decided per side by
-    :func:`~lightning_influence.factors.float32_suffices`: float32 for wide, provably
-    well-conditioned sides, float64 for the others)."""
+    :func:`~lightning_influence.factors.float32_suffices`: float32 for wide sides checked to
+    be well conditioned, float64 for the others)."""
     if option == "auto":
         return torch.float64 if storage == torch.float64 else None
     return getattr(torch, option)

@@ -276,9 +276,9 @@ def _spd(width: int, condition: float, seed: int) -> torch.Tensor:
     return torch.tril(q @ torch.diag(values) @ q.T).float()
 
 
-def test_auto_eigh_takes_float32_only_for_wide_sides_proven_well_conditioned(monkeypatch):
+def test_auto_eigh_takes_float32_only_for_wide_sides_checked_well_conditioned(monkeypatch):
     """eigh_dtype="auto" decomposes a float32 side in float32 only when it is wide enough to
-    pay and a float64 Cholesky test proves its condition number at most 1e4; nearly singular,
+    pay and a float64 Cholesky test shows its condition number to be at most about 1e4; nearly singular,
     singular, indefinite and narrow sides stay float64; the test leaves torch's global random
     state alone (it must not change the user's run)."""
     from lightning_influence import factors as fmod
