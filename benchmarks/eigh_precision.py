@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import time
 from typing import Any
 
 import harness
@@ -29,7 +28,6 @@ from scipy.stats import pearsonr, spearmanr
 
 import lightning_influence as li
 from lightning_influence import factors as factors_module
-from lightning_influence import fitting
 
 MODES = (("float64", 0), ("auto", 0), ("float32", 0), ("float64", 1))
 
@@ -44,21 +42,18 @@ def problem(args: argparse.Namespace) -> tuple[Any, ...]:
 
 def fit_and_score(model: Any, train: Any, queries: Any, task: li.Task, covs: dict[str, Any],
                   eigh: str, seed: int) -> dict[str, Any]:
-    """Factors from ``covs`` decomposed in ``eigh``, their eigenvalue pass, and the scores."""
+    """Factors fitted from ``covs`` (the library's own fit, its covariance pass skipped) with
+    ``eigh``, the time of its eigendecompositions, and the scores."""
     options = li.FitOptions(layer_preset="mlp", progress=False, seed=seed, eigh_dtype=eigh)
-    tracker = fitting.options_tracker(model, options, task)
-    clock = time.perf_counter()
-    bases = fitting.eigenbases(covs, eigh)
-    seconds = time.perf_counter() - clock
-    sides = [d for b in bases.values() for d in b["eigh_dtypes"].values()]
-    values = fitting.fit_eigenvalues(model, train, task, tracker, bases, options)
-    factors = fitting.factors_from_statistics(tracker, options.strategy, bases, values,
-                                              damping=options.damping_rule(), options=options)
+    meter = llm_scale.Meter(torch.device("cpu"))
+    with llm_scale.measured_fit_parts(meter):
+        factors = li.fit_factors(model, train, task, options, covariances=covs)
+    sides = [d for layer in factors.extra["eigh_dtypes"].values() for d in layer.values()]
     result = li.compute_pairwise_scores(model, factors, queries, train, task,
                                         self_influence=True, progress=False)
-    return {"eigh_seconds": seconds, "float32_sides": sides.count("float32"),
-            "sides": len(sides), "pairwise": result.scores.double(),
-            "self": result.self_result.scores.double()}
+    return {"eigh_seconds": meter.results["eigendecomposition"]["seconds"],
+            "float32_sides": sides.count("float32"), "sides": len(sides),
+            "pairwise": result.scores.double(), "self": result.self_result.scores.double()}
 
 
 def compare(got: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:

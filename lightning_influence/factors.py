@@ -103,13 +103,14 @@ def eigendecompose(matrix: Tensor, what: str, layer: str, dim: int | None = None
             f"The {what} covariance of layer {layer!r} holds NaN/Inf; the statistics pass saw "
             "non-finite activations or gradients. Check the data and the model."
         )
-    if matrix.dim() == 3:
-        return _eigendecompose_blocks(matrix, what, layer, dim, dtype or torch.float64)
-    if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
+    if matrix.dim() not in (2, 3) or matrix.shape[-1] != matrix.shape[-2]:
         raise ValueError(f"The {what} covariance of layer {layer!r} has shape "
                          f"{tuple(matrix.shape)}; a square matrix was expected (fit the "
                          "statistics again).")
-    values, vectors = _eigh(matrix.to(eigh_dtype_for(matrix, dtype)), what, layer)
+    dtype = eigh_dtype_for(matrix, dtype)
+    if matrix.dim() == 3:
+        return _eigendecompose_blocks(matrix, what, layer, dim, dtype)
+    values, vectors = _eigh(matrix.to(dtype), what, layer)
     return values.double().clamp_min(0.0), vectors
 
 

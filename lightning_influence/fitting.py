@@ -31,6 +31,7 @@ from lightning_influence.distributed import (
     world_size,
 )
 from lightning_influence.factors import (
+    FLOAT32_EIGH_MAX_CONDITION,
     Damping,
     FactorMismatchError,
     Factors,
@@ -227,7 +228,8 @@ def eigenbases(covariances: dict[str, CovarianceStatistic],
     in_float32 = sum(v == "float32" for v in chosen.values())
     if in_float32 and eigh_dtype == "auto":
         log.info("Eigendecomposed %d of %d covariance sides in float32 (wide, condition number "
-                 "at most 1e4, checked), the others in float64.", in_float32, len(chosen))
+                 "at most %g, checked), the others in float64.", in_float32, len(chosen),
+                 FLOAT32_EIGH_MAX_CONDITION)
     return out
 
 
