@@ -13,6 +13,11 @@ padding, so that padded coordinates never mix with real ones.
 Everything here works on "rows" ``x [..., D]``: ``x Q`` (into the eigenbasis) and ``x Q^T``
 (back). A basis is a dense ``Tensor [D, D]`` or a :class:`BlockDiagonal`; :func:`rows_times`
 and :func:`rows_times_t` take either.
+
+On the CPU, a dense basis whose width D is not a multiple of :data:`ROW_ALIGNMENT` (the bias
+column makes it odd: ``d_in + 1`` = 257, 769, 3073) multiplies many rows as a zero-padded copy
+``Q [D, D + p]``: BLAS runs ``x [R, D] Q_padded`` up to 1.25x faster than ``x Q``, and
+:func:`rows_times` returns the first D columns, a view.
 """
 
 from __future__ import annotations
@@ -25,7 +30,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["BlockDiagonal", "block_count", "blocked_shape", "add_blocked_outer", "rows_times",
-           "rows_times_t", "basis_numel"]
+           "rows_times_t", "basis_numel", "padded_width", "ROW_ALIGNMENT"]
+
+ROW_ALIGNMENT = 16
+"""On the CPU, dense bases are padded to a multiple of this many columns for :func:`rows_times`
+(measured, ``x [1024, 3073] @ Q`` on 1 / 2 CPU threads: 266 -> 215 ms / 136 -> 112 ms with the
+copy; ``x [4096, 257]`` on 1 thread: 10.6 -> 8.9 ms; 16 floats are one 64-byte cache line)."""
+PAD_MIN_ROWS = 512
+"""Rows below which :func:`rows_times` does not pad (the copy would cost what it saves)."""
 
 
 def block_count(dim: int, block_size: int | None) -> int:
@@ -108,11 +120,25 @@ class BlockDiagonal:
         return out.reshape(*x.shape[:-1], k * b)[..., : self.dim]
 
 
+def padded_width(dim: int) -> int:
+    """The width of the buffer whose first ``dim`` columns :func:`rows_times` returns (when
+    it pads)."""
+    return dim + (-dim % ROW_ALIGNMENT)
+
+
 def rows_times(basis: Tensor | BlockDiagonal, x: Tensor) -> Tensor:
-    """``x Q`` for rows ``x [..., D]`` and a dense or block-diagonal basis ``Q``."""
+    """``x Q`` for rows ``x [..., D]`` and a dense or block-diagonal basis ``Q``, in ``x``'s
+    dtype. On the CPU, with many rows and a width D that is not a multiple of 16, a view of
+    the first D columns of ``x Q_padded`` (see :data:`ROW_ALIGNMENT`)."""
     if isinstance(basis, BlockDiagonal):
         return basis.right(x)
-    return x @ basis.to(x.dtype)
+    dim = basis.shape[0]
+    width = padded_width(dim)
+    if width == dim or x.device.type != "cpu" or x.numel() < PAD_MIN_ROWS * dim:
+        return x @ basis.to(x.dtype)
+    padded = x.new_zeros(dim, width)
+    padded[:, :dim] = basis  # converted in the copy
+    return (x @ padded)[..., :dim]
 
 
 def rows_times_t(basis: Tensor | BlockDiagonal, x: Tensor) -> Tensor:

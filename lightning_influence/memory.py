@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_influence.blocks import basis_numel, block_count
+from lightning_influence.blocks import basis_numel, block_count, padded_width
 from lightning_influence.options import FitOptions, ScoreOptions, resolve_options
 from lightning_influence.statistics import eigh_dtype_of, factor_dtypes
 from lightning_influence.strategies import strategy as strategy_row
@@ -296,6 +296,13 @@ def plan_layers(shapes: Mapping[str, list[int]], fit: FitOptions, batch: BatchPr
         }
     b = batch.batch_size
     rows_bytes = sum(rb * b * lay.rows * (lay.i + lay.o) for lay in layers)
+    # rows in the eigenbasis: buffers as wide as the padded basis (blocks.rows_times), and the
+    # one padded copy of a basis that a rotation makes at a time
+    rotated_bytes = sum(rb * b * lay.rows * (_rotated_width(lay.i, fit.block_size)
+                                             + _rotated_width(lay.o, fit.block_size))
+                        for lay in layers) + max(
+        (rb * dim * padded_width(dim) for lay in layers for dim in (lay.i, lay.o)
+         if block_count(dim, fit.block_size) == 1), default=0)
     graph = int(GRAPH_FACTOR * b * batch.activation_bytes)
     outputs = OUTPUT_COPIES * 4 * b * batch.output_numel
     per_example = max((lay.o * lay.i * 4 for lay in layers if lay.rows > 1), default=0)
@@ -311,7 +318,7 @@ def plan_layers(shapes: Mapping[str, list[int]], fit: FitOptions, batch: BatchPr
             (_biggest_side(lay, bs) ** 2 * 4 for lay in layers), default=0)
         stages["eigendecomposition"] = _eigh_peak(layers, bs)
     if corrected and not solver:
-        stages["eigenvalues"] = bases + lam_acc + batch_bytes + rows_bytes + chunk  # + rotated
+        stages["eigenvalues"] = bases + lam_acc + batch_bytes + rotated_bytes + chunk
     factors = 0 if workload.factors_resident else bases + lam_store
     copies = sum((basis_numel(lay.i, bs) + basis_numel(lay.o, bs)) * rb
                  for lay in layers if lay.store != rb and kronecker) + \
@@ -322,11 +329,18 @@ def plan_layers(shapes: Mapping[str, list[int]], fit: FitOptions, batch: BatchPr
             kept = 8 * num_queries * num_train if score.keep_scores else 0
             stages["pairwise"] = factors + copies + queries + kept + batch_bytes + min(
                 4 * 2**24, b * per_example)  # a chunk of per-example gradients
-        stages["self"] = factors + copies + batch_bytes + rows_bytes + chunk  # + rotated rows
+        stages["self"] = factors + copies + batch_bytes + rotated_bytes + chunk
     inputs = {"fit": fit, "batch": batch, "score": score, "workload": workload,
               "model_dtype": model_dtype}
     return MemoryPlan(stages, per_layer, {k: list(v) for k, v in shapes.items()}, batch_bytes,
                       inputs=inputs)
+
+
+def _rotated_width(dim: int, block_size: int | None) -> int:
+    """Width of the buffer of rows rotated into a side's eigenbasis (padded: whole blocks, or
+    a multiple of 16 columns)."""
+    k = block_count(dim, block_size)
+    return padded_width(dim) if k == 1 else k * block_size
 
 
 def _size(dtype: torch.dtype) -> int:

@@ -338,19 +338,28 @@ def test_auto_eigh_records_each_sides_dtype_in_the_factors(monkeypatch, tmp_path
     assert_close(got["auto"], got["float64"], rtol=0, atol=1e-4 * top)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_wide_cpu_covariances_accumulate_one_triangle_and_mirror_it(dtype):
-    """Sides of 256 or more on the CPU are updated through BLAS syrk (half the multiply-adds):
-    only the lower triangle is written, compute() mirrors it, and the result is x^T x."""
+def test_wide_cpu_covariances_accumulate_one_triangle_and_mirror_it(dtype, threads):
+    """Wide sides on the CPU are updated in their lower triangle only (about half the
+    multiply-adds): through BLAS syrk on one thread (nothing above the diagonal written), by
+    block rows on more (nothing above the diagonal blocks written); compute() mirrors it, and
+    the result is x^T x."""
     from lightning_influence.statistics import CovarianceStatistic
 
     gen = torch.Generator().manual_seed(0)
     batches = [(torch.randn(4, 5, 300, generator=gen, dtype=dtype),
                 torch.randn(4, 5, 260, generator=gen, dtype=dtype)) for _ in range(3)]
     stat = CovarianceStatistic(300, 260, dtype=dtype)
-    for a, g in batches:
-        stat.update(a, g)
-    assert stat.activation_sum.triu(1).abs().max() == 0  # one triangle written
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for a, g in batches:
+            stat.update(a, g)
+    finally:
+        torch.set_num_threads(before)
+    # syrk: one triangle; blocks of 64 (300 wide: 5 blocks): nothing right of the first
+    assert stat.activation_sum.triu(1 if threads == 1 else 64).abs().max() == 0
     a_all = torch.cat([a.reshape(-1, 300) for a, _ in batches]).double()
     g_all = torch.cat([g.reshape(-1, 260) for _, g in batches]).double()
     got = stat.compute()
@@ -361,3 +370,23 @@ def test_wide_cpu_covariances_accumulate_one_triangle_and_mirror_it(dtype):
     q, lam = basis["q_a"].double(), basis["l_a"]
     assert_close(q @ torch.diag(lam) @ q.T, got["A"].double(), rtol=0, atol=1e-4 if dtype ==
                  torch.float32 else 1e-10)
+
+
+@pytest.mark.parametrize("basis_dtype", [torch.float32, torch.float64])
+def test_rows_times_pads_odd_bases_and_returns_the_product(basis_dtype):
+    """On the CPU, many rows times a basis whose width is not a multiple of 16 go through a
+    zero-padded copy (faster BLAS): the result is x Q in the rows' dtype, a view of the first D
+    columns; few rows or an aligned width multiply directly."""
+    from lightning_influence.blocks import PAD_MIN_ROWS, padded_width, rows_times
+
+    gen = torch.Generator().manual_seed(0)
+    for dim, rows in ((257, PAD_MIN_ROWS), (257, 3), (256, PAD_MIN_ROWS)):
+        q = torch.randn(dim, dim, generator=gen, dtype=basis_dtype)
+        x = torch.randn(2, rows, dim, generator=gen)
+        got = rows_times(q, x)
+        assert got.shape == x.shape and got.dtype == x.dtype
+        assert_close(got.double(), x.double() @ q.double(), rtol=1e-5, atol=1e-4)
+        padded = dim % 16 != 0 and rows * 2 >= PAD_MIN_ROWS
+        assert got.is_contiguous() != padded
+        if padded:
+            assert got.stride(-2) == padded_width(dim)
