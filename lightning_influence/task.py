@@ -487,6 +487,8 @@ def _sampling_probs(logits: Tensor) -> Tensor:
     obscure message: their loss stays non-finite and :func:`finite_or_raise` names the batch.
     """
     probs = torch.softmax(logits.detach().float(), dim=-1)
+    if is_finite(probs):  # one sum: the usual case costs no boolean tensor
+        return probs
     bad = ~torch.isfinite(probs).all(dim=-1, keepdim=True)
     return torch.where(bad, torch.ones_like(probs), probs)
 
