@@ -287,13 +287,15 @@ def _add_outer(total: Tensor, x: Tensor) -> None:
     if total.dim() == 3:
         add_blocked_outer(total, x if x.dtype in (total.dtype, torch.bfloat16) else
                           x.to(total.dtype))
-    elif x.dtype == torch.bfloat16 and total.dtype != torch.bfloat16:
+    elif x.dtype == total.dtype:
+        _add_lower_outer(total, x)
+    elif x.dtype == torch.bfloat16:
         # bfloat16 rows (row_dtype="bfloat16", bf16 models) are multiplied as they are, 3-4x
         # faster than in float32 where the hardware has bfloat16 products: one rounding of each
         # batch's product, errors that average out over the batches
         total.add_(x.T @ x)
     else:
-        _add_lower_outer(total, x if x.dtype == total.dtype else x.to(total.dtype))
+        _add_lower_outer(total, x.to(total.dtype))
 
 
 SYRK_MIN_WIDTH = 256

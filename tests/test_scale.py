@@ -390,3 +390,15 @@ def test_rows_times_pads_odd_bases_and_returns_the_product(basis_dtype):
         assert got.is_contiguous() != padded
         if padded:
             assert got.stride(-2) == padded_width(dim)
+
+
+def test_memory_plan_counts_rotated_rows_at_their_padded_width():
+    """Rows rotated by a basis whose width is not a multiple of 16 live in a padded buffer
+    (blocks.rows_times): the plan of the eigenvalue pass counts that width, so one more real
+    column (256 -> 257) costs 16 more columns of rotated rows, not one."""
+    from lightning_influence.memory import BatchProfile, plan_layers
+
+    batch = {"batch_size": 8, "rows": {"l": 128}}
+    plans = {i: plan_layers({"l": [64, i]}, li.FitOptions(),
+                            BatchProfile(**batch)).stages["eigenvalues"] for i in (256, 257)}
+    assert plans[257] - plans[256] >= 4 * 8 * 128 * 16
